@@ -1,0 +1,23 @@
+"""Resources shared by every area: the engine's view of the targets file."""
+
+
+import dagster as dg
+
+from backup_pipelines.engine.config import ProjectConfig, Target, load_config
+
+
+class BackupEngineResource(dg.ConfigurableResource):
+    """Reads the targets file at run time, so a YAML edit applies to the next run."""
+
+    config_path: str | None = None
+
+    def project(self) -> ProjectConfig:
+        return load_config(self.config_path)
+
+    def target(self, name: str) -> Target:
+        return self.project().target(name)
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources={"backup_engine": BackupEngineResource()})

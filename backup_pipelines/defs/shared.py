@@ -1,0 +1,39 @@
+"""Helpers every area of the Dagster layer uses to talk about targets and their backups."""
+
+
+from functools import cache
+
+import dagster as dg
+
+from backup_pipelines.engine.config import ProjectConfig, load_config
+from backup_pipelines.engine.errors import BackupPipelinesError
+
+LOGICAL_BACKUP = "logical_backup"
+
+
+@cache
+def project_config() -> ProjectConfig:
+    """The targets file as it was when the definitions loaded (decides which assets exist)."""
+    return load_config()
+
+
+def target_key(target: str, name: str) -> dg.AssetKey:
+    return dg.AssetKey([target, name])
+
+
+def latest_materialized_path(context: dg.AssetCheckExecutionContext | dg.AssetExecutionContext, key: dg.AssetKey) -> str | None:
+    """The backup file the newest materialization of ``key`` recorded, if any."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("path")
+    return str(value.value) if value is not None else None
+
+
+def failure(message: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata: object) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, severity=severity, metadata={"reason": message, **metadata})
+
+
+def user_error(exc: BackupPipelinesError) -> dg.Failure:
+    """A run failure whose description is the engine's actionable message (no stack trace)."""
+    return dg.Failure(description=str(exc), allow_retries=False)

@@ -1,0 +1,229 @@
+"""The backup triple: ``<file>``, ``<file>.sha256`` (sha256sum format) and ``<file>.meta`` (JSON).
+
+A backup exists only once its data file has its final name; that rename is the last step of a
+backup, so anything else (``.partial`` files, sidecars without data) is a leftover, never a backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
+from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX, write_atomic
+
+META_SUFFIX = ".meta"
+SHA256_SUFFIX = ".sha256"
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+
+_EXTENSIONS = {
+    ("plain", "gzip"): ".sql.gz",
+    ("plain", "zstd"): ".sql.zst",
+    ("plain", "none"): ".sql",
+    # Custom format compresses internally with gzip; zstd is applied around an uncompressed dump.
+    ("custom", "gzip"): ".dump",
+    ("custom", "zstd"): ".dump.zst",
+    ("custom", "none"): ".dump",
+}
+
+
+def backup_extension(dump_format: str, compression: str, encrypted: bool = False) -> str:
+    return _EXTENSIONS[(dump_format, compression)] + (".gpg" if encrypted else "")
+
+
+def backup_file_name(database: str, started_at: datetime, extension: str) -> str:
+    safe_db = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in database)
+    return f"{safe_db}_{started_at.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}{extension}"
+
+
+class BackupMeta(BaseModel):
+    """What we know about one backup; written once beside it, updated only by verification."""
+
+    # Unknown keys are kept so a newer tool's metadata survives a rewrite by an older one.
+    model_config = ConfigDict(extra="allow")
+
+    meta_version: int = 1
+    tool: str = "backup_pipelines"
+    tool_version: str
+    kind: str = "logical"
+    target: str
+    database: str
+    server: str
+    server_version: str
+    server_version_num: int
+    pg_dump_version: str
+    format: str
+    compression: str
+    compression_level: int
+    encryption: dict[str, Any] = Field(default_factory=lambda: {"mode": "none"})
+    file_name: str
+    size_bytes: int
+    dump_bytes: int
+    sha256: str
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float
+    snapshot: str | None = None
+    database_encoding: str | None = None
+    database_collate: str | None = None
+    database_ctype: str | None = None
+    row_counts: dict[str, int] = Field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.row_counts.values())
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dump_bytes / self.size_bytes if self.size_bytes else 0.0
+
+
+def sha256_line(digest: str, file_name: str) -> str:
+    return f"{digest}  {file_name}\n"
+
+
+def parse_sha256_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"checksum file missing: {path}",
+            hint="the backup is incomplete or its sidecar was deleted; do not trust it",
+        ) from None
+    digest = text.split()[0] if text else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+        raise IntegrityError(f"checksum file {path} does not hold a SHA-256 digest")
+    return digest.lower()
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        for chunk in read_chunks(handle, CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class BackupArtifact:
+    """One backup on local disk: its data file and the metadata recorded beside it."""
+
+    path: Path
+    meta: BackupMeta
+
+    @property
+    def sha256_path(self) -> Path:
+        return self.path.with_name(self.path.name + SHA256_SUFFIX)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_name(self.path.name + META_SUFFIX)
+
+    @property
+    def sidecars(self) -> list[Path]:
+        return [self.sha256_path, self.meta_path]
+
+    @property
+    def status(self) -> str:
+        """``verified``, ``failed`` or ``unverified`` (from the last verification recorded)."""
+        if not self.meta.verification:
+            return "unverified"
+        return "verified" if self.meta.verification.get("passed") else "failed"
+
+    def open_stored(self) -> BinaryIO:
+        return self.path.open("rb")
+
+    def stored_chunks(self) -> Iterator[bytes]:
+        with self.open_stored() as handle:
+            yield from read_chunks(handle)
+
+    def record_check(self, name: str, passed: bool, message: str) -> BackupArtifact:
+        """Store one verification outcome in ``.meta``; the backup is verified when all passed.
+
+        Checks may run in parallel processes, so the read-modify-write happens under a lock.
+        """
+        lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            meta = read_meta(self.meta_path)
+            verification = dict(meta.verification or {})
+            checks = dict(verification.get("checks") or {})
+            checks[name] = {"passed": passed, "message": message, "checked_at": datetime.now(UTC).isoformat()}
+            verification.update(checks=checks, passed=all(c["passed"] for c in checks.values()),
+                                checked_at=checks[name]["checked_at"])
+            meta = meta.model_copy(update={"verification": verification})
+            write_meta(self.meta_path, meta)
+        finally:
+            os.close(lock_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.with_name(self.path.name + ".lock"))
+        return BackupArtifact(self.path, meta)
+
+
+def write_meta(path: Path, meta: BackupMeta) -> None:
+    write_atomic(path, (meta.model_dump_json(indent=2) + "\n").encode("utf-8"))
+
+
+def read_meta(path: Path) -> BackupMeta:
+    try:
+        return BackupMeta.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"metadata file missing: {path}",
+            hint="the backup is incomplete or its sidecar was deleted; do not trust it",
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise IntegrityError(f"metadata file {path} is unreadable: {exc}") from None
+
+
+def load_artifact(path: str | os.PathLike[str]) -> BackupArtifact:
+    """Open an existing local backup by the path of its data file (or of its .meta/.sha256)."""
+    data_path = Path(path).expanduser().resolve()
+    for suffix in (META_SUFFIX, SHA256_SUFFIX):
+        if data_path.name.endswith(suffix):
+            data_path = data_path.with_name(data_path.name[: -len(suffix)])
+    if data_path.name.endswith(PARTIAL_SUFFIX):
+        raise IntegrityError(
+            f"{data_path} is the leftover of an interrupted backup, not a backup",
+            hint="use a complete backup (see `backup-pipelines list <target>`)",
+        )
+    if not data_path.exists():
+        raise IntegrityError(f"backup file not found: {data_path}")
+    return BackupArtifact(data_path, read_meta(data_path.with_name(data_path.name + META_SUFFIX)))
+
+
+def list_artifacts(backup_dir: Path) -> list[BackupArtifact]:
+    """Complete local backups in ``backup_dir``, newest first by their recorded start time."""
+    if not backup_dir.is_dir():
+        return []
+    artifacts = []
+    for meta_path in backup_dir.glob(f"*{META_SUFFIX}"):
+        data_path = meta_path.with_name(meta_path.name[: -len(META_SUFFIX)])
+        if not data_path.exists():
+            continue
+        try:
+            artifacts.append(BackupArtifact(data_path, read_meta(meta_path)))
+        except IntegrityError:
+            continue
+    artifacts.sort(key=lambda a: a.meta.started_at, reverse=True)
+    return artifacts
+
+
+def list_partials(backup_dir: Path) -> list[Path]:
+    if not backup_dir.is_dir():
+        return []
+    return sorted(backup_dir.glob(f"*{PARTIAL_SUFFIX}"))

@@ -1,0 +1,101 @@
+"""Streaming compression codecs. gzip output is a standard gzip file (``gunzip -c`` reads it)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import zstandard
+
+from backup_pipelines.engine.errors import IntegrityError
+
+CHUNK_SIZE = 1 << 20
+_GZIP_WBITS = 31  # zlib: deflate with a gzip header and CRC32 trailer
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def compressor(codec: str, level: int) -> Compressor:
+    if codec == "gzip":
+        return zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+    if codec == "zstd":
+        return zstandard.ZstdCompressor(level=level).compressobj()
+    if codec == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {codec!r}")
+
+
+def decompress_chunks(codec: str, chunks: Iterable[bytes], *, name: str = "backup") -> Iterator[bytes]:
+    """Decompress a stream, failing on corruption *and* on truncation (a missing end marker)."""
+    if codec == "none":
+        yield from chunks
+        return
+    if codec == "gzip":
+        decoder = zlib.decompressobj(_GZIP_WBITS)
+        try:
+            for chunk in chunks:
+                while chunk:
+                    out = decoder.decompress(chunk)
+                    if out:
+                        yield out
+                    # Concatenated gzip members are valid gzip (gunzip reads them all).
+                    chunk = decoder.unused_data if decoder.eof else b""
+                    if chunk:
+                        decoder = zlib.decompressobj(_GZIP_WBITS)
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        except zlib.error as exc:
+            raise IntegrityError(
+                f"{name} is corrupt: gzip data cannot be decompressed ({exc})",
+                hint="restore from another backup or from the offsite copy",
+            ) from None
+        if not decoder.eof:
+            raise IntegrityError(
+                f"{name} is truncated: the gzip stream ends before its end marker",
+                hint="the file was cut short (disk full or interrupted copy); use another backup",
+            )
+        return
+    if codec == "zstd":
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            for chunk in chunks:
+                while chunk:
+                    out = decoder.decompress(chunk)
+                    if out:
+                        yield out
+                    chunk = decoder.unused_data if decoder.eof else b""
+                    if chunk:
+                        decoder = zstandard.ZstdDecompressor().decompressobj()
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(
+                f"{name} is corrupt: zstd data cannot be decompressed ({exc})",
+                hint="restore from another backup or from the offsite copy",
+            ) from None
+        if not decoder.eof:
+            raise IntegrityError(
+                f"{name} is truncated: the zstd stream ends before its end marker",
+                hint="the file was cut short (disk full or interrupted copy); use another backup",
+            )
+        return
+    raise ValueError(f"unknown compression {codec!r}")
+
+
+def read_chunks(handle, size: int = CHUNK_SIZE) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+    while True:
+        chunk = handle.read(size)
+        if not chunk:
+            return
+        yield chunk

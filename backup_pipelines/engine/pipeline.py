@@ -1,0 +1,305 @@
+"""The backup pipeline: pg_dump -> compress -> hash -> file, in one streaming pass.
+
+Memory stays flat whatever the database size: data moves in 1 MiB chunks from pg_dump's stdout
+through the compressor and the hash into a ``.partial`` file. Only when pg_dump has exited 0,
+the file is fsynced and its ``.sha256`` and ``.meta`` are written does the data file get its
+final name, so a crash or a failure at any point leaves nothing that looks like a backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from backup_pipelines.engine.artifacts import (
+    BackupArtifact,
+    BackupMeta,
+    backup_extension,
+    backup_file_name,
+    sha256_line,
+    write_meta,
+)
+from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
+from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
+from backup_pipelines.engine.fsutil import (
+    ensure_private_dir,
+    fsync_dir,
+    open_private,
+    partial_path,
+    write_atomic,
+)
+from backup_pipelines.engine.postgres import (
+    ConnectionInfo,
+    PgTools,
+    connect,
+    find_tools,
+    server_major,
+    table_row_counts,
+)
+from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.version import TOOL_VERSION
+
+logger = logging.getLogger("backup_pipelines")
+
+
+class HashingSink:
+    """The last stage: counts and hashes exactly the bytes that are stored."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.digest.update(data)
+            self.handle.write(data)
+            self.size += len(data)
+
+
+@dataclass(frozen=True)
+class DumpSource:
+    """A consistent view of one database: a connection holding an exported snapshot."""
+
+    info: ConnectionInfo
+    tools: PgTools
+    server_version: str
+    server_version_num: int
+    snapshot: str
+    encoding: str
+    collate: str
+    ctype: str
+
+
+@contextlib.contextmanager
+def target_lock(backup_dir: Path) -> Iterator[None]:
+    """One backup per target directory at a time (a second one fails fast, it does not queue)."""
+    lock_path = backup_dir / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupFailedError(
+                f"another backup of this target is running (lock {lock_path})",
+                hint="wait for it to finish; a lock of a dead process is released automatically",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
+    settings = target.settings
+    argv = [tools.path("pg_dump"), "--no-password", f"--snapshot={snapshot}"]
+    if settings.format == "custom":
+        internal = settings.effective_compression_level if settings.compression == "gzip" else 0
+        argv += ["--format=custom", f"--compress={internal}"]
+    else:
+        argv += ["--format=plain"]
+    return argv
+
+
+def _free_space_hint(directory: Path) -> str:
+    usage = shutil.disk_usage(directory)
+    return (
+        f"free space on the filesystem of {directory} ({usage.free // (1 << 20)} MiB free now), "
+        "move backup_root to a larger volume, or prune old backups (`backup-pipelines prune`)"
+    )
+
+
+def _final_path(backup_dir: Path, database: str, started: datetime, extension: str) -> Path:
+    # Two backups in the same second (a manual run beside a scheduled one) must not collide.
+    moment = started
+    while True:
+        candidate = backup_dir / backup_file_name(database, moment, extension)
+        if not candidate.exists() and not partial_path(candidate).exists():
+            return candidate
+        moment += timedelta(seconds=1)
+
+
+def run_backup(
+    target: Target,
+    *,
+    log: Any = None,
+    stage_factory: Any = None,
+) -> BackupArtifact:
+    """Back up one target and return the new artifact. Raises BackupPipelinesError on failure.
+
+    ``stage_factory`` (used by encryption) wraps the hashing sink with more stages; it takes the
+    sink and returns ``(writer, finish, encryption_meta)``.
+    """
+    log = log or logger
+    settings = target.settings
+    info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")
+    ensure_private_dir(target.backup_dir.parent)
+    ensure_private_dir(target.backup_dir)
+    with target_lock(target.backup_dir), connect(info) as conn:
+        started = datetime.now(UTC)
+        clock = time.monotonic()
+        with conn.cursor() as cur:
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            cur.execute(
+                "SELECT pg_export_snapshot(), current_setting('server_version'), "
+                "pg_encoding_to_char(d.encoding), d.datcollate, d.datctype "
+                "FROM pg_database d WHERE d.datname = current_database()"
+            )
+            row = cur.fetchone()
+            assert row is not None
+        snapshot, server_version, encoding, collate, ctype = row
+        version_num = conn.info.server_version
+        tools = find_tools(server_major(version_num), settings.pg_bin_dir)
+        source = DumpSource(info, tools, server_version, version_num, snapshot, encoding, collate, ctype)
+        extension = backup_extension(settings.format, settings.compression, encrypted=stage_factory is not None)
+        final = _final_path(target.backup_dir, info.dbname, started, extension)
+        log.info(f"Backing up {info.describe()} (PostgreSQL {server_version}) to {final}")
+
+        counts: dict[str, int] = {}
+        count_errors: list[BaseException] = []
+
+        def count_rows() -> None:
+            # Same transaction, same snapshot as pg_dump: the counts match the dump exactly.
+            try:
+                counts.update(table_row_counts(conn))
+            except BaseException as exc:  # reported after pg_dump finishes
+                count_errors.append(exc)
+
+        counter = threading.Thread(target=count_rows, name="row-counts", daemon=True)
+        counter.start()
+        try:
+            artifact = _dump_to_file(target, source, final, started, clock, log, stage_factory, counter, counts, count_errors)
+        finally:
+            counter.join()
+            with contextlib.suppress(Exception):
+                conn.rollback()
+    return artifact
+
+
+def _dump_to_file(
+    target: Target,
+    source: DumpSource,
+    final: Path,
+    started: datetime,
+    clock: float,
+    log: Any,
+    stage_factory: Any,
+    counter: threading.Thread,
+    counts: dict[str, int],
+    count_errors: list[BaseException],
+) -> BackupArtifact:
+    settings = target.settings
+    tmp = partial_path(final)
+    sidecars = [final.with_name(final.name + ".sha256"), final.with_name(final.name + ".meta")]
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        handle = open_private(tmp)
+        with handle:
+            sink = HashingSink(handle)
+            if stage_factory is not None:
+                write_stored, finish_stored, encryption_meta = stage_factory(sink)
+            else:
+                write_stored, finish_stored, encryption_meta = sink.write, (lambda: None), {"mode": "none"}
+            outer = "zstd" if settings.compression == "zstd" else ("gzip" if settings.format == "plain" and settings.compression == "gzip" else "none")
+            codec = compressor(outer, settings.effective_compression_level)
+            proc, stderr = spawn(
+                _pg_dump_argv(source.tools, target, source.snapshot),
+                env=source.info.child_env(),
+                stdout=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            dump_bytes = 0
+            read = proc.stdout.read
+            compress = codec.compress
+            while True:
+                chunk = read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                dump_bytes += len(chunk)
+                write_stored(compress(chunk))
+            write_stored(codec.flush())
+            returncode = proc.wait()
+            if returncode != 0:
+                detail = source.info.redact(stderr.text()) or f"exit status {returncode}"
+                raise BackupFailedError(
+                    f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
+                    hint="read the pg_dump error above; common causes are missing privileges "
+                    "(the backup role needs SELECT on every table) or a dropped connection",
+                )
+            warnings = stderr.text()
+            if warnings:
+                log.warning(f"pg_dump said: {source.info.redact(warnings)}")
+            finish_stored()
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        counter.join()
+        if count_errors:
+            raise BackupFailedError(
+                f"counting rows in the dump's snapshot failed: {source.info.redact(str(count_errors[0]))}"
+            )
+        finished = datetime.now(UTC)
+        meta = BackupMeta(
+            tool_version=TOOL_VERSION,
+            target=target.name,
+            database=source.info.dbname,
+            server=source.info.describe(),
+            server_version=source.server_version,
+            server_version_num=source.server_version_num,
+            pg_dump_version=source.tools.version_string("pg_dump"),
+            format=settings.format,
+            compression=settings.compression,
+            compression_level=settings.effective_compression_level,
+            encryption=encryption_meta,
+            file_name=final.name,
+            size_bytes=sink.size,
+            dump_bytes=dump_bytes,
+            sha256=sink.digest.hexdigest(),
+            started_at=started,
+            finished_at=finished,
+            duration_seconds=round(time.monotonic() - clock, 3),
+            snapshot=source.snapshot,
+            row_counts=counts,
+            database_encoding=source.encoding,
+            database_collate=source.collate,
+            database_ctype=source.ctype,
+        )
+        write_atomic(sidecars[0], sha256_line(meta.sha256, final.name).encode())
+        write_meta(sidecars[1], meta)
+        # The rename is the commit point: before it there is no backup, after it a complete one.
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        log.info(
+            f"Backup complete: {final.name}, {meta.size_bytes} bytes "
+            f"(dump {meta.dump_bytes} bytes), {len(counts)} tables, {meta.total_rows} rows, "
+            f"{meta.duration_seconds:.1f}s"
+        )
+        return BackupArtifact(final, meta)
+    except BaseException as exc:
+        if proc is not None:
+            stop(proc)
+        for leftover in (tmp, *sidecars):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BackupFailedError(
+                f"disk full while writing the backup of '{target.name}' to {final.parent}; "
+                "the partial file was removed",
+                hint=_free_space_hint(final.parent),
+            ) from None
+        if isinstance(exc, BrokenPipeError | OSError) and not isinstance(exc, BackupPipelinesError):
+            raise BackupFailedError(f"writing the backup of '{target.name}' failed: {exc}") from None
+        raise

@@ -1,0 +1,279 @@
+"""Talking to PostgreSQL: connections, client-tool discovery, child environments, row counts.
+
+Connection URLs may hold passwords. They are parsed here once and handed to child processes
+only through their environment (``PGPASSWORD`` and friends), never through argv, and only the
+password-free description (``user@host:port/db``) ever reaches a log or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from backup_pipelines.engine.errors import ConfigError, DatabaseUnreachableError, ToolError
+
+# libpq connection parameters and the environment variables libpq reads them from.
+_PARAM_TO_ENV = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "service": "PGSERVICE",
+    "options": "PGOPTIONS",
+    "application_name": "PGAPPNAME",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "sslpassword": "PGSSLPASSWORD",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "gssencmode": "PGGSSENCMODE",
+    "channel_binding": "PGCHANNELBINDING",
+    "krbsrvname": "PGKRBSRVNAME",
+}
+_SECRET_PARAMS = {"password", "sslpassword"}
+DEFAULT_CONNECT_TIMEOUT = "10"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """A parsed libpq connection string. ``str()`` never shows a password."""
+
+    params: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, dsn: str, *, source: str = "connection URL") -> ConnectionInfo:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            # psycopg's message can echo the URL, password included: say only what is wrong.
+            raise ConfigError(
+                f"{source} is not a valid libpq connection string",
+                hint="use the form postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME",
+            ) from None
+        return cls({k: str(v) for k, v in params.items() if v is not None})
+
+    @property
+    def dbname(self) -> str:
+        return self.params.get("dbname") or self.params.get("user") or os.environ.get(
+            "PGDATABASE", os.environ.get("PGUSER", "postgres")
+        )
+
+    @property
+    def password(self) -> str | None:
+        return self.params.get("password")
+
+    def with_dbname(self, dbname: str) -> ConnectionInfo:
+        return ConnectionInfo({**self.params, "dbname": dbname})
+
+    def conninfo(self) -> str:
+        """A libpq keyword string for psycopg (in-process only, never for argv)."""
+        params = dict(self.params)
+        params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+        return psycopg.conninfo.make_conninfo(**params)
+
+    def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for pg_dump/psql/pg_restore: every parameter as a PG* variable."""
+        env = dict(os.environ if base is None else base)
+        for var in _PARAM_TO_ENV.values():
+            env.pop(var, None)
+        for key, value in self.params.items():
+            var = _PARAM_TO_ENV.get(key)
+            if var:
+                env[var] = value
+        env.setdefault("PGCONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
+        return env
+
+    def describe(self) -> str:
+        host = self.params.get("host") or self.params.get("hostaddr") or "localhost"
+        port = self.params.get("port", "5432")
+        user = self.params.get("user", "")
+        return f"{user + '@' if user else ''}{host}:{port}/{self.dbname}"
+
+    def redact(self, text: str) -> str:
+        """Remove any secret this connection holds from ``text``."""
+        for key in _SECRET_PARAMS:
+            secret = self.params.get(key)
+            if secret:
+                text = text.replace(secret, "********")
+        return text
+
+    def __repr__(self) -> str:
+        return f"ConnectionInfo({self.describe()})"
+
+    __str__ = describe
+
+
+@contextmanager
+def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    """Open a connection, turning libpq failures into an actionable error."""
+    try:
+        conn = psycopg.connect(info.conninfo(), autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        detail = info.redact(str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        lowered = detail.lower()
+        if "password authentication failed" in lowered or "no password supplied" in lowered:
+            hint = "check the user and password in the connection URL (or ~/.pgpass)"
+        elif "does not exist" in lowered:
+            hint = "check the database name in the connection URL"
+        else:
+            hint = "check that the server is running and reachable from this host (host, port, firewall, pg_hba.conf)"
+        raise DatabaseUnreachableError(f"cannot connect to {info.describe()}: {detail}", hint=hint) from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def server_version_num(conn: psycopg.Connection) -> int:
+    return conn.info.server_version
+
+
+def server_major(version_num: int) -> int:
+    return version_num // 10000
+
+
+# --- client tools ---------------------------------------------------------------------------
+
+_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class PgTools:
+    """The PostgreSQL client programs of one installed version."""
+
+    bin_dir: Path | None
+
+    def path(self, tool: str) -> str:
+        if self.bin_dir is not None:
+            candidate = self.bin_dir / tool
+            if candidate.exists():
+                return str(candidate)
+            raise ToolError(
+                f"{tool} not found in {self.bin_dir}",
+                hint="install the PostgreSQL client package or fix 'pg_bin_dir' in the targets file",
+            )
+        found = shutil.which(tool)
+        if not found:
+            raise ToolError(
+                f"{tool} not found on PATH",
+                hint="install the PostgreSQL client tools (Debian: apt-get install postgresql-client)",
+            )
+        return found
+
+    def major_version(self, tool: str = "pg_dump") -> int:
+        out = subprocess.run(
+            [self.path(tool), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        match = _VERSION_RE.search(out)
+        if not match:
+            raise ToolError(f"cannot read the version of {self.path(tool)}: {out.strip()!r}")
+        return int(match.group(1))
+
+    def version_string(self, tool: str = "pg_dump") -> str:
+        out = subprocess.run(
+            [self.path(tool), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        return out.strip()
+
+
+def _installed_bin_dirs() -> list[tuple[int, Path]]:
+    found = []
+    for base in (Path("/usr/lib/postgresql"), Path("/usr/pgsql")):
+        if base.is_dir():
+            for child in base.iterdir():
+                if child.name.isdigit() and (child / "bin" / "pg_dump").exists():
+                    found.append((int(child.name), child / "bin"))
+    return sorted(found)
+
+
+def find_tools(server_major_version: int | None, configured: Path | None = None) -> PgTools:
+    """Pick client tools that can handle this server: configured, else the newest installed.
+
+    pg_dump refuses servers newer than itself and dumps from a newer pg_dump restore fine on
+    older servers only for plain SQL, so we choose the newest installed version >= the server.
+    """
+    if configured is not None:
+        tools = PgTools(configured)
+    else:
+        installed = _installed_bin_dirs()
+        newest = installed[-1][1] if installed else None
+        tools = PgTools(newest)
+    if server_major_version is not None:
+        client_major = tools.major_version("pg_dump")
+        if client_major < server_major_version:
+            raise ToolError(
+                f"pg_dump {client_major} ({tools.path('pg_dump')}) is older than the server "
+                f"(PostgreSQL {server_major_version}); it cannot make a correct dump",
+                hint=f"install postgresql-client-{server_major_version} or newer and set "
+                "'pg_bin_dir' for this target",
+            )
+    return tools
+
+
+# --- what a dump contains ---------------------------------------------------------------------
+
+# Ordinary tables whose data pg_dump writes: user schemas, not temp, not owned by an extension.
+TABLES_WITH_DATA_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND c.relpersistence IN ('p', 'u')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%'
+  AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_depend d
+      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+
+def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Exact row counts of every table with data, keyed ``schema.table``."""
+    counts: dict[str, int] = {}
+    with conn.cursor() as cur:
+        cur.execute(TABLES_WITH_DATA_SQL)
+        tables = cur.fetchall()
+        for schema, table in tables:
+            cur.execute(
+                sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+            )
+            row = cur.fetchone()
+            counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+    return counts
+
+
+def content_fingerprint(conn: psycopg.Connection) -> dict[str, str]:
+    """An md5 of every table's full content, in a stable order: equal fingerprints, equal data."""
+    result: dict[str, str] = {}
+    with conn.cursor() as cur:
+        cur.execute(TABLES_WITH_DATA_SQL)
+        for schema, table in cur.fetchall():
+            ident = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            cur.execute(
+                sql.SQL(
+                    "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {} t"
+                ).format(ident)
+            )
+            row = cur.fetchone()
+            result[f"{schema}.{table}"] = str(row[0]) if row else ""
+    return result

@@ -1,0 +1,32 @@
+"""Reading a backup back: stored bytes -> (decrypt) -> decompress -> the dump pg_dump wrote."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.compression import decompress_chunks
+from backup_pipelines.engine.errors import EncryptionError
+
+
+def outer_codec(dump_format: str, compression: str) -> str:
+    """The compression applied around pg_dump's output (custom+gzip compresses inside pg_dump)."""
+    if compression == "zstd":
+        return "zstd"
+    if compression == "gzip" and dump_format == "plain":
+        return "gzip"
+    return "none"
+
+
+def decrypted_chunks(artifact: BackupArtifact) -> Iterator[bytes]:
+    mode = artifact.meta.encryption.get("mode", "none")
+    if mode == "none":
+        yield from artifact.stored_chunks()
+        return
+    raise EncryptionError(f"{artifact.path.name} is encrypted ({mode}); decryption is not available")
+
+
+def dump_chunks(artifact: BackupArtifact) -> Iterator[bytes]:
+    """The dump exactly as pg_dump produced it, streamed; raises IntegrityError on corruption."""
+    codec = outer_codec(artifact.meta.format, artifact.meta.compression)
+    yield from decompress_chunks(codec, decrypted_chunks(artifact), name=artifact.path.name)

@@ -1,0 +1,132 @@
+"""Verifying a backup without restoring it: checksum, full decode, and the archive's own structure."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from backup_pipelines.engine.artifacts import BackupArtifact, parse_sha256_file
+from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.postgres import find_tools
+from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.reader import dump_chunks
+
+PLAIN_DUMP_TRAILER = b"-- PostgreSQL database dump complete"
+
+
+@dataclass
+class CheckOutcome:
+    name: str
+    passed: bool
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
+    """Recompute the stored file's SHA-256 and compare it with ``.sha256`` and ``.meta``."""
+    try:
+        recorded = parse_sha256_file(artifact.sha256_path)
+    except IntegrityError as exc:
+        return CheckOutcome("checksum", False, exc.message)
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in artifact.stored_chunks():
+        digest.update(chunk)
+        size += len(chunk)
+    actual = digest.hexdigest()
+    details = {"actual_sha256": actual, "recorded_sha256": recorded, "meta_sha256": artifact.meta.sha256,
+               "actual_size": size, "recorded_size": artifact.meta.size_bytes}
+    if actual != recorded or actual != artifact.meta.sha256:
+        return CheckOutcome(
+            "checksum", False,
+            f"{artifact.path.name}: SHA-256 mismatch (file {actual[:16]}…, .sha256 {recorded[:16]}…, "
+            f".meta {artifact.meta.sha256[:16]}…): the file was modified or damaged after it was written",
+            details,
+        )
+    if size != artifact.meta.size_bytes:
+        return CheckOutcome("checksum", False, f"{artifact.path.name}: size {size} differs from recorded {artifact.meta.size_bytes}", details)
+    return CheckOutcome("checksum", True, f"SHA-256 {actual} matches .sha256 and .meta", details)
+
+
+def check_readable(artifact: BackupArtifact) -> CheckOutcome:
+    """Decode the whole backup; plain dumps must end with pg_dump's trailer, custom ones must list."""
+    try:
+        if artifact.meta.format == "custom":
+            return _check_custom(artifact)
+        size = 0
+        tail = b""
+        for chunk in dump_chunks(artifact):
+            size += len(chunk)
+            tail = (tail + chunk)[-4096:]
+        if PLAIN_DUMP_TRAILER not in tail:
+            return CheckOutcome(
+                "readable", False,
+                f"{artifact.path.name} decompresses but the SQL ends without pg_dump's "
+                "'dump complete' trailer: the dump is incomplete",
+                {"dump_bytes": size},
+            )
+        if size != artifact.meta.dump_bytes:
+            return CheckOutcome("readable", False, f"decoded {size} bytes, .meta records {artifact.meta.dump_bytes}", {"dump_bytes": size})
+        return CheckOutcome("readable", True, f"decompressed {size} bytes of SQL ending with pg_dump's trailer", {"dump_bytes": size})
+    except BackupPipelinesError as exc:
+        return CheckOutcome("readable", False, exc.message)
+
+
+def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
+    tools = find_tools(None)
+    # `pg_restore -f /dev/null` reads and decompresses every data block, not just the TOC.
+    proc, stderr = spawn([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    entries = _feed(proc, artifact, count_stdout_lines=True)
+    if proc.returncode != 0:
+        return CheckOutcome("readable", False, f"pg_restore --list failed: {stderr.text()}")
+    proc, stderr = spawn([tools.path("pg_restore"), "-f", "/dev/null"], stdin=subprocess.PIPE)
+    size = _feed(proc, artifact)
+    if proc.returncode != 0:
+        return CheckOutcome("readable", False, f"pg_restore could not read the archive: {stderr.text()}")
+    return CheckOutcome(
+        "readable", True, f"custom archive lists {entries} entries and all data blocks decode",
+        {"toc_entries": entries, "dump_bytes": size},
+    )
+
+
+def _feed(proc: subprocess.Popen[bytes], artifact: BackupArtifact, count_stdout_lines: bool = False) -> int:
+    import threading
+
+    assert proc.stdin is not None
+    lines = [0]
+
+    def drain() -> None:
+        if proc.stdout is not None:
+            for line in proc.stdout:
+                if not line.startswith(b";"):
+                    lines[0] += 1
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    size = 0
+    try:
+        for chunk in dump_chunks(artifact):
+            size += len(chunk)
+            proc.stdin.write(chunk)
+    except BrokenPipeError:
+        pass
+    except BaseException:
+        stop(proc)
+        raise
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    proc.wait()
+    reader.join()
+    return lines[0] if count_stdout_lines else size
+
+
+def verify_artifact(artifact: BackupArtifact) -> list[CheckOutcome]:
+    """Checksum first; decoding a file whose checksum is wrong proves nothing."""
+    outcomes = [check_checksum(artifact)]
+    if outcomes[0].passed:
+        outcomes.append(check_readable(artifact))
+    return outcomes

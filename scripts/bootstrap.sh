@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine (run as root, or with
+# the Debian packages already present): system packages, then the pinned Python environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(postgresql postgresql-contrib gnupg zstd chromium prometheus prometheus-pushgateway make)
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: missing Debian packages: ${missing[*]}; install them as root (apt-get install -y ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if ! command -v uv >/dev/null 2>&1; then
+  echo "bootstrap: installing uv"
+  "$PYTHON" -m pip install -q uv
+fi
+# The lock file pins every package: a fresh machine gets exactly the tested set.
+uv sync --frozen --all-extras --python "$PYTHON" -q
+echo "bootstrap: environment ready (.venv)"
