@@ -69,7 +69,9 @@ def make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectFact
     ``make_project({"prod": {"dsn_env": "DB_PROD", ...}}, env={"DB_PROD": url}, **top_level)``
     """
 
-    def factory(targets: dict[str, dict[str, Any]], env: dict[str, str] | None = None, **top: Any) -> ProjectConfig:
+    def factory(
+        targets: dict[str, dict[str, Any]], env: dict[str, str] | None = None, **top: Any
+    ) -> ProjectConfig:
         document = {"backup_root": str(tmp_path / "backups"), **top, "targets": targets}
         path = tmp_path / "backup_targets.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -91,10 +93,18 @@ def make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectFact
 def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the installed ``backup-pipelines`` command as a user would, in a child process."""
 
-    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(VENV_BIN / "backup-pipelines"), *args],
-            capture_output=True, text=True, input=input, timeout=timeout,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
             env={**os.environ, **(env or {})},
         )
 
@@ -107,7 +117,8 @@ def s3_endpoint() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

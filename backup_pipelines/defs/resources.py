@@ -1,6 +1,5 @@
 """Resources shared by every area: the engine's view of the targets file."""
 
-
 import dagster as dg
 
 from backup_pipelines.engine.config import ProjectConfig, Target, load_config

@@ -1,6 +1,5 @@
 """Helpers every area of the Dagster layer uses to talk about targets and their backups."""
 
-
 from functools import cache
 
 import dagster as dg
@@ -21,7 +20,9 @@ def target_key(target: str, name: str) -> dg.AssetKey:
     return dg.AssetKey([target, name])
 
 
-def latest_materialized_path(context: dg.AssetCheckExecutionContext | dg.AssetExecutionContext, key: dg.AssetKey) -> str | None:
+def latest_materialized_path(
+    context: dg.AssetCheckExecutionContext | dg.AssetExecutionContext, key: dg.AssetKey
+) -> str | None:
     """The backup file the newest materialization of ``key`` recorded, if any."""
     event = context.instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
@@ -30,8 +31,12 @@ def latest_materialized_path(context: dg.AssetCheckExecutionContext | dg.AssetEx
     return str(value.value) if value is not None else None
 
 
-def failure(message: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata: object) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=False, severity=severity, metadata={"reason": message, **metadata})
+def failure(
+    message: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata: object
+) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=False, severity=severity, metadata={"reason": message, **metadata}
+    )
 
 
 def user_error(exc: BackupPipelinesError) -> dg.Failure:

@@ -21,7 +21,11 @@ from pathlib import Path
 
 def pg_bin_dir() -> Path:
     base = Path("/usr/lib/postgresql")
-    versions = sorted((int(p.name), p / "bin") for p in base.glob("*") if p.name.isdigit()) if base.is_dir() else []
+    versions = (
+        sorted((int(p.name), p / "bin") for p in base.glob("*") if p.name.isdigit())
+        if base.is_dir()
+        else []
+    )
     if versions:
         return versions[-1][1]
     initdb = shutil.which("initdb")
@@ -60,18 +64,44 @@ class LocalCluster:
     def socket_dir(self) -> Path:
         return self.root / "sock"
 
-    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+    def dsn(
+        self, dbname: str = "postgres", user: str | None = None, password: str | None = None
+    ) -> str:
         user = user or self.superuser
-        password = password if password is not None else (self.password if user == self.superuser else None)
+        password = (
+            password
+            if password is not None
+            else (self.password if user == self.superuser else None)
+        )
         auth = f"{user}:{password}" if password else user
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
 
     def psql(self, sql: str, dbname: str = "postgres", *, check: bool = True) -> str:
         env = {**os.environ, "PGPASSWORD": self.password or ""}
         result = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", "127.0.0.1", "-p", str(self.port), "-U", self.superuser, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, env=env, check=False,
+            [
+                str(self.bin_dir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"psql failed: {result.stderr.strip()}")
@@ -80,7 +110,8 @@ class LocalCluster:
     def pg_ctl(self, *args: str) -> None:
         subprocess.run(
             _as_server_user([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args]),
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
 
     def start(self) -> None:
@@ -126,9 +157,21 @@ def init_cluster(
         pwfile.chmod(0o600)
         auth_args = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
     subprocess.run(
-        _as_server_user([str(bin_dir / "initdb"), "-D", str(cluster.data_dir), "-U", "postgres",
-                         "-E", "UTF8", "--locale=C.UTF-8", *auth_args]),
-        check=True, capture_output=True,
+        _as_server_user(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(cluster.data_dir),
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                *auth_args,
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     if pwfile:
         pwfile.unlink()
@@ -168,7 +211,8 @@ def wait_ready(cluster: LocalCluster, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         result = subprocess.run(
             [str(cluster.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(cluster.port)],
-            capture_output=True, check=False,
+            capture_output=True,
+            check=False,
         )
         if result.returncode == 0:
             return

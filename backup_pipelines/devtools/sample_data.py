@@ -173,12 +173,18 @@ ANALYZE;
 """
 
 
-def create_sample_database(admin_dsn: str, dbname: str, *, employees: int = 500, shifts: int = 5000) -> None:
+def create_sample_database(
+    admin_dsn: str, dbname: str, *, employees: int = 500, shifts: int = 5000
+) -> None:
     """Create ``dbname`` (dropping an old one) and fill it with the sample schema and data."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE template0 ENCODING \'UTF8\'')
+        conn.execute(f"CREATE DATABASE \"{dbname}\" TEMPLATE template0 ENCODING 'UTF8'")
     target_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=dbname)
     with psycopg.connect(target_dsn, autocommit=True) as conn:
         conn.execute(SCHEMA_SQL)
-        conn.execute(DATA_SQL.replace("%(employees)s", str(int(employees))).replace("%(shifts)s", str(int(shifts))))
+        conn.execute(
+            DATA_SQL.replace("%(employees)s", str(int(employees))).replace(
+                "%(shifts)s", str(int(shifts))
+            )
+        )

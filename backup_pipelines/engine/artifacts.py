@@ -156,15 +156,24 @@ class BackupArtifact:
 
         Checks may run in parallel processes, so the read-modify-write happens under a lock.
         """
-        lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = os.open(
+            self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             meta = read_meta(self.meta_path)
             verification = dict(meta.verification or {})
             checks = dict(verification.get("checks") or {})
-            checks[name] = {"passed": passed, "message": message, "checked_at": datetime.now(UTC).isoformat()}
-            verification.update(checks=checks, passed=all(c["passed"] for c in checks.values()),
-                                checked_at=checks[name]["checked_at"])
+            checks[name] = {
+                "passed": passed,
+                "message": message,
+                "checked_at": datetime.now(UTC).isoformat(),
+            }
+            verification.update(
+                checks=checks,
+                passed=all(c["passed"] for c in checks.values()),
+                checked_at=checks[name]["checked_at"],
+            )
             meta = meta.model_copy(update={"verification": verification})
             write_meta(self.meta_path, meta)
         finally:

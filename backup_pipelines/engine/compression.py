@@ -37,7 +37,9 @@ def compressor(codec: str, level: int) -> Compressor:
     raise ValueError(f"unknown compression {codec!r}")
 
 
-def decompress_chunks(codec: str, chunks: Iterable[bytes], *, name: str = "backup") -> Iterator[bytes]:
+def decompress_chunks(
+    codec: str, chunks: Iterable[bytes], *, name: str = "backup"
+) -> Iterator[bytes]:
     """Decompress a stream, failing on corruption *and* on truncation (a missing end marker)."""
     if codec == "none":
         yield from chunks

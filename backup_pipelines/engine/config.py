@@ -29,7 +29,11 @@ DumpFormat = Literal["plain", "custom"]
 Compression = Literal["gzip", "zstd", "none"]
 
 DEFAULT_COMPRESSION_LEVEL: dict[str, int] = {"gzip": 6, "zstd": 3, "none": 0}
-COMPRESSION_LEVEL_RANGE: dict[str, tuple[int, int]] = {"gzip": (1, 9), "zstd": (1, 19), "none": (0, 0)}
+COMPRESSION_LEVEL_RANGE: dict[str, tuple[int, int]] = {
+    "gzip": (1, 9),
+    "zstd": (1, 19),
+    "none": (0, 0),
+}
 
 
 class _Strict(BaseModel):
@@ -48,7 +52,9 @@ class TargetSettings(_Strict):
         default=None,
         description="Folder with pg_dump/psql/pg_restore; default: the newest installed version.",
     )
-    restore_jobs: int = Field(default=2, ge=1, le=64, description="pg_restore -j for custom format.")
+    restore_jobs: int = Field(
+        default=2, ge=1, le=64, description="pg_restore -j for custom format."
+    )
     size_drop_warn_ratio: float = Field(
         default=0.5,
         gt=0,
@@ -238,7 +244,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> ProjectConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"targets file {config_path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"targets file {config_path} must be a mapping with 'backup_root' and 'targets'")
+        raise ConfigError(
+            f"targets file {config_path} must be a mapping with 'backup_root' and 'targets'"
+        )
     try:
         return ProjectConfig.model_validate({**raw, "source_path": config_path})
     except ValidationError as exc:

@@ -163,8 +163,12 @@ def run_backup(
         snapshot, server_version, encoding, collate, ctype = row
         version_num = conn.info.server_version
         tools = find_tools(server_major(version_num), settings.pg_bin_dir)
-        source = DumpSource(info, tools, server_version, version_num, snapshot, encoding, collate, ctype)
-        extension = backup_extension(settings.format, settings.compression, encrypted=stage_factory is not None)
+        source = DumpSource(
+            info, tools, server_version, version_num, snapshot, encoding, collate, ctype
+        )
+        extension = backup_extension(
+            settings.format, settings.compression, encrypted=stage_factory is not None
+        )
         final = _final_path(target.backup_dir, info.dbname, started, extension)
         log.info(f"Backing up {info.describe()} (PostgreSQL {server_version}) to {final}")
 
@@ -181,7 +185,18 @@ def run_backup(
         counter = threading.Thread(target=count_rows, name="row-counts", daemon=True)
         counter.start()
         try:
-            artifact = _dump_to_file(target, source, final, started, clock, log, stage_factory, counter, counts, count_errors)
+            artifact = _dump_to_file(
+                target,
+                source,
+                final,
+                started,
+                clock,
+                log,
+                stage_factory,
+                counter,
+                counts,
+                count_errors,
+            )
         finally:
             counter.join()
             with contextlib.suppress(Exception):
@@ -212,8 +227,20 @@ def _dump_to_file(
             if stage_factory is not None:
                 write_stored, finish_stored, encryption_meta = stage_factory(sink)
             else:
-                write_stored, finish_stored, encryption_meta = sink.write, (lambda: None), {"mode": "none"}
-            outer = "zstd" if settings.compression == "zstd" else ("gzip" if settings.format == "plain" and settings.compression == "gzip" else "none")
+                write_stored, finish_stored, encryption_meta = (
+                    sink.write,
+                    (lambda: None),
+                    {"mode": "none"},
+                )
+            outer = (
+                "zstd"
+                if settings.compression == "zstd"
+                else (
+                    "gzip"
+                    if settings.format == "plain" and settings.compression == "gzip"
+                    else "none"
+                )
+            )
             codec = compressor(outer, settings.effective_compression_level)
             proc, stderr = spawn(
                 _pg_dump_argv(source.tools, target, source.snapshot),
@@ -301,5 +328,7 @@ def _dump_to_file(
                 hint=_free_space_hint(final.parent),
             ) from None
         if isinstance(exc, BrokenPipeError | OSError) and not isinstance(exc, BackupPipelinesError):
-            raise BackupFailedError(f"writing the backup of '{target.name}' failed: {exc}") from None
+            raise BackupFailedError(
+                f"writing the backup of '{target.name}' failed: {exc}"
+            ) from None
         raise

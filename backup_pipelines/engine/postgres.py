@@ -70,8 +70,10 @@ class ConnectionInfo:
 
     @property
     def dbname(self) -> str:
-        return self.params.get("dbname") or self.params.get("user") or os.environ.get(
-            "PGDATABASE", os.environ.get("PGUSER", "postgres")
+        return (
+            self.params.get("dbname")
+            or self.params.get("user")
+            or os.environ.get("PGDATABASE", os.environ.get("PGUSER", "postgres"))
         )
 
     @property
@@ -133,7 +135,9 @@ def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psyco
             hint = "check the database name in the connection URL"
         else:
             hint = "check that the server is running and reachable from this host (host, port, firewall, pg_hba.conf)"
-        raise DatabaseUnreachableError(f"cannot connect to {info.describe()}: {detail}", hint=hint) from None
+        raise DatabaseUnreachableError(
+            f"cannot connect to {info.describe()}: {detail}", hint=hint
+        ) from None
     try:
         yield conn
     finally:

@@ -35,7 +35,10 @@ def spawn(
     stdout: int | IO[bytes] | None = None,
 ) -> tuple[subprocess.Popen[bytes], StderrCollector]:
     proc = subprocess.Popen(
-        list(argv), env=dict(env) if env is not None else None, stdin=stdin, stdout=stdout,
+        list(argv),
+        env=dict(env) if env is not None else None,
+        stdin=stdin,
+        stdout=stdout,
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None

@@ -23,7 +23,9 @@ def decrypted_chunks(artifact: BackupArtifact) -> Iterator[bytes]:
     if mode == "none":
         yield from artifact.stored_chunks()
         return
-    raise EncryptionError(f"{artifact.path.name} is encrypted ({mode}); decryption is not available")
+    raise EncryptionError(
+        f"{artifact.path.name} is encrypted ({mode}); decryption is not available"
+    )
 
 
 def dump_chunks(artifact: BackupArtifact) -> Iterator[bytes]:

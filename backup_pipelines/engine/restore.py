@@ -8,7 +8,6 @@ in parallel. Restores always go into a *new* database, so a failure never touche
 from __future__ import annotations
 
 import contextlib
-
 import secrets
 import shutil
 import subprocess
@@ -52,13 +51,20 @@ class RestoreTestResult:
 
     def summary(self) -> str:
         if self.passed:
-            return (f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
-                    f"match the backup's metadata ({self.duration_seconds:.1f}s)")
-        lines = [f"{table}: expected {m['expected']}, restored {m['restored']}" for table, m in sorted(self.mismatches.items())]
+            return (
+                f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
+                f"match the backup's metadata ({self.duration_seconds:.1f}s)"
+            )
+        lines = [
+            f"{table}: expected {m['expected']}, restored {m['restored']}"
+            for table, m in sorted(self.mismatches.items())
+        ]
         return "restore test FAILED, row counts differ:\n  " + "\n  ".join(lines)
 
 
-def compare_counts(expected: dict[str, int], restored: dict[str, int]) -> dict[str, dict[str, int | None]]:
+def compare_counts(
+    expected: dict[str, int], restored: dict[str, int]
+) -> dict[str, dict[str, int | None]]:
     mismatches: dict[str, dict[str, int | None]] = {}
     for table in sorted(set(expected) | set(restored)):
         if expected.get(table) != restored.get(table):
@@ -70,34 +76,48 @@ def scratch_name(prefix: str, target: str) -> str:
     return f"{prefix}_{target}_{int(time.time())}_{secrets.token_hex(3)}"[:63]
 
 
-def create_database(admin: ConnectionInfo, name: str, artifact: BackupArtifact | None = None) -> None:
+def create_database(
+    admin: ConnectionInfo, name: str, artifact: BackupArtifact | None = None
+) -> None:
     """CREATE DATABASE from template0 with the source's encoding and locale when known."""
     options = sql.SQL("")
     meta = artifact.meta if artifact else None
     if meta is not None and meta.database_encoding:
         options = sql.SQL(" ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
-            sql.Literal(meta.database_encoding), sql.Literal(meta.database_collate), sql.Literal(meta.database_ctype)
+            sql.Literal(meta.database_encoding),
+            sql.Literal(meta.database_collate),
+            sql.Literal(meta.database_ctype),
         )
     with connect(admin, autocommit=True) as conn:
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)) + options)
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+                + options
+            )
         except Exception as exc:
             if not options.as_string(conn):
                 raise
             # The drill server may lack the source's locale: fall back to its defaults.
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+            )
             del exc
 
 
 def drop_database(admin: ConnectionInfo, name: str) -> None:
     with connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @contextlib.contextmanager
 def _dump_file_for_pg_restore(artifact: BackupArtifact, work_dir: Path) -> Iterator[Path]:
     """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom archive."""
-    if outer_codec(artifact.meta.format, artifact.meta.compression) == "none" and artifact.meta.encryption.get("mode", "none") == "none":
+    if (
+        outer_codec(artifact.meta.format, artifact.meta.compression) == "none"
+        and artifact.meta.encryption.get("mode", "none") == "none"
+    ):
         yield artifact.path
         return
     ensure_private_dir(work_dir)
@@ -125,9 +145,17 @@ def restore_into(
     env = database.child_env()
     if artifact.meta.format == "custom":
         with _dump_file_for_pg_restore(artifact, work_dir) as archive:
-            argv = [tools.path("pg_restore"), "--no-password", "--exit-on-error",
-                    f"--jobs={jobs}", f"--dbname={database.dbname}", str(archive)]
-            log.info(f"Restoring {artifact.path.name} with pg_restore -j {jobs} into {database.describe()}")
+            argv = [
+                tools.path("pg_restore"),
+                "--no-password",
+                "--exit-on-error",
+                f"--jobs={jobs}",
+                f"--dbname={database.dbname}",
+                str(archive),
+            ]
+            log.info(
+                f"Restoring {artifact.path.name} with pg_restore -j {jobs} into {database.describe()}"
+            )
             proc, stderr = spawn(argv, env=env, stdout=subprocess.DEVNULL)
             if proc.wait() != 0:
                 raise RestoreFailedError(
@@ -135,9 +163,19 @@ def restore_into(
                     f"{database.redact(stderr.text())}"
                 )
         return
-    argv = [tools.path("psql"), "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-            "--single-transaction", f"--dbname={database.dbname}"]
-    log.info(f"Restoring {artifact.path.name} with psql --single-transaction into {database.describe()}")
+    argv = [
+        tools.path("psql"),
+        "--no-password",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--single-transaction",
+        f"--dbname={database.dbname}",
+    ]
+    log.info(
+        f"Restoring {artifact.path.name} with psql --single-transaction into {database.describe()}"
+    )
     proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stdin is not None
     done = 0
@@ -148,7 +186,9 @@ def restore_into(
             proc.stdin.write(chunk)
             done += len(chunk)
             if done >= next_report:
-                log.info(f"Restore progress: {done >> 20} MiB of {total >> 20} MiB ({100 * done / total:.0f}%)")
+                log.info(
+                    f"Restore progress: {done >> 20} MiB of {total >> 20} MiB ({100 * done / total:.0f}%)"
+                )
                 next_report += PROGRESS_EVERY_BYTES
         proc.stdin.close()
     except BrokenPipeError:
@@ -165,7 +205,9 @@ def restore_into(
 
 def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> RestoreTestResult:
     """Restore into a scratch database, compare every table's row count with ``.meta``, drop it."""
-    admin = ConnectionInfo.parse(target.scratch_dsn(), source=f"target '{target.name}' scratch server")
+    admin = ConnectionInfo.parse(
+        target.scratch_dsn(), source=f"target '{target.name}' scratch server"
+    )
     with connect(admin) as conn:
         major = server_major(conn.info.server_version)
     tools = find_tools(major, target.settings.pg_bin_dir)
@@ -175,8 +217,14 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
     create_database(admin, name, artifact)
     try:
         try:
-            restore_into(artifact, scratch, tools=tools, jobs=target.settings.restore_jobs,
-                         work_dir=target.backup_dir.parent / ".work", log=log)
+            restore_into(
+                artifact,
+                scratch,
+                tools=tools,
+                jobs=target.settings.restore_jobs,
+                work_dir=target.backup_dir.parent / ".work",
+                log=log,
+            )
         except BackupPipelinesError as exc:
             raise RestoreFailedError(
                 f"restore test of {artifact.path.name} failed: {exc.message}",
@@ -195,5 +243,3 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
         rows_checked=sum(restored.values()),
         mismatches=mismatches,
     )
-
-

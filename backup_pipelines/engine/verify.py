@@ -37,17 +37,28 @@ def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
         digest.update(chunk)
         size += len(chunk)
     actual = digest.hexdigest()
-    details = {"actual_sha256": actual, "recorded_sha256": recorded, "meta_sha256": artifact.meta.sha256,
-               "actual_size": size, "recorded_size": artifact.meta.size_bytes}
+    details = {
+        "actual_sha256": actual,
+        "recorded_sha256": recorded,
+        "meta_sha256": artifact.meta.sha256,
+        "actual_size": size,
+        "recorded_size": artifact.meta.size_bytes,
+    }
     if actual != recorded or actual != artifact.meta.sha256:
         return CheckOutcome(
-            "checksum", False,
+            "checksum",
+            False,
             f"{artifact.path.name}: SHA-256 mismatch (file {actual[:16]}…, .sha256 {recorded[:16]}…, "
             f".meta {artifact.meta.sha256[:16]}…): the file was modified or damaged after it was written",
             details,
         )
     if size != artifact.meta.size_bytes:
-        return CheckOutcome("checksum", False, f"{artifact.path.name}: size {size} differs from recorded {artifact.meta.size_bytes}", details)
+        return CheckOutcome(
+            "checksum",
+            False,
+            f"{artifact.path.name}: size {size} differs from recorded {artifact.meta.size_bytes}",
+            details,
+        )
     return CheckOutcome("checksum", True, f"SHA-256 {actual} matches .sha256 and .meta", details)
 
 
@@ -63,14 +74,25 @@ def check_readable(artifact: BackupArtifact) -> CheckOutcome:
             tail = (tail + chunk)[-4096:]
         if PLAIN_DUMP_TRAILER not in tail:
             return CheckOutcome(
-                "readable", False,
+                "readable",
+                False,
                 f"{artifact.path.name} decompresses but the SQL ends without pg_dump's "
                 "'dump complete' trailer: the dump is incomplete",
                 {"dump_bytes": size},
             )
         if size != artifact.meta.dump_bytes:
-            return CheckOutcome("readable", False, f"decoded {size} bytes, .meta records {artifact.meta.dump_bytes}", {"dump_bytes": size})
-        return CheckOutcome("readable", True, f"decompressed {size} bytes of SQL ending with pg_dump's trailer", {"dump_bytes": size})
+            return CheckOutcome(
+                "readable",
+                False,
+                f"decoded {size} bytes, .meta records {artifact.meta.dump_bytes}",
+                {"dump_bytes": size},
+            )
+        return CheckOutcome(
+            "readable",
+            True,
+            f"decompressed {size} bytes of SQL ending with pg_dump's trailer",
+            {"dump_bytes": size},
+        )
     except BackupPipelinesError as exc:
         return CheckOutcome("readable", False, exc.message)
 
@@ -78,21 +100,29 @@ def check_readable(artifact: BackupArtifact) -> CheckOutcome:
 def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
     tools = find_tools(None)
     # `pg_restore -f /dev/null` reads and decompresses every data block, not just the TOC.
-    proc, stderr = spawn([tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc, stderr = spawn(
+        [tools.path("pg_restore"), "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     entries = _feed(proc, artifact, count_stdout_lines=True)
     if proc.returncode != 0:
         return CheckOutcome("readable", False, f"pg_restore --list failed: {stderr.text()}")
     proc, stderr = spawn([tools.path("pg_restore"), "-f", "/dev/null"], stdin=subprocess.PIPE)
     size = _feed(proc, artifact)
     if proc.returncode != 0:
-        return CheckOutcome("readable", False, f"pg_restore could not read the archive: {stderr.text()}")
+        return CheckOutcome(
+            "readable", False, f"pg_restore could not read the archive: {stderr.text()}"
+        )
     return CheckOutcome(
-        "readable", True, f"custom archive lists {entries} entries and all data blocks decode",
+        "readable",
+        True,
+        f"custom archive lists {entries} entries and all data blocks decode",
         {"toc_entries": entries, "dump_bytes": size},
     )
 
 
-def _feed(proc: subprocess.Popen[bytes], artifact: BackupArtifact, count_stdout_lines: bool = False) -> int:
+def _feed(
+    proc: subprocess.Popen[bytes], artifact: BackupArtifact, count_stdout_lines: bool = False
+) -> int:
     import threading
 
     assert proc.stdin is not None

@@ -1,0 +1,72 @@
+"""``backup-pipelines``: the engine from the command line, for cron, scripts and outages.
+
+Everything an operator needs while Dagster is down works from here. Each area registers its
+commands in its own module (``cli/<area>.py`` with a ``register(subparsers)`` function).
+Exit status: 0 success, 1 failure of the operation, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from logging.handlers import TimedRotatingFileHandler
+from pathlib import Path
+
+from backup_pipelines.cli import backups
+from backup_pipelines.engine.errors import BackupPipelinesError
+
+log = logging.getLogger("backup_pipelines")
+
+# Areas whose commands the CLI offers, in the order `--help` lists them.
+COMMAND_MODULES = [backups]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backup-pipelines",
+        description="PostgreSQL backups, verification and recovery (works without Dagster running).",
+    )
+    parser.add_argument(
+        "--config", help="targets file (default: $BACKUP_PIPELINES_CONFIG or ./backup_targets.yaml)"
+    )
+    parser.add_argument("--log-file", help="also log to this file, rotated daily, 30 days kept")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def configure_logging(verbose: bool, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            TimedRotatingFileHandler(log_file, when="midnight", backupCount=30, utc=True)
+        )
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.log_file)
+    try:
+        return int(args.func(args))
+    except BackupPipelinesError as exc:
+        log.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing half-written was kept")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Commands for logical backups: backup, verify, list, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from backup_pipelines.engine.artifacts import load_artifact
+from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.listing import human_age, human_size, list_backups
+from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.restore import restore_test
+from backup_pipelines.engine.verify import verify_artifact
+
+log = logging.getLogger("backup_pipelines")
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    artifact = run_backup(target, log=log)
+    _print(f"backup: {artifact.path}")
+    _print(
+        f"  size {human_size(artifact.meta.size_bytes)} (dump {human_size(artifact.meta.dump_bytes)}), "
+        f"sha256 {artifact.meta.sha256}"
+    )
+    _print(
+        f"  {len(artifact.meta.row_counts)} tables, {artifact.meta.total_rows} rows, "
+        f"{artifact.meta.duration_seconds:.1f}s"
+    )
+    passed = True
+    for outcome in verify_artifact(artifact):
+        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+        artifact.record_check(outcome.name, outcome.passed, outcome.message)
+        passed = passed and outcome.passed
+    if passed and args.test:
+        result = restore_test(target, artifact, log=log)
+        _print(f"  {result.summary()}")
+        artifact.record_check("restore_test", result.passed, result.summary())
+        passed = result.passed
+    if not passed:
+        _print("backup FAILED verification: do not rely on it")
+        return 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    artifact = load_artifact(args.backup)
+    meta = artifact.meta
+    _print(f"{artifact.path}")
+    _print(
+        f"  target {meta.target}, database {meta.database}, {meta.format}/{meta.compression}, "
+        f"encryption {describe_encryption(meta.encryption)}, taken {meta.started_at.isoformat()}"
+    )
+    outcomes = verify_artifact(artifact)
+    for outcome in outcomes:
+        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+    if not all(o.passed for o in outcomes):
+        failed = next(o for o in outcomes if not o.passed)
+        raise IntegrityError(
+            f"verification failed: {failed.message}",
+            hint="do not restore from this file; use an older backup or the offsite copy",
+        )
+    _print("OK")
+    return 0
+
+
+def describe_encryption(encryption: dict) -> str:
+    mode = encryption.get("mode", "none")
+    key = encryption.get("key_id") or encryption.get("fingerprint")
+    return f"{mode} (key {key})" if key else mode
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    listing = list_backups(target)
+    if args.json:
+        _print(
+            json.dumps(
+                [
+                    {
+                        "path": str(a.path),
+                        "started_at": a.meta.started_at.isoformat(),
+                        "size_bytes": a.meta.size_bytes,
+                        "status": a.status,
+                        "sha256": a.meta.sha256,
+                        "encryption": a.meta.encryption,
+                    }
+                    for a in listing.artifacts
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not listing.artifacts:
+        _print(f"no backups for target '{target.name}' in {target.backup_dir}")
+    else:
+        _print(f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'STATUS':<10} KEY")
+        for a in listing.artifacts:
+            _print(
+                f"{a.path.name:<48} {a.meta.started_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+                f"{human_age(a.meta.started_at):>8} {human_size(a.meta.size_bytes):>10}  {a.status:<10} "
+                f"{describe_encryption(a.meta.encryption)}"
+            )
+    if listing.partial_leftovers:
+        _print(
+            f"({listing.partial_leftovers} .partial leftover(s) of interrupted backups; not backups)"
+        )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    problems = []
+    for target in config.all_targets():
+        try:
+            target.dsn()
+            if target.settings.scratch_dsn_env:
+                target.scratch_dsn()
+        except BackupPipelinesError as exc:
+            problems.append(exc.message)
+    _print(
+        f"{config.source_path}: {len(config.targets)} target(s), backups in {config.resolved_backup_root}"
+    )
+    for problem in problems:
+        _print(f"  {problem}")
+    return 2 if problems else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backup", help="back up a target now")
+    p.add_argument("target")
+    p.add_argument(
+        "--test", action="store_true", help="restore into a scratch database and compare row counts"
+    )
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("verify", help="check a backup's checksum and readability")
+    p.add_argument("backup", help="path of the backup file")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("list", help="list a target's backups, newest first")
+    p.add_argument("target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "check-config", help="validate the targets file and its environment variables"
+    )
+    p.set_defaults(func=cmd_check_config)
