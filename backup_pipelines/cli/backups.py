@@ -24,7 +24,7 @@ def _print(text: str = "") -> None:
 def cmd_backup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     target = config.target(args.target)
-    artifact = run_backup(target, log=log)
+    artifact = run_backup(target, log=log, purpose="manual")
     _print(f"backup: {artifact.path}")
     _print(
         f"  size {human_size(artifact.meta.size_bytes)} (dump {human_size(artifact.meta.dump_bytes)}), "

@@ -57,6 +57,8 @@ class BackupMeta(BaseModel):
     tool: str = "backup_pipelines"
     tool_version: str
     kind: str = "logical"
+    # Why it was taken: scheduled, manual, pre-restore, pre-rollback, ...
+    purpose: str = "scheduled"
     target: str
     database: str
     server: str

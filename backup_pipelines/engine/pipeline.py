@@ -137,8 +137,11 @@ def run_backup(
     *,
     log: Any = None,
     stage_factory: Any = None,
+    purpose: str = "scheduled",
 ) -> BackupArtifact:
     """Back up one target and return the new artifact. Raises BackupPipelinesError on failure.
+
+    ``purpose`` is recorded in ``.meta`` (``scheduled``, ``manual``, ``pre-restore``, ...).
 
     ``stage_factory`` (used by encryption) wraps the hashing sink with more stages; it takes the
     sink and returns ``(writer, finish, encryption_meta)``.
@@ -186,6 +189,7 @@ def run_backup(
         counter.start()
         try:
             artifact = _dump_to_file(
+                purpose,
                 target,
                 source,
                 final,
@@ -205,6 +209,7 @@ def run_backup(
 
 
 def _dump_to_file(
+    purpose: str,
     target: Target,
     source: DumpSource,
     final: Path,
@@ -281,6 +286,7 @@ def _dump_to_file(
         finished = datetime.now(UTC)
         meta = BackupMeta(
             tool_version=TOOL_VERSION,
+            purpose=purpose,
             target=target.name,
             database=source.info.dbname,
             server=source.info.describe(),
