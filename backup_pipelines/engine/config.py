@@ -40,6 +40,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RestoreSettings(_Strict):
+    """How restores into a target and its restore drills behave (key ``restore:`` of a target)."""
+
+    rto_target_seconds: float = Field(
+        default=3600,
+        gt=0,
+        description="Recovery time objective: a restore drill slower than this warns.",
+    )
+    drop_previous_after_hours: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "After a restore the replaced database is kept, renamed <db>_pre_restore_<UTC time>. "
+            "Copies older than this many hours are dropped by the next restore of the target "
+            "(0: drop it right after the swap); unset keeps them until an operator drops them."
+        ),
+    )
+    maintenance_database: str = Field(
+        default="postgres",
+        description="Database to connect to for CREATE/ALTER/DROP DATABASE during a restore.",
+    )
+
+
 class TargetSettings(_Strict):
     """How one database is backed up."""
 
@@ -67,6 +90,10 @@ class TargetSettings(_Strict):
             "Environment variable with a connection URL for restore tests (any database on the "
             "scratch server); default: the target's own server."
         ),
+    )
+
+    restore: RestoreSettings = Field(
+        default_factory=RestoreSettings, description="Restore and restore-drill settings."
     )
 
     @field_validator("dsn_env", "scratch_dsn_env")
