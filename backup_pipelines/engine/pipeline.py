@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from psycopg import sql
+
 from backup_pipelines.engine.artifacts import (
     BackupArtifact,
     BackupMeta,
@@ -179,9 +181,15 @@ def run_backup(
         count_errors: list[BaseException] = []
 
         def count_rows() -> None:
-            # Same transaction, same snapshot as pg_dump: the counts match the dump exactly.
+            # Same snapshot as pg_dump, so the counts match the dump exactly. A connection of its
+            # own: an error here must not abort the exporting transaction pg_dump depends on.
             try:
-                counts.update(table_row_counts(conn))
+                with connect(info) as counting:
+                    counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    counting.execute(
+                        sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
+                    )
+                    counts.update(table_row_counts(counting))
             except BaseException as exc:  # reported after pg_dump finishes
                 count_errors.append(exc)
 

@@ -1,0 +1,130 @@
+"""The targets file: validation messages name the target and the field, before anything runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.errors import ConfigError
+
+
+def write(tmp_path: Path, document: dict) -> Path:
+    path = tmp_path / "backup_targets.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_shipped_example_is_valid_and_has_the_guides_environments() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "backup_targets.yaml")
+    assert {"development", "staging", "production"} <= set(config.targets)
+    assert config.targets["production"].dsn_env == "DATABASE_URL_PRODUCTION"
+
+
+def test_relative_backup_root_resolves_against_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, {"backup_root": "backups", "targets": {"prod": {"dsn_env": "X"}}})
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.resolved_backup_root == (tmp_path / "backups").resolve()
+    assert config.target("prod").backup_dir == (tmp_path / "backups" / "prod").resolve()
+
+
+def test_defaults_apply_to_every_target_and_targets_override(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        {
+            "backup_root": "b",
+            "defaults": {"compression": "zstd", "format": "custom"},
+            "targets": {"a": {"dsn_env": "A"}, "b": {"dsn_env": "B", "compression": "gzip"}},
+        },
+    )
+    config = load_config(path)
+    assert config.targets["a"].compression == "zstd"
+    assert config.targets["b"].compression == "gzip"
+    assert config.targets["b"].format == "custom"
+
+
+@pytest.mark.parametrize(
+    ("target_spec", "expected"),
+    [
+        ({"dsn_env": "A", "compresion": "gzip"}, "target 'prod', field 'compresion': unknown key"),
+        ({"dsn_env": "A", "compression": "brotli"}, "target 'prod', field 'compression'"),
+        (
+            {"dsn_env": "A", "compression": "gzip", "compression_level": 42},
+            "compression_level 42 is out of range",
+        ),
+        ({"dsn_env": "not a var"}, "target 'prod', field 'dsn_env'"),
+        ({"format": "plain"}, "target 'prod', field 'dsn_env': Field required"),
+        (
+            {"dsn_env": "A", "size_drop_warn_ratio": 3},
+            "target 'prod', field 'size_drop_warn_ratio'",
+        ),
+    ],
+)
+def test_bad_target_settings_name_target_and_field(
+    tmp_path: Path, target_spec: dict, expected: str
+) -> None:
+    path = write(tmp_path, {"backup_root": "b", "targets": {"prod": target_spec}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value)
+
+
+def test_unknown_top_level_key_and_bad_target_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, {"backup_root": "b", "retension": 3, "targets": {"my-db": {"dsn_env": "A"}}}
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "field 'retension': unknown key" in message
+    assert "'my-db' must start with a letter" in message
+
+
+def test_missing_file_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="targets file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_missing_env_var_is_reported_with_target_and_field_when_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL_NOWHERE", raising=False)
+    path = write(
+        tmp_path, {"backup_root": "b", "targets": {"prod": {"dsn_env": "DATABASE_URL_NOWHERE"}}}
+    )
+    config = load_config(
+        path
+    )  # structure is fine; the variable is read only when the target is used
+    with pytest.raises(ConfigError) as info:
+        config.target("prod").dsn()
+    assert (
+        "target 'prod', field 'dsn_env': environment variable DATABASE_URL_NOWHERE is not set"
+        in str(info.value)
+    )
+
+
+def test_unknown_target_lists_known_ones(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, {"backup_root": "b", "targets": {"prod": {"dsn_env": "A"}}})
+    )
+    with pytest.raises(ConfigError, match="(?s)unknown target 'prdo'.*use one of: prod"):
+        config.target("prdo")
+
+
+def test_hundreds_of_targets_load_quickly(tmp_path: Path) -> None:
+    targets = {f"db_{i:03d}": {"dsn_env": f"DATABASE_URL_{i:03d}"} for i in range(500)}
+    path = write(tmp_path, {"backup_root": "b", "targets": targets})
+    started = time.perf_counter()
+    config = load_config(path)
+    assert len(config.targets) == 500
+    assert time.perf_counter() - started < 2.0
