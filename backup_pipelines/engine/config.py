@@ -63,6 +63,35 @@ class RestoreSettings(_Strict):
     )
 
 
+SQL_IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+class MigrationSettings(_Strict):
+    """Where a target's schema migrations live (drizzle-kit layout) and where they are recorded."""
+
+    folder: Path = Field(
+        description="drizzle-kit output folder (NNNN_<tag>.sql, NNNN_<tag>.down.sql, "
+        "meta/_journal.json); relative paths resolve against the targets file."
+    )
+    table_schema: str = Field(default="drizzle", description="Schema of the tracking table.")
+    table_name: str = Field(
+        default="__drizzle_migrations", description="Name of the tracking table."
+    )
+    lock_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="How long a rollback waits for locks before giving up (nothing is changed).",
+    )
+
+    @field_validator("table_schema", "table_name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not SQL_IDENTIFIER_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a plain SQL identifier (letters, digits, _ and $)")
+        return value
+
+
 class TargetSettings(_Strict):
     """How one database is backed up."""
 
@@ -90,6 +119,9 @@ class TargetSettings(_Strict):
             "Environment variable with a connection URL for restore tests (any database on the "
             "scratch server); default: the target's own server."
         ),
+    )
+    migrations: MigrationSettings | None = Field(
+        default=None, description="Schema migrations of this database, for `rollback`."
     )
 
     restore: RestoreSettings = Field(
@@ -129,6 +161,8 @@ class Target(BaseModel):
     name: str
     settings: TargetSettings
     backup_dir: Path
+    # settings.migrations.folder resolved against the targets file (None: not configured).
+    migrations_folder: Path | None = None
 
     def dsn(self) -> str:
         """The connection URL, read from the environment now."""
@@ -198,13 +232,17 @@ class ProjectConfig(_Strict):
             raise ValueError(f"unknown timezone {value!r}") from exc
         return value
 
+    def resolve_path(self, path: Path) -> Path:
+        """An absolute path; a relative one is taken relative to the targets file."""
+        path = path.expanduser()
+        if not path.is_absolute():
+            base = self.source_path.parent if self.source_path else Path.cwd()
+            path = base / path
+        return path.resolve()
+
     @cached_property
     def resolved_backup_root(self) -> Path:
-        root = self.backup_root.expanduser()
-        if not root.is_absolute():
-            base = self.source_path.parent if self.source_path else Path.cwd()
-            root = base / root
-        return root.resolve()
+        return self.resolve_path(self.backup_root)
 
     def target(self, name: str) -> Target:
         if name not in self.targets:
@@ -213,8 +251,14 @@ class ProjectConfig(_Strict):
                 f"unknown target '{name}'",
                 hint=f"use one of: {known}; or add it under 'targets:' in {self.source_path}",
             )
+        settings = self.targets[name]
         return Target(
-            name=name, settings=self.targets[name], backup_dir=self.resolved_backup_root / name
+            name=name,
+            settings=settings,
+            backup_dir=self.resolved_backup_root / name,
+            migrations_folder=(
+                self.resolve_path(settings.migrations.folder) if settings.migrations else None
+            ),
         )
 
     def all_targets(self) -> list[Target]:
