@@ -104,9 +104,15 @@ def parse_sha256_file(path: Path) -> str:
             f"checksum file missing: {path}",
             hint="the backup is incomplete or its sidecar was deleted; do not trust it",
         ) from None
+    return parse_sha256_text(text, str(path))
+
+
+def parse_sha256_text(text: str, source: str) -> str:
+    """The digest of a sha256sum-format line; ``source`` names the file in the error."""
+    text = text.strip()
     digest = text.split()[0] if text else ""
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-        raise IntegrityError(f"checksum file {path} does not hold a SHA-256 digest")
+        raise IntegrityError(f"checksum file {source} does not hold a SHA-256 digest")
     return digest.lower()
 
 
@@ -138,6 +144,20 @@ class BackupArtifact:
     @property
     def sidecars(self) -> list[Path]:
         return [self.sha256_path, self.meta_path]
+
+    @property
+    def is_local(self) -> bool:
+        """True when ``path`` is a real local file (remote artifacts come from engine.storage)."""
+        return True
+
+    @property
+    def location(self) -> str:
+        """Where the backup lives: a local path, or ``s3://bucket/key`` for a remote copy."""
+        return str(self.path)
+
+    def recorded_sha256(self) -> str:
+        """The digest in the ``.sha256`` sidecar (raises IntegrityError when missing/garbled)."""
+        return parse_sha256_file(self.sha256_path)
 
     @property
     def status(self) -> str:

@@ -1,0 +1,115 @@
+"""Storage backends against a real local folder and moto's S3 server over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from backup_pipelines.engine.artifacts import load_artifact
+from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.storage import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    LocalStorage,
+    RemoteBackupArtifact,
+    S3Storage,
+    StorageError,
+    default_s3_client,
+    list_stored_backups,
+    open_backup,
+    part_size_for,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def bucket(aws_env: str) -> str:
+    name = f"bp-test-{secrets.token_hex(4)}"
+    default_s3_client().create_bucket(Bucket=name)
+    return name
+
+
+def test_part_size_grows_so_any_size_fits_in_10000_parts() -> None:
+    assert part_size_for(1) == MIN_PART_SIZE
+    assert part_size_for(MIN_PART_SIZE * MAX_PARTS) == MIN_PART_SIZE
+    one_tib = 1 << 40
+    size = part_size_for(one_tib)
+    assert size % MiB == 0 and -(-one_tib // size) <= MAX_PARTS
+    five_tib = 5 << 40
+    assert -(-five_tib // part_size_for(five_tib)) <= MAX_PARTS
+    with pytest.raises(StorageError):
+        part_size_for((5 << 40) + 1)
+
+
+def test_local_storage_round_trip(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "store")
+    source = tmp_path / "src.bin"
+    source.write_bytes(os.urandom(3 * MiB + 5))
+    result = store.put_file(source, "prod/a.bin")
+    assert result.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert store.read_bytes("prod/a.bin") == source.read_bytes()
+    assert (store.root / "prod/a.bin").stat().st_mode & 0o777 == 0o600
+    assert [i.name for i in store.list("prod/")] == ["prod/a.bin"]
+    store.delete("prod/a.bin")
+    assert store.head("prod/a.bin") is None
+    with pytest.raises(StorageError):
+        store.put_bytes("../escape", b"x")
+
+
+def test_s3_multipart_with_small_part_ceiling_records_checksum_sse_and_class(
+    bucket: str, tmp_path: Path
+) -> None:
+    store = S3Storage(
+        bucket,
+        "offsite",
+        storage_class="STANDARD_IA",
+        server_side_encryption="AES256",
+        min_part_size=5 * MiB,
+        max_parts=2,
+    )
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(12 * MiB))
+    result = store.put_file(source, "prod/big.bin")
+    # 12 MiB in at most 2 parts: the part size grew from 5 MiB to 6 MiB.
+    assert (result.parts, result.part_size) == (2, 6 * MiB)
+    info = store.head("prod/big.bin")
+    assert info is not None
+    assert info.size == 12 * MiB
+    assert info.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (
+        info.checksum_sha256
+        and info.checksum_sha256.split("-")[0] == result.checksum_sha256.split("-")[0]
+    )
+    assert info.storage_class == "STANDARD_IA"
+    assert info.server_side_encryption == "AES256"
+    streamed = hashlib.sha256()
+    for chunk in store.iter_chunks("prod/big.bin"):
+        assert len(chunk) <= MiB
+        streamed.update(chunk)
+    assert streamed.hexdigest() == result.sha256
+
+
+def test_open_backup_streams_a_remote_artifact(bucket: str, tmp_path: Path) -> None:
+    from backup_pipelines_tests.engine.storage_helpers import fake_backup
+
+    local = fake_backup(tmp_path / "prod", "shop", payload=os.urandom(2 * MiB))
+    store = S3Storage(bucket, "pre")
+    for path in (local.path, *local.sidecars):
+        store.put_file(path, f"prod/{path.name}")
+    remote = open_backup(f"s3://{bucket}/pre/prod/{local.path.name}")
+    assert isinstance(remote, RemoteBackupArtifact) and not remote.is_local
+    assert remote.meta.sha256 == local.meta.sha256
+    assert remote.recorded_sha256() == local.meta.sha256
+    assert b"".join(remote.stored_chunks()) == local.path.read_bytes()
+    assert remote.location == f"s3://{bucket}/pre/prod/{local.path.name}"
+    listed = list_stored_backups(store, "prod/")
+    assert [a.meta.sha256 for a in listed] == [local.meta.sha256]
+    assert open_backup(local.path).is_local
+    assert load_artifact(local.path).location == str(local.path)
+    with pytest.raises(IntegrityError, match="not found"):
+        open_backup(f"s3://{bucket}/pre/prod/missing.sql.gz")
