@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from backup_pipelines.engine.errors import ConfigError
 
@@ -92,6 +101,256 @@ class MigrationSettings(_Strict):
         return value
 
 
+# --- Running unattended: cadences, staleness, notifiers, metrics (README "Running in production") ---
+
+# Named cadences every target can use in its `schedules:`; the top-level `cadences:` key adds
+# names or overrides these. Times are in the targets file's `timezone`.
+BUILTIN_CADENCES: dict[str, str] = {
+    "hourly": "0 * * * *",
+    "daily": "0 2 * * *",
+    "weekly": "0 3 * * 0",
+    "monthly": "0 4 1 * *",
+}
+CADENCE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_CRON_FIELD_PATTERN = re.compile(r"^[0-9A-Za-z*/,\-]+$")
+_OPT_OUT_WORDS = {"off", "none", "never", "disabled"}
+_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def looks_like_cron(value: str) -> bool:
+    """Five whitespace-separated cron fields (minute hour day-of-month month day-of-week)."""
+    fields = value.split()
+    return len(fields) == 5 and all(_CRON_FIELD_PATTERN.match(f) for f in fields)
+
+
+def parse_duration(value: Any) -> Any:
+    """``24h``, ``90m``, ``1h30m``, ``2d``, ``1w``, ``3600s`` or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return timedelta(seconds=float(text))
+        parts = _DURATION_PATTERN.findall(text)
+        if not parts or _DURATION_PATTERN.sub("", text).strip():
+            raise ValueError(
+                f"{value!r} is not a duration: use e.g. 24h, 90m, 1h30m, 2d, 1w or seconds"
+            )
+        return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    return value
+
+
+def _normalize_cadences(value: Any) -> Any:
+    """A cadence name, a cron string, a list of them, or off/none/false/[] to opt out."""
+    if value is None or value is False:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(f"{item!r} is not a cadence name or a cron string")
+            if item.strip().lower() in _OPT_OUT_WORDS:
+                continue
+            items.append(" ".join(item.split()))
+        return tuple(dict.fromkeys(items))
+    raise ValueError(
+        "a cadence is a name (hourly, daily, weekly, monthly or one under 'cadences:'), a cron "
+        "string like '30 1 * * *', a list of those, or off"
+    )
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Cadences = Annotated[tuple[str, ...], BeforeValidator(_normalize_cadences)]
+
+
+class EmailNotifierSettings(_Strict):
+    """Alerts by email. The SMTP password comes from the environment variable ``password_env``."""
+
+    type: Literal["email"]
+    name: str = "email"
+    host: str
+    port: int | None = Field(default=None, description="Default: 587 (starttls), 465 (ssl), 25.")
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username_env: str | None = None
+    password_env: str | None = None
+    sender: str = Field(description="From: address.")
+    to: list[str] = Field(min_length=1)
+    ca_file: Path | None = Field(
+        default=None, description="PEM bundle to trust instead of the system CAs (internal relay)."
+    )
+    timeout_seconds: float = Field(default=15, gt=0, le=300)
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_VAR_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        return value
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return {"starttls": 587, "ssl": 465, "none": 25}[self.security]
+
+
+class SlackNotifierSettings(_Strict):
+    """Alerts to a Slack incoming webhook; its URL (a secret) comes from ``webhook_url_env``."""
+
+    type: Literal["slack"]
+    name: str = "slack"
+    webhook_url_env: str
+    timeout_seconds: float = Field(default=15, gt=0, le=300)
+
+    @field_validator("webhook_url_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        return value
+
+
+class WebhookNotifierSettings(_Strict):
+    """Alerts POSTed as JSON to any URL (``url``, or ``url_env`` when the URL holds a token)."""
+
+    type: Literal["webhook"]
+    name: str = "webhook"
+    url: str | None = None
+    url_env: str | None = None
+    bearer_token_env: str | None = Field(
+        default=None, description="Environment variable with a token sent as 'Authorization: Bearer'."
+    )
+    timeout_seconds: float = Field(default=15, gt=0, le=300)
+
+    @field_validator("url_env", "bearer_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_VAR_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookNotifierSettings:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("set exactly one of 'url' and 'url_env'")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("'url' must start with http:// or https://")
+        return self
+
+
+NotifierSettings = Annotated[
+    EmailNotifierSettings | SlackNotifierSettings | WebhookNotifierSettings,
+    Field(discriminator="type"),
+]
+
+
+class AlertSettings(_Strict):
+    """How alerts are worded and linked (top-level key ``alerts:``)."""
+
+    ui_base_url: str = Field(
+        default="http://localhost:3000",
+        description="Where operators open the Dagster UI; alerts link to <ui_base_url>/runs/<id>.",
+    )
+    send_resolved: bool = Field(
+        default=True, description="Also notify when a stale target has a fresh backup again."
+    )
+    stale_check_interval_seconds: int = Field(default=300, ge=30, le=86400)
+
+
+class MetricsSettings(_Strict):
+    """Prometheus export (top-level key ``metrics:``): a node_exporter textfile and/or a Pushgateway."""
+
+    textfile: Path | None = Field(
+        default=None,
+        description="e.g. /var/lib/prometheus/node-exporter/backup_pipelines.prom (written atomically).",
+    )
+    pushgateway_url: str | None = Field(default=None, description="e.g. http://pushgateway:9091")
+    pushgateway_job: str = "backup_pipelines"
+    interval_seconds: int = Field(default=60, ge=15, le=86400)
+
+
+WAL_S3_URL_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+
+
+class PitrSettings(_Strict):
+    """Point-in-time recovery for a target (key ``pitr:``): WAL archive, base backups, drills.
+
+    Only targets with this block get WAL archiving, base backups and PITR drills.
+    """
+
+    archive_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Absolute path of the local WAL archive. `archive_command` runs as the server's OS "
+            "user, so this folder must be writable by it (`backup-pipelines wal-setup` creates it)."
+        ),
+    )
+    archive_s3: str | None = Field(
+        default=None,
+        description="WAL archive in S3, e.g. s3://bucket/wal/production (also or instead of archive_dir).",
+    )
+    wal_compression: Compression = "zstd"
+    command: str | None = Field(
+        default=None,
+        description=(
+            "How the server's OS user runs this tool (used in restore_command and the printed "
+            "archive_command); default: this installation's backup-pipelines executable."
+        ),
+    )
+    server_os_user: str = Field(
+        default="postgres", description="OS user that owns restored data directories (when root)."
+    )
+    archive_lag_limit_minutes: float = Field(
+        default=30,
+        gt=0,
+        description=(
+            "Alert when finished WAL segments wait longer than this to be archived, or (server "
+            "unreachable) the newest archived segment is older than this. Keep it above archive_timeout."
+        ),
+    )
+    base_backup_compression: Compression = "zstd"
+    keep_base_backups: int = Field(
+        default=2,
+        ge=1,
+        description="Base backups always kept (newest first) when no calendar retention applies.",
+    )
+    drill_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Port of the drill's scratch server; default: a free one."
+    )
+    drill_dir: Path | None = Field(
+        default=None,
+        description="Folder for the drill's scratch data directory; default: the system temp dir.",
+    )
+    drill_timeout_minutes: float = Field(default=30, gt=0)
+    archive_check_interval_seconds: int = Field(default=120, ge=30, le=86400)
+
+    @field_validator("archive_dir", "drill_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_absolute():
+            raise ValueError(
+                f"{value} must be an absolute path (archive_command runs as the server's OS user "
+                "in the data directory, where relative paths mean something else)"
+            )
+        return value.expanduser() if value is not None else None
+
+    @field_validator("archive_s3")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None and not WAL_S3_URL_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not an s3://bucket/prefix URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> PitrSettings:
+        if self.archive_dir is None and self.archive_s3 is None:
+            raise ValueError("set archive_dir and/or archive_s3: the WAL archive needs a place")
+        return self
+
+
 class TargetSettings(_Strict):
     """How one database is backed up."""
 
@@ -126,6 +385,29 @@ class TargetSettings(_Strict):
 
     restore: RestoreSettings = Field(
         default_factory=RestoreSettings, description="Restore and restore-drill settings."
+    )
+    pitr: PitrSettings | None = Field(
+        default=None,
+        description="Point-in-time recovery (WAL archive, base backups, PITR drills); off when unset.",
+    )
+    schedules: dict[str, Cadences] = Field(
+        default_factory=dict,
+        description=(
+            "When each kind of scheduled work runs for this target, e.g. {backup: [daily], "
+            "restore_drill: weekly, pitr_drill: off}; a kind left out uses its area's default."
+        ),
+    )
+    high_traffic: bool = Field(default=False, description="Also back up every hour.")
+    max_age: Duration = Field(
+        default=timedelta(hours=24),
+        description="Alert when the newest successful backup is older than this (e.g. 24h, 2h).",
+    )
+    db_host: str | None = Field(
+        default=None,
+        description=(
+            "Name of the database server, for the per-host concurrency limit; default: host:port "
+            "of the connection URL (when set at load time), else the target name."
+        ),
     )
 
     @field_validator("dsn_env", "scratch_dsn_env")
@@ -193,6 +475,13 @@ class ProjectConfig(_Strict):
     timezone: str = "UTC"
     defaults: dict[str, Any] = Field(default_factory=dict)
     targets: dict[str, TargetSettings]
+    cadences: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named cadences (cron strings) added to hourly, daily, weekly and monthly.",
+    )
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    notifiers: list[NotifierSettings] = Field(default_factory=list)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     source_path: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -239,6 +528,37 @@ class ProjectConfig(_Strict):
             base = self.source_path.parent if self.source_path else Path.cwd()
             path = base / path
         return path.resolve()
+
+    @field_validator("cadences")
+    @classmethod
+    def _cadence_definitions(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, cron in value.items():
+            if not CADENCE_NAME_PATTERN.match(name):
+                raise ValueError(f"cadence name {name!r}: use lower-case letters, digits and _")
+            if not looks_like_cron(cron):
+                raise ValueError(f"cadence {name!r}: {cron!r} is not a 5-field cron string")
+        return value
+
+    @model_validator(mode="after")
+    def _known_cadences(self) -> ProjectConfig:
+        for target, settings in self.targets.items():
+            for kind, cadences in settings.schedules.items():
+                for cadence in cadences:
+                    if cadence not in self.named_cadences and not looks_like_cron(cadence):
+                        known = ", ".join(sorted(self.named_cadences))
+                        raise ValueError(
+                            f"target '{target}', schedules.{kind}: unknown cadence {cadence!r} "
+                            f"(use one of {known}, a cron string like '30 1 * * *', or off)"
+                        )
+        return self
+
+    @property
+    def named_cadences(self) -> dict[str, str]:
+        return {**BUILTIN_CADENCES, **self.cadences}
+
+    def cadence_cron(self, cadence: str) -> str:
+        """The cron string of a named cadence, or the cadence itself when it is a cron string."""
+        return self.named_cadences.get(cadence, cadence)
 
     @cached_property
     def resolved_backup_root(self) -> Path:
