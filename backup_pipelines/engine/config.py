@@ -351,6 +351,181 @@ class PitrSettings(_Strict):
         return self
 
 
+def _absolute_key_path(value: Path | None) -> Path | None:
+    if value is None:
+        return None
+    path = value.expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"{value}: key and passphrase files need an absolute path (or ~/...)")
+    return path
+
+
+class PassphraseSource(_Strict):
+    """Where one passphrase comes from: an environment variable or a 0600 file (never the YAML)."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PassphraseSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
+        if self.env is not None and not ENV_VAR_PATTERN.match(self.env):
+            raise ValueError(f"{self.env!r} is not a valid environment variable name")
+        _absolute_key_path(self.file)
+        return self
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+
+class EncryptionSettings(_Strict):
+    """OpenPGP encryption of a target's backups (key ``encryption:`` of a target).
+
+    ``passphrase``: symmetric AES-256 with the passphrase from ``passphrase_env`` or
+    ``passphrase_file``. ``public_key``: encrypted to every key in ``public_key_files`` (the
+    backup host needs no secret). Old passphrases / secret keys listed for decryption keep older
+    backups restorable after a key rotation.
+    """
+
+    mode: Literal["none", "passphrase", "public_key"] = "none"
+    passphrase_env: str | None = Field(
+        default=None, description="Variable holding the passphrase that encrypts new backups."
+    )
+    passphrase_file: Path | None = Field(
+        default=None, description="0600 file holding that passphrase (first line)."
+    )
+    previous_passphrases: list[PassphraseSource] = Field(
+        default_factory=list,
+        description="Older passphrases, tried (by fingerprint) to decrypt older backups.",
+    )
+    public_key_files: list[Path] = Field(
+        default_factory=list,
+        description="ASCII-armored public keys new backups are encrypted to (public_key mode).",
+    )
+    secret_key_files: list[Path] = Field(
+        default_factory=list,
+        description=(
+            "Secret keys for restores (current and old); only needed on hosts that restore."
+        ),
+    )
+    secret_key_passphrase_env: str | None = Field(
+        default=None, description="Variable with the passphrase protecting the secret keys."
+    )
+
+    @field_validator("passphrase_env", "secret_key_passphrase_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_VAR_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        return value
+
+    @field_validator("passphrase_file")
+    @classmethod
+    def _file(cls, value: Path | None) -> Path | None:
+        return _absolute_key_path(value)
+
+    @field_validator("public_key_files", "secret_key_files")
+    @classmethod
+    def _files(cls, value: list[Path]) -> list[Path]:
+        return [p for p in (_absolute_key_path(v) for v in value) if p is not None]
+
+    @model_validator(mode="after")
+    def _mode_has_key(self) -> EncryptionSettings:
+        if self.mode == "passphrase" and (self.passphrase_env is None) == (
+            self.passphrase_file is None
+        ):
+            raise ValueError("mode 'passphrase' needs exactly one of passphrase_env or passphrase_file")
+        if self.mode == "public_key" and not self.public_key_files:
+            raise ValueError("mode 'public_key' needs public_key_files (ASCII-armored public keys)")
+        return self
+
+    @property
+    def current_passphrase(self) -> PassphraseSource | None:
+        if self.mode != "passphrase":
+            return None
+        return PassphraseSource(env=self.passphrase_env, file=self.passphrase_file)
+
+
+StorageClass = Literal[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "REDUCED_REDUNDANCY",
+]
+
+
+class LifecycleSettings(_Strict):
+    """The bucket lifecycle rule `backup-pipelines s3-lifecycle` prints or applies (0 = off)."""
+
+    glacier_after_days: int = Field(default=30, ge=0)
+    deep_archive_after_days: int = Field(default=90, ge=0)
+    expire_after_days: int = Field(default=365, ge=0)
+    abort_incomplete_uploads_after_days: int = Field(default=7, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LifecycleSettings:
+        steps = [
+            d
+            for d in (self.glacier_after_days, self.deep_archive_after_days, self.expire_after_days)
+            if d
+        ]
+        if steps != sorted(steps) or len(set(steps)) != len(steps):
+            raise ValueError(
+                "lifecycle days must grow: glacier_after_days < deep_archive_after_days "
+                "< expire_after_days (0 turns a step off)"
+            )
+        return self
+
+
+class OffsiteSettings(_Strict):
+    """Offsite copies on S3 (key ``offsite:`` of a target)."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Default: on when a bucket is configured here or in $S3_BACKUP_BUCKET.",
+    )
+    bucket: str | None = Field(default=None, description="Default: $S3_BACKUP_BUCKET.")
+    prefix: str = Field(default="", description="Objects go to s3://bucket/<prefix>/<target>/.")
+    storage_class: StorageClass = "STANDARD"
+    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
+    kms_key_id: str | None = None
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+
+    @model_validator(mode="after")
+    def _kms(self) -> OffsiteSettings:
+        if self.kms_key_id and self.sse != "aws:kms":
+            raise ValueError("kms_key_id needs sse: aws:kms")
+        return self
+
+    def resolved_bucket(self) -> str | None:
+        return self.bucket or os.environ.get("S3_BACKUP_BUCKET", "").strip() or None
+
+    @property
+    def is_enabled(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return self.resolved_bucket() is not None
+
+
+class RetentionSettings(_Strict):
+    """Calendar retention (key ``retention:`` of a target): keep the newest backup of each of the
+    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months."""
+
+    daily: int = Field(default=7, ge=0)
+    weekly: int = Field(default=4, ge=0)
+    monthly: int = Field(default=12, ge=0)
+    partial_max_age_hours: float = Field(
+        default=24,
+        gt=0,
+        description="`.partial` leftovers of crashed runs older than this are removed.",
+    )
+
+
 class TargetSettings(_Strict):
     """How one database is backed up."""
 
@@ -385,6 +560,15 @@ class TargetSettings(_Strict):
 
     restore: RestoreSettings = Field(
         default_factory=RestoreSettings, description="Restore and restore-drill settings."
+    )
+    encryption: EncryptionSettings = Field(
+        default_factory=EncryptionSettings, description="OpenPGP encryption of the backups."
+    )
+    offsite: OffsiteSettings = Field(
+        default_factory=OffsiteSettings, description="Offsite copies on S3."
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings, description="Calendar (daily/weekly/monthly) retention."
     )
     pitr: PitrSettings | None = Field(
         default=None,
