@@ -34,6 +34,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         f"  {len(artifact.meta.row_counts)} tables, {artifact.meta.total_rows} rows, "
         f"{artifact.meta.duration_seconds:.1f}s"
     )
+    if args.skip_verify:
+        return 0
     passed = True
     for outcome in verify_artifact(artifact):
         _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
@@ -139,6 +141,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target")
     p.add_argument(
         "--test", action="store_true", help="restore into a scratch database and compare row counts"
+    )
+    p.add_argument(
+        "--skip-verify",
+        action="store_true",
+        help="skip re-reading the new backup (checksum + full decode); Dagster runs these as checks",
     )
     p.set_defaults(func=cmd_backup)
 

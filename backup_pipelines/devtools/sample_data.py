@@ -163,7 +163,7 @@ SELECT e, p, 100 + (e * p) % 60, round(((100 + (e * p) % 60) * 15.5)::numeric, 2
 FROM generate_series(1, %(employees)s) AS e, generate_series(1, 12) AS p;
 
 INSERT INTO payroll.audit_log (logged_at, actor, action, payload)
-SELECT TIMESTAMPTZ '2025-06-01 00:00:00+00' + g * INTERVAL '1 day' / 3, 'user' || g % 17,
+SELECT TIMESTAMPTZ '2025-06-01 00:00:00+00' + (g % 1500) * INTERVAL '1 day' / 3, 'user' || g % 17,
        (ARRAY['approve','reject','edit'])[1 + g % 3], jsonb_build_object('n', g, 'ok', g % 2 = 0)
 FROM generate_series(1, %(employees)s) AS g;
 
