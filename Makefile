@@ -22,6 +22,7 @@ demo-stop:
 test: bootstrap
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/dg check defs >/dev/null
+	@$(VENV)/dagster definitions validate -w workspace.yaml >/dev/null 2>&1 || $(VENV)/dagster definitions validate -w workspace.yaml
 	@set +e; $(VENV)/pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$status
 

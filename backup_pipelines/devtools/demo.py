@@ -75,7 +75,10 @@ def run_demo() -> int:
     instance = dg.DagsterInstance.get()
     job = definitions.resolve_job_def("logical_backups")
     result = job.execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey([TARGET, "logical_backup"])], raise_on_error=False
+        instance=instance,
+        asset_selection=[dg.AssetKey([TARGET, "logical_backup"])],
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        raise_on_error=False,
     )
     if not result.success:
         print("    the backup run FAILED; see the run in the UI (make ui)", file=sys.stderr)
