@@ -1,0 +1,1 @@
+"""Schema migration rollback as a Dagster job (``rollback_migrations``)."""
