@@ -36,6 +36,7 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.encryption import encryption_stage_factory
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
 from backup_pipelines.engine.fsutil import (
     ensure_private_dir,
@@ -146,10 +147,14 @@ def run_backup(
     ``purpose`` is recorded in ``.meta`` (``scheduled``, ``manual``, ``pre-restore``, ...).
 
     ``stage_factory`` (used by encryption) wraps the hashing sink with more stages; it takes the
-    sink and returns ``(writer, finish, encryption_meta)``.
+    sink and returns ``(writer, finish, encryption_meta)`` or ``(..., abort)`` with a cleanup
+    called on failure. Without one, the target's ``encryption`` settings decide; their key is
+    loaded before anything else happens, so a missing key never yields a plaintext backup.
     """
     log = log or logger
     settings = target.settings
+    if stage_factory is None:
+        stage_factory = encryption_stage_factory(settings.encryption)
     info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")
     ensure_private_dir(target.backup_dir.parent)
     ensure_private_dir(target.backup_dir)
@@ -233,12 +238,14 @@ def _dump_to_file(
     tmp = partial_path(final)
     sidecars = [final.with_name(final.name + ".sha256"), final.with_name(final.name + ".meta")]
     proc: subprocess.Popen[bytes] | None = None
+    abort_stored: Any = None
     try:
         handle = open_private(tmp)
         with handle:
             sink = HashingSink(handle)
             if stage_factory is not None:
-                write_stored, finish_stored, encryption_meta = stage_factory(sink)
+                write_stored, finish_stored, encryption_meta, *cleanup = stage_factory(sink)
+                abort_stored = cleanup[0] if cleanup else None
             else:
                 write_stored, finish_stored, encryption_meta = (
                     sink.write,
@@ -332,6 +339,9 @@ def _dump_to_file(
     except BaseException as exc:
         if proc is not None:
             stop(proc)
+        if abort_stored is not None:
+            with contextlib.suppress(Exception):
+                abort_stored()
         for leftover in (tmp, *sidecars):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.compression import decompress_chunks
-from backup_pipelines.engine.errors import EncryptionError
+from backup_pipelines.engine.encryption import decrypt_chunks
 
 
 def outer_codec(dump_format: str, compression: str) -> str:
@@ -19,12 +19,20 @@ def outer_codec(dump_format: str, compression: str) -> str:
 
 
 def decrypted_chunks(artifact: BackupArtifact) -> Iterator[bytes]:
+    """The stored bytes, streamed through ``gpg --decrypt`` when the backup is encrypted.
+
+    The key is found from the targets file (the backup's target first): the passphrase whose
+    fingerprint ``.meta`` records, or a secret key of one of its recipients.
+    """
     mode = artifact.meta.encryption.get("mode", "none")
     if mode == "none":
         yield from artifact.stored_chunks()
         return
-    raise EncryptionError(
-        f"{artifact.path.name} is encrypted ({mode}); decryption is not available"
+    yield from decrypt_chunks(
+        artifact.meta.encryption,
+        artifact.stored_chunks(),
+        name=artifact.path.name,
+        target=artifact.meta.target,
     )
 
 

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from backup_pipelines.engine.artifacts import BackupArtifact, parse_sha256_file
+from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.postgres import find_tools
 from backup_pipelines.engine.processes import spawn, stop
@@ -28,7 +28,7 @@ class CheckOutcome:
 def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
     """Recompute the stored file's SHA-256 and compare it with ``.sha256`` and ``.meta``."""
     try:
-        recorded = parse_sha256_file(artifact.sha256_path)
+        recorded = artifact.recorded_sha256()
     except IntegrityError as exc:
         return CheckOutcome("checksum", False, exc.message)
     digest = hashlib.sha256()

@@ -1,0 +1,359 @@
+"""Encrypted backups with the real gpg and a real PostgreSQL: round trips, rotation, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.errors import EncryptionError
+from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
+from backup_pipelines.engine.reader import dump_chunks
+from backup_pipelines.engine.restore import create_database, drop_database, restore_into
+from backup_pipelines.engine.verify import verify_artifact
+from backup_pipelines_tests.helpers import assert_same_database
+
+log = logging.getLogger("test")
+
+PASS_A = "correct horse battery staple A"
+PASS_B = "another passphrase entirely B"
+
+
+def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", *args],
+        env={**os.environ, "GNUPGHOME": str(home)},
+        input=stdin,
+        capture_output=True,
+        check=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def gpg_keys() -> dict[str, Path]:
+    """Two key pairs made with the real gpg; armored public and secret key files."""
+    root = Path(tempfile.mkdtemp(prefix="bp-keys-"))
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    files: dict[str, Path] = {}
+    for name in ("one", "two"):
+        _gpg(
+            home,
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            f"Backup {name} <{name}@example.test>",
+            "future-default",
+            "default",
+            "never",
+        )
+        files[f"{name}_pub"] = root / f"{name}.pub.asc"
+        files[f"{name}_sec"] = root / f"{name}.sec.asc"
+        files[f"{name}_pub"].write_bytes(
+            _gpg(home, "--armor", "--export", f"{name}@example.test").stdout
+        )
+        files[f"{name}_sec"].write_bytes(
+            _gpg(home, "--armor", "--export-secret-keys", f"{name}@example.test").stdout
+        )
+        files[f"{name}_sec"].chmod(0o600)
+    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": str(home)})
+    files["root"] = root
+    yield files
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _restore_and_compare(pg: LocalCluster, sample_db: str, artifact, tmp_path: Path) -> None:
+    restored = f"{sample_db}_dec"
+    admin = ConnectionInfo.parse(pg.dsn())
+    create_database(admin, restored, artifact)
+    try:
+        restore_into(
+            artifact,
+            admin.with_dbname(restored),
+            tools=find_tools(15),
+            work_dir=tmp_path / "work",
+            log=log,
+        )
+        assert_same_database(pg, sample_db, restored)
+    finally:
+        drop_database(admin, restored)
+
+
+def _plain_gpg_decrypt(
+    path: Path, *, passphrase: str | None = None, secret: Path | None = None
+) -> bytes:
+    """What an operator without our software does: gpg --decrypt in a fresh keyring."""
+    with tempfile.TemporaryDirectory(prefix="bp-op-") as home:
+        os.chmod(home, 0o700)
+        try:
+            if secret is not None:
+                _gpg(Path(home), "--import", str(secret))
+            args = ["--passphrase", passphrase] if passphrase is not None else []
+            return _gpg(Path(home), *args, "--decrypt", str(path)).stdout
+        finally:
+            subprocess.run(
+                ["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": home}
+            )
+
+
+def _gpg_homes() -> set[str]:
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bp-gpg-")}
+
+
+def test_passphrase_round_trip_restore_and_plain_gpg(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path
+) -> None:
+    homes_before = _gpg_homes()
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_env": "BP_PASS"},
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db), "BP_PASS": PASS_A},
+    )
+    seen_argv: list[str] = []
+    stop = threading.Event()
+
+    def watch_processes() -> None:
+        # The passphrase must never appear on a command line (visible to every user in ps).
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    with contextlib.suppress(OSError):
+                        seen_argv.append(
+                            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                        )
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_processes, daemon=True)
+    watcher.start()
+    try:
+        artifact = run_backup(config.target("prod"), log=log)
+    finally:
+        stop.set()
+        watcher.join()
+    assert any("gpg" in argv for argv in seen_argv)
+    assert not any(PASS_A in argv for argv in seen_argv)
+
+    assert artifact.path.name.endswith(".sql.gz.gpg")
+    enc = artifact.meta.encryption
+    assert enc["mode"] == "passphrase" and enc["cipher"] == "AES256"
+    assert enc["key_id"].startswith("passphrase:") and len(enc["fingerprint"]) == 32
+    assert PASS_A not in artifact.meta_path.read_text()
+    assert all(o.passed for o in verify_artifact(artifact)), verify_artifact(artifact)
+
+    _restore_and_compare(pg, sample_db, artifact, tmp_path)
+    by_hand = gzip.decompress(_plain_gpg_decrypt(artifact.path, passphrase=PASS_A))
+    assert by_hand == b"".join(dump_chunks(artifact))
+    assert b"PostgreSQL database dump complete" in by_hand
+    assert _gpg_homes() == homes_before  # temporary GNUPGHOMEs removed
+
+
+def test_public_key_round_trip_custom_format(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, gpg_keys
+) -> None:
+    encryption = {
+        "mode": "public_key",
+        "public_key_files": [str(gpg_keys["one_pub"])],
+        "secret_key_files": [str(gpg_keys["one_sec"])],
+    }
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "format": "custom",
+                "compression": "none",
+                "encryption": encryption,
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    artifact = run_backup(config.target("prod"), log=log)
+    assert artifact.path.name.endswith(".dump.gpg")
+    enc = artifact.meta.encryption
+    assert enc["mode"] == "public_key" and len(enc["key_id"]) == 40
+    assert enc["user_ids"] == ["Backup one <one@example.test>"]
+    assert all(o.passed for o in verify_artifact(artifact))
+    # pg_restore -j needs a seekable file: the restore path decrypts into a temporary one.
+    _restore_and_compare(pg, sample_db, artifact, tmp_path)
+    archive = _plain_gpg_decrypt(artifact.path, secret=gpg_keys["one_sec"])
+    assert archive.startswith(b"PGDMP")
+
+
+def test_rotation_new_backups_use_new_key_old_ones_stay_restorable(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, gpg_keys
+) -> None:
+    env = {"DB_PROD": pg.dsn(sample_db), "PASS_A": PASS_A, "PASS_B": PASS_B}
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_env": "PASS_A"},
+            }
+        },
+        env=env,
+    )
+    old = run_backup(config.target("prod"), log=log)
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {
+                    "mode": "passphrase",
+                    "passphrase_env": "PASS_B",
+                    "previous_passphrases": [{"env": "PASS_A"}],
+                },
+            }
+        },
+        env=env,
+    )
+    new = run_backup(config.target("prod"), log=log)
+    assert old.meta.encryption["key_id"] != new.meta.encryption["key_id"]
+    _plain_gpg_decrypt(new.path, passphrase=PASS_B)
+    with pytest.raises(subprocess.CalledProcessError):
+        _plain_gpg_decrypt(new.path, passphrase=PASS_A)
+    for artifact in (old, new):
+        assert all(o.passed for o in verify_artifact(artifact))
+    _restore_and_compare(pg, sample_db, old, tmp_path)
+
+    # Public keys rotate the same way: key one, then key two; both secret keys restore.
+    # Switching from a passphrase to public keys keeps the passphrases for older backups.
+    pk = {
+        "mode": "public_key",
+        "secret_key_files": [str(gpg_keys["one_sec"]), str(gpg_keys["two_sec"])],
+        "previous_passphrases": [{"env": "PASS_A"}, {"env": "PASS_B"}],
+    }
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {**pk, "public_key_files": [str(gpg_keys["one_pub"])]},
+            }
+        },
+        env=env,
+    )
+    first = run_backup(config.target("prod"), log=log)
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {**pk, "public_key_files": [str(gpg_keys["two_pub"])]},
+            }
+        },
+        env=env,
+    )
+    second = run_backup(config.target("prod"), log=log)
+    assert first.meta.encryption["key_id"] != second.meta.encryption["key_id"]
+    for artifact in (first, second, old, new):
+        assert all(o.passed for o in verify_artifact(artifact)), artifact.path
+    _plain_gpg_decrypt(second.path, secret=gpg_keys["two_sec"])
+    with pytest.raises(subprocess.CalledProcessError):
+        _plain_gpg_decrypt(second.path, secret=gpg_keys["one_sec"])
+
+    # Drop the old secret key: the old backup now fails with a message naming its key.
+    make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {
+                    "mode": "public_key",
+                    "public_key_files": [str(gpg_keys["two_pub"])],
+                    "secret_key_files": [str(gpg_keys["two_sec"])],
+                },
+            }
+        },
+        env=env,
+    )
+    with pytest.raises(EncryptionError, match=first.meta.encryption["key_id"]):
+        b"".join(dump_chunks(first))
+
+
+def test_wrong_passphrase_names_the_key(pg: LocalCluster, sample_db: str, make_project) -> None:
+    env = {"DB_PROD": pg.dsn(sample_db), "BP_PASS": PASS_A}
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_env": "BP_PASS"},
+            }
+        },
+        env=env,
+    )
+    artifact = run_backup(config.target("prod"), log=log)
+    make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_env": "BP_PASS"},
+            }
+        },
+        env={**env, "BP_PASS": "not the right one"},
+    )
+    with pytest.raises(EncryptionError) as caught:
+        b"".join(dump_chunks(artifact))
+    message = str(caught.value)
+    assert artifact.meta.encryption["key_id"] in message
+    assert "not the right one" not in message and PASS_A not in message
+    outcomes = verify_artifact(artifact)
+    assert not outcomes[-1].passed and artifact.meta.encryption["key_id"] in outcomes[-1].message
+
+
+@pytest.mark.parametrize(
+    "encryption",
+    [
+        {"mode": "passphrase", "passphrase_env": "BP_UNSET_PASSPHRASE"},
+        {"mode": "passphrase", "passphrase_file": "/nonexistent/backup.pass"},
+        {"mode": "public_key", "public_key_files": ["/nonexistent/key.asc"]},
+    ],
+)
+def test_configured_but_missing_key_refuses_to_write(
+    pg: LocalCluster, sample_db: str, make_project, encryption: dict, monkeypatch
+) -> None:
+    monkeypatch.delenv("BP_UNSET_PASSPHRASE", raising=False)
+    config = make_project(
+        {"prod": {"dsn_env": "DB_PROD", "encryption": encryption}},
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    target = config.target("prod")
+    with pytest.raises(EncryptionError, match="does not exist|not set|cannot be read"):
+        run_backup(target, log=log)
+    assert not target.backup_dir.exists() or not any(target.backup_dir.iterdir())
+
+
+def test_passphrase_file_must_be_private(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path
+) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text(PASS_A + "\n")
+    secret.chmod(0o644)
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_file": str(secret)},
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    with pytest.raises(EncryptionError, match="chmod 600"):
+        run_backup(config.target("prod"), log=log)
+    secret.chmod(0o600)
+    artifact = run_backup(config.target("prod"), log=log)
+    assert artifact.meta.encryption["passphrase_source"] == f"file {secret}"
+    assert b"-- PostgreSQL database dump complete" in gzip.decompress(
+        _plain_gpg_decrypt(artifact.path, passphrase=PASS_A)
+    )
