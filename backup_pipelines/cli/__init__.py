@@ -15,12 +15,14 @@ from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
 from backup_pipelines.cli import backups
+from backup_pipelines.cli import migrations as migration_commands
+from backup_pipelines.cli import restore as restore_commands
 from backup_pipelines.engine.errors import BackupPipelinesError
 
 log = logging.getLogger("backup_pipelines")
 
 # Areas whose commands the CLI offers, in the order `--help` lists them.
-COMMAND_MODULES = [backups]
+COMMAND_MODULES = [backups, restore_commands, migration_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,29 +1,60 @@
-"""Restoring a backup into a database, and the restore test that proves a backup.
+"""Restoring a backup: the safe in-place restore of a target, and the restore test that proves a backup.
 
 A plain-SQL restore runs ``psql -v ON_ERROR_STOP=1 --single-transaction`` (psql otherwise
 exits 0 after failed statements); a custom-format restore runs ``pg_restore --exit-on-error``
 in parallel. Restores always go into a *new* database, so a failure never touches another one.
+
+The in-place restore of a target (:func:`restore_database`) goes step by step and touches the
+live database only in the last step:
+
+1. ``locate``: open the backup (path under the backup root, ``s3://`` in the bucket, or
+   ``latest``) and check it is a backup of this target's database.
+2. ``confirm``: the operator types the target's name (or passes it).
+3. ``verify``: checksum, decryption and decompression of the whole backup.
+4. ``safety_backup``: a ``pre-restore`` backup of the current database (abort if it fails).
+5. ``restore``: into a new database ``<db>_restoring_<time>``.
+6. ``check``: every table's row count against the backup's ``.meta``.
+7. ``swap``: block connections to the live database, terminate its sessions, and rename both
+   databases in one transaction; the replaced one is kept as ``<db>_pre_restore_<time>``.
+
+A failure in steps 1-7 leaves the live database as it was; the error names the step and the
+safety backup.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
 import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import psycopg
 from psycopg import sql
 
-from backup_pipelines.engine.artifacts import BackupArtifact
-from backup_pipelines.engine.config import Target
-from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
+from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
+from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.confirm import require_confirmation
+from backup_pipelines.engine.errors import (
+    BackupPipelinesError,
+    IntegrityError,
+    RestoreFailedError,
+)
 from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
+from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
     PgTools,
@@ -34,8 +65,82 @@ from backup_pipelines.engine.postgres import (
 )
 from backup_pipelines.engine.processes import spawn, stop
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
+from backup_pipelines.engine.verify import verify_artifact
 
-PROGRESS_EVERY_BYTES = 256 << 20
+logger = logging.getLogger("backup_pipelines")
+
+DEFAULT_PROGRESS_INTERVAL_SECONDS = 10.0
+# Backups that are not what an operator means by "the latest backup of the target".
+NOT_LATEST_PURPOSES = frozenset({"pre-restore"})
+PREVIOUS_COPY_MARKER = "backup_pipelines:pre_restore"
+SESSION_EXIT_TIMEOUT_SECONDS = 30.0
+
+
+class RestoreRefusedError(BackupPipelinesError):
+    """The request was refused before anything was touched (bad backup location, wrong database)."""
+
+    exit_code = 2
+
+
+class RestoreStepError(RestoreFailedError):
+    """A restore stopped at ``step``; the live database is as it was before the restore."""
+
+    def __init__(
+        self,
+        step: str,
+        message: str,
+        hint: str | None = None,
+        *,
+        safety_backup: str | None = None,
+    ) -> None:
+        self.step = step
+        self.safety_backup = safety_backup
+        super().__init__(message, hint)
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+def _mib(value: int) -> str:
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+class Progress:
+    """Logs ``done of total`` for a long step, at most once per ``interval`` seconds."""
+
+    def __init__(self, log: Any, label: str, total: int | None, unit: str, interval: float) -> None:
+        self.log = log
+        self.label = label
+        self.total = total or None
+        self.unit = unit
+        self.interval = interval
+        self.done = 0
+        self._last = time.monotonic()
+
+    def _describe(self, done: int) -> str:
+        shown = _mib if self.unit == "bytes" else str
+        if self.total:
+            share = min(100.0, 100.0 * done / self.total)
+            return f"{shown(done)} of {shown(self.total)} {'' if self.unit == 'bytes' else self.unit + ' '}({share:.0f}%)".replace(
+                "  ", " "
+            )
+        return f"{shown(done)}{'' if self.unit == 'bytes' else ' ' + self.unit}"
+
+    def advance(self, amount: int) -> None:
+        self.update(self.done + amount)
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.log.info(f"{self.label} progress: {self._describe(done)}")
+
+    def finish(self) -> None:
+        self.log.info(f"{self.label} progress: {self._describe(self.done)}, done")
+
+
+# --- restore test (backup --test) and the building blocks -------------------------------------
 
 
 @dataclass
@@ -55,11 +160,7 @@ class RestoreTestResult:
                 f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
                 f"match the backup's metadata ({self.duration_seconds:.1f}s)"
             )
-        lines = [
-            f"{table}: expected {m['expected']}, restored {m['restored']}"
-            for table, m in sorted(self.mismatches.items())
-        ]
-        return "restore test FAILED, row counts differ:\n  " + "\n  ".join(lines)
+        return "restore test FAILED, row counts differ:\n  " + describe_mismatches(self.mismatches)
 
 
 def compare_counts(
@@ -70,6 +171,16 @@ def compare_counts(
         if expected.get(table) != restored.get(table):
             mismatches[table] = {"expected": expected.get(table), "restored": restored.get(table)}
     return mismatches
+
+
+def describe_mismatches(mismatches: dict[str, dict[str, int | None]], limit: int = 20) -> str:
+    lines = [
+        f"{table}: expected {m['expected']}, restored {m['restored']}"
+        for table, m in sorted(mismatches.items())
+    ]
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"... and {len(lines) - limit} more tables"]
+    return "\n  ".join(lines)
 
 
 def scratch_name(prefix: str, target: str) -> str:
@@ -111,13 +222,20 @@ def drop_database(admin: ConnectionInfo, name: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _dump_file_for_pg_restore(artifact: BackupArtifact, work_dir: Path) -> Iterator[Path]:
-    """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom archive."""
-    if (
-        outer_codec(artifact.meta.format, artifact.meta.compression) == "none"
+def _is_bare_local_file(artifact: BackupArtifact) -> bool:
+    return (
+        artifact.is_local
+        and outer_codec(artifact.meta.format, artifact.meta.compression) == "none"
         and artifact.meta.encryption.get("mode", "none") == "none"
-    ):
+    )
+
+
+@contextlib.contextmanager
+def _dump_file_for_pg_restore(
+    artifact: BackupArtifact, work_dir: Path, progress: Progress | None = None
+) -> Iterator[Path]:
+    """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom archive."""
+    if _is_bare_local_file(artifact):
         yield artifact.path
         return
     ensure_private_dir(work_dir)
@@ -127,9 +245,57 @@ def _dump_file_for_pg_restore(artifact: BackupArtifact, work_dir: Path) -> Itera
         with open_private(path) as handle:
             for chunk in dump_chunks(artifact):
                 handle.write(chunk)
+                if progress is not None:
+                    progress.advance(len(chunk))
+        if progress is not None:
+            progress.finish()
         yield path
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# pg_restore --verbose chatter: counted for progress, kept out of error messages.
+_PG_RESTORE_ITEM_DONE = re.compile(r"^pg_restore: (processing|finished) item \d+")
+_PG_RESTORE_CHATTER = re.compile(
+    r"^pg_restore: (processing|finished|launching|creating|executing|entering|connecting)\b"
+)
+
+
+class _PgRestoreOutput:
+    """Drains pg_restore --verbose stderr: counts finished TOC items, keeps the real messages."""
+
+    def __init__(self, stream: IO[bytes], progress: Progress) -> None:
+        self.progress = progress
+        self._lines: collections.deque[str] = collections.deque(maxlen=40)
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        done = 0
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if _PG_RESTORE_ITEM_DONE.match(line):
+                done += 1
+                total = self.progress.total
+                self.progress.update(min(done, total) if total else done)
+            elif line and not _PG_RESTORE_CHATTER.match(line):
+                self._lines.append(line)
+        stream.close()
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "\n".join(self._lines)
+
+
+def _toc_entries(tools: PgTools, archive: Path) -> int | None:
+    result = subprocess.run(
+        [tools.path("pg_restore"), "--list", str(archive)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
 
 
 def restore_into(
@@ -140,28 +306,52 @@ def restore_into(
     jobs: int = 2,
     work_dir: Path,
     log: Any,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
 ) -> None:
-    """Load ``artifact`` into the existing, empty database ``database``. Raises on any error."""
+    """Load ``artifact`` into the existing, empty database ``database``. Raises on any error.
+
+    Progress (bytes of SQL fed to psql, or TOC items pg_restore finished) is logged at most
+    every ``progress_interval`` seconds.
+    """
     env = database.child_env()
+    name = Path(artifact.location).name
     if artifact.meta.format == "custom":
-        with _dump_file_for_pg_restore(artifact, work_dir) as archive:
+        spool = None
+        if not _is_bare_local_file(artifact):
+            spool = Progress(
+                log, "Decoding archive", artifact.meta.dump_bytes, "bytes", progress_interval
+            )
+        with _dump_file_for_pg_restore(artifact, work_dir, spool) as archive:
+            progress = Progress(
+                log, "pg_restore", _toc_entries(tools, archive), "items", progress_interval
+            )
             argv = [
                 tools.path("pg_restore"),
                 "--no-password",
                 "--exit-on-error",
+                "--verbose",
                 f"--jobs={jobs}",
                 f"--dbname={database.dbname}",
                 str(archive),
             ]
-            log.info(
-                f"Restoring {artifact.path.name} with pg_restore -j {jobs} into {database.describe()}"
+            log.info(f"Restoring {name} with pg_restore -j {jobs} into {database.describe()}")
+            proc = subprocess.Popen(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-            proc, stderr = spawn(argv, env=env, stdout=subprocess.DEVNULL)
-            if proc.wait() != 0:
+            assert proc.stderr is not None
+            output = _PgRestoreOutput(proc.stderr, progress)
+            try:
+                returncode = proc.wait()
+            except BaseException:
+                stop(proc)
+                raise
+            if returncode != 0:
                 raise RestoreFailedError(
-                    f"pg_restore failed restoring {artifact.path.name} into {database.describe()}: "
-                    f"{database.redact(stderr.text())}"
+                    f"pg_restore failed restoring {name} into {database.describe()}: "
+                    f"{database.redact(output.text()) or f'exit status {returncode}'}"
                 )
+            output.text()
+            progress.finish()
         return
     argv = [
         tools.path("psql"),
@@ -173,23 +363,14 @@ def restore_into(
         "--single-transaction",
         f"--dbname={database.dbname}",
     ]
-    log.info(
-        f"Restoring {artifact.path.name} with psql --single-transaction into {database.describe()}"
-    )
+    log.info(f"Restoring {name} with psql --single-transaction into {database.describe()}")
     proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stdin is not None
-    done = 0
-    next_report = PROGRESS_EVERY_BYTES
-    total = artifact.meta.dump_bytes or 1
+    progress = Progress(log, "psql", artifact.meta.dump_bytes, "bytes", progress_interval)
     try:
         for chunk in dump_chunks(artifact):
             proc.stdin.write(chunk)
-            done += len(chunk)
-            if done >= next_report:
-                log.info(
-                    f"Restore progress: {done >> 20} MiB of {total >> 20} MiB ({100 * done / total:.0f}%)"
-                )
-                next_report += PROGRESS_EVERY_BYTES
+            progress.advance(len(chunk))
         proc.stdin.close()
     except BrokenPipeError:
         pass  # psql stopped reading: its exit status and stderr say why
@@ -198,9 +379,20 @@ def restore_into(
         raise
     if proc.wait() != 0:
         raise RestoreFailedError(
-            f"psql failed restoring {artifact.path.name} into {database.describe()} "
+            f"psql failed restoring {name} into {database.describe()} "
             f"(nothing was committed): {database.redact(stderr.text())}"
         )
+    progress.finish()
+
+
+def work_dir_for(target: Target) -> Path:
+    return target.backup_dir.parent / ".work"
+
+
+def server_tools(admin: ConnectionInfo, target: Target) -> PgTools:
+    with connect(admin) as conn:
+        major = server_major(conn.info.server_version)
+    return find_tools(major, target.settings.pg_bin_dir)
 
 
 def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> RestoreTestResult:
@@ -208,9 +400,7 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
     admin = ConnectionInfo.parse(
         target.scratch_dsn(), source=f"target '{target.name}' scratch server"
     )
-    with connect(admin) as conn:
-        major = server_major(conn.info.server_version)
-    tools = find_tools(major, target.settings.pg_bin_dir)
+    tools = server_tools(admin, target)
     name = scratch_name("bp_test", target.name)
     scratch = admin.with_dbname(name)
     started = time.monotonic()
@@ -222,12 +412,12 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
                 scratch,
                 tools=tools,
                 jobs=target.settings.restore_jobs,
-                work_dir=target.backup_dir.parent / ".work",
+                work_dir=work_dir_for(target),
                 log=log,
             )
         except BackupPipelinesError as exc:
             raise RestoreFailedError(
-                f"restore test of {artifact.path.name} failed: {exc.message}",
+                f"restore test of {Path(artifact.location).name} failed: {exc.message}",
                 hint="the backup cannot be restored as is; keep the previous backups and investigate",
             ) from None
         with connect(scratch) as conn:
@@ -242,4 +432,543 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
         tables_checked=len(restored),
         rows_checked=sum(restored.values()),
         mismatches=mismatches,
+    )
+
+
+# --- finding the backup to restore ------------------------------------------------------------
+
+
+def _usable_for_latest(artifact: BackupArtifact) -> bool:
+    return artifact.meta.purpose not in NOT_LATEST_PURPOSES and artifact.status != "failed"
+
+
+def latest_local_backup(target: Target) -> BackupArtifact | None:
+    """The newest complete local backup of ``target`` that is not known to be bad.
+
+    Safety backups taken before a restore are skipped: "restore latest" must not bring back
+    the state a previous restore just replaced.
+    """
+    for artifact in list_artifacts(target.backup_dir):
+        if _usable_for_latest(artifact):
+            return artifact
+    return None
+
+
+def locate_backup(config: ProjectConfig, target: Target, backup: str) -> BackupArtifact:
+    """Open the backup an operator named: ``latest``, a local path or an ``s3://`` location.
+
+    Local paths must lie under the configured backup root, so a typo or a stray file from
+    elsewhere is never restored into a configured database.
+    """
+    spec = backup.strip()
+    if not spec:
+        raise RestoreRefusedError(
+            "no backup given", hint="name a backup file, an s3:// location, or 'latest'"
+        )
+    if spec == "latest":
+        artifact = latest_local_backup(target)
+        if artifact is None:
+            raise RestoreRefusedError(
+                f"target '{target.name}' has no usable backup in {target.backup_dir}",
+                hint=f"take one with `backup-pipelines backup {target.name}` or name a backup file",
+            )
+        return artifact
+    if spec.startswith("s3://"):
+        raise RestoreRefusedError(
+            f"cannot open {spec}: restoring from S3 is not available in this installation",
+            hint="download the backup with its .sha256 and .meta into the backup root and "
+            "restore the local file",
+        )
+    root = config.resolved_backup_root
+    path = Path(spec).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise RestoreRefusedError(
+            f"backup {resolved} is outside the backup root {root}",
+            hint=f"restore only backups kept under {root} (copy the file with its .sha256 and "
+            f".meta into {root / target.name} first if you trust it)",
+        )
+    return load_artifact(resolved)
+
+
+def check_backup_matches_target(artifact: BackupArtifact, target: Target, database: str) -> None:
+    """Refuse a backup taken of another target or another database."""
+    meta = artifact.meta
+    if meta.target != target.name or meta.database != database:
+        raise RestoreRefusedError(
+            f"{Path(artifact.location).name} is a backup of database '{meta.database}' "
+            f"(target '{meta.target}'), not of database '{database}' (target '{target.name}')",
+            hint=f"choose a backup of '{target.name}' (`backup-pipelines list {target.name}`); "
+            "to copy another database's data here on purpose, pass --allow-other-database "
+            "(allow_other_database: true in the run config)",
+        )
+
+
+# --- the in-place restore ---------------------------------------------------------------------
+
+
+@dataclass
+class RestoreReport:
+    """What a successful restore did; every value is safe to log and to show in the UI."""
+
+    target: str
+    database: str
+    server: str
+    backup: str
+    backup_taken_at: datetime
+    safety_backup: str | None
+    previous_database: str | None
+    previous_dropped: bool
+    tables: int
+    rows: int
+    terminated_sessions: int
+    duration_seconds: float
+    step_seconds: dict[str, float]
+    expired_copies_dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"restored {self.backup} into {self.server} "
+            f"(database {self.database}) in {self.duration_seconds:.1f}s",
+            f"  {self.tables} tables, {self.rows} rows match the backup's metadata",
+            f"  safety backup: {self.safety_backup or 'none (the database did not exist)'}",
+        ]
+        if self.previous_database and not self.previous_dropped:
+            lines.append(f"  previous database kept as: {self.previous_database}")
+        elif self.previous_database:
+            lines.append(f"  previous database dropped: {self.previous_database}")
+        if self.terminated_sessions:
+            lines.append(f"  terminated {self.terminated_sessions} open session(s)")
+        for name in self.expired_copies_dropped:
+            lines.append(f"  dropped expired previous copy: {name}")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _restore_lock(target: Target) -> Iterator[None]:
+    ensure_private_dir(target.backup_dir.parent)
+    ensure_private_dir(target.backup_dir)
+    lock_path = target.backup_dir / ".restore.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RestoreRefusedError(
+                f"another restore or drill of target '{target.name}' is running ({lock_path})",
+                hint="wait for it to finish",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
+
+
+def _free_name(conn: psycopg.Connection, base: str, suffix: str) -> str:
+    """``<base>_<suffix>`` cut to PostgreSQL's 63 bytes, made unique on this server."""
+    for attempt in range(100):
+        extra = f"_{attempt}" if attempt else ""
+        tail = f"_{suffix}{extra}"
+        head = base.encode()[: 63 - len(tail.encode())].decode("utf-8", "ignore")
+        name = head + tail
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if row is None:
+            return name
+    raise RestoreFailedError(f"no free database name for {base}_{suffix}")
+
+
+def _database_exists(conn: psycopg.Connection, name: str) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+    )
+
+
+def _copy_database_properties(conn: psycopg.Connection, source: str, dest: str) -> None:
+    """Give the restored database the live one's owner, privileges and settings.
+
+    pg_dump without --create leaves database-level properties out of the dump; without this
+    the application role could lose CONNECT or its per-database settings after the swap.
+    """
+    row = conn.execute(
+        "SELECT pg_get_userbyid(datdba), datacl IS NULL FROM pg_database WHERE datname = %s",
+        (source,),
+    ).fetchone()
+    assert row is not None
+    owner, default_acl = row
+    ident = sql.Identifier(dest)
+    conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(owner)))
+    if not default_acl:
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+        grants = conn.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
+            "a.privilege_type, a.is_grantable FROM pg_database d, aclexplode(d.datacl) a "
+            "WHERE d.datname = %s",
+            (source,),
+        ).fetchall()
+        for grantee, privilege, grantable in grants:
+            conn.execute(
+                sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                    sql.SQL(privilege),
+                    ident,
+                    sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
+                    sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL(""),
+                )
+            )
+    settings = conn.execute(
+        "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, "
+        "s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE d.datname = %s",
+        (source,),
+    ).fetchall()
+    for role, config in settings:
+        for item in config or []:
+            key, _, value = item.partition("=")
+            statement = sql.SQL("ALTER {} DATABASE {} SET {} = {}").format(
+                sql.SQL("ROLE {} IN").format(sql.Identifier(role)) if role else sql.SQL(""),
+                ident,
+                sql.Identifier(key),
+                sql.Literal(value),
+            )
+            conn.execute(statement)
+
+
+def terminate_sessions(conn: psycopg.Connection, database: str, *, log: Any) -> int:
+    """Terminate every other session on ``database`` and wait until they are gone."""
+    terminated = 0
+    deadline = time.monotonic() + SESSION_EXIT_TIMEOUT_SECONDS
+    while True:
+        rows = conn.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+        if not rows:
+            break
+        terminated += sum(1 for _, ok in rows if ok)
+        if time.monotonic() > deadline:
+            raise RestoreFailedError(
+                f"{len(rows)} session(s) on {database} did not end within "
+                f"{SESSION_EXIT_TIMEOUT_SECONDS:.0f}s",
+            )
+        time.sleep(0.1)
+    if terminated:
+        log.info(f"Terminated {terminated} session(s) connected to {database}")
+    return terminated
+
+
+def _swap(
+    conn: psycopg.Connection, live: str, restored: str, previous: str, target: Target, *, log: Any
+) -> int:
+    """Put ``restored`` in place of ``live``; ``live`` becomes ``previous``. All or nothing."""
+    row = conn.execute(
+        "SELECT datallowconn FROM pg_database WHERE datname = %s", (live,)
+    ).fetchone()
+    allowed = bool(row[0]) if row else True
+    live_ident = sql.Identifier(live)
+    conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live_ident))
+    try:
+        terminated = terminate_sessions(conn, live, log=log)
+        marker = json.dumps(
+            {
+                "marker": PREVIOUS_COPY_MARKER,
+                "target": target.name,
+                "database": live,
+                "replaced_at": datetime.now(UTC).isoformat(),
+            }
+        )
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    live_ident, sql.Identifier(previous)
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(restored), live_ident
+                )
+            )
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(previous), sql.Literal(marker)
+                )
+            )
+    except BaseException:
+        # The renames rolled back together: only the connection block needs undoing.
+        with contextlib.suppress(Exception):
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                    live_ident, sql.SQL("true" if allowed else "false")
+                )
+            )
+        raise
+    if allowed:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(previous))
+        )
+    return terminated
+
+
+def previous_copies(conn: psycopg.Connection, target: Target) -> list[tuple[str, datetime]]:
+    """Databases a restore of ``target`` replaced and kept, with the time they were replaced."""
+    rows = conn.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE shobj_description(oid, 'pg_database') LIKE %s",
+        (f'%"{PREVIOUS_COPY_MARKER}"%',),
+    ).fetchall()
+    copies = []
+    for name, comment in rows:
+        try:
+            info = json.loads(comment)
+            if info.get("marker") != PREVIOUS_COPY_MARKER or info.get("target") != target.name:
+                continue
+            copies.append((name, datetime.fromisoformat(info["replaced_at"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(copies, key=lambda item: item[1])
+
+
+def drop_expired_previous_copies(
+    target: Target, *, log: Any = None, now: datetime | None = None
+) -> list[str]:
+    """Drop the databases earlier restores replaced, once older than the grace period."""
+    log = log or logger
+    grace = target.settings.restore.drop_previous_after_hours
+    if grace is None:
+        return []
+    admin = maintenance_connection(target)
+    cutoff = (now or datetime.now(UTC)) - timedelta(hours=grace)
+    dropped = []
+    with connect(admin, autocommit=True) as conn:
+        for name, replaced_at in previous_copies(conn, target):
+            if replaced_at <= cutoff:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+                log.info(
+                    f"Dropped {name}: replaced by a restore at {replaced_at.isoformat()}, "
+                    f"older than the {grace:g} h grace period"
+                )
+                dropped.append(name)
+    return dropped
+
+
+def maintenance_connection(target: Target) -> ConnectionInfo:
+    live = ConnectionInfo.parse(
+        target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
+    )
+    return live.with_dbname(target.settings.restore.maintenance_database)
+
+
+def restore_database(
+    config: ProjectConfig,
+    target_name: str,
+    backup: str,
+    *,
+    confirm: str | None,
+    log: Any = None,
+    prompt: Callable[[str], str] | None = None,
+    allow_other_database: bool = False,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+) -> RestoreReport:
+    """Replace the target's database with ``backup``, safely (see the module docstring).
+
+    Raises ConfigError (unknown target), RestoreRefusedError or ConfirmationError (nothing
+    touched), or RestoreStepError naming the failed step and the safety backup.
+    """
+    log = log or logger
+    started = time.monotonic()
+    steps: dict[str, float] = {}
+    target = config.target(target_name)
+    live_info = ConnectionInfo.parse(
+        target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
+    )
+    database = live_info.dbname
+    admin = live_info.with_dbname(target.settings.restore.maintenance_database)
+
+    clock = time.monotonic()
+    artifact = locate_backup(config, target, backup)
+    if not allow_other_database:
+        check_backup_matches_target(artifact, target, database)
+    steps["locate"] = time.monotonic() - clock
+    meta = artifact.meta
+    require_confirmation(
+        target.name,
+        confirm,
+        action=(
+            f"replace database '{database}' on {admin.describe().rsplit('/', 1)[0]} with "
+            f"{Path(artifact.location).name} (taken {meta.started_at.isoformat()})"
+        ),
+        prompt=prompt,
+    )
+    log.info(
+        f"Restoring {artifact.location} (database {meta.database}, taken "
+        f"{meta.started_at.isoformat()}, {meta.format}/{meta.compression}, encryption "
+        f"{meta.encryption.get('mode', 'none')}) into target '{target.name}' ({live_info.describe()})"
+    )
+
+    safety: str | None = None
+
+    def fail(step: str, exc: BaseException, extra_hint: str | None = None) -> RestoreStepError:
+        cause = exc.message if isinstance(exc, BackupPipelinesError) else live_info.redact(str(exc))
+        where = f"safety backup: {safety}" if safety else "no safety backup was needed or taken"
+        hint_parts = [f"database '{database}' was not changed; {where}"]
+        if extra_hint or (isinstance(exc, BackupPipelinesError) and exc.hint):
+            hint_parts.append(extra_hint or exc.hint or "")
+        return RestoreStepError(
+            step,
+            f"restore of target '{target.name}' failed at step '{step}': {cause}",
+            hint="; ".join(hint_parts),
+            safety_backup=safety,
+        )
+
+    with _restore_lock(target):
+        # 1. Integrity of the whole backup before anything is touched.
+        clock = time.monotonic()
+        log.info(f"Verifying {Path(artifact.location).name} (checksum, decryption, decompression)")
+        try:
+            outcomes = verify_artifact(artifact)
+        except BackupPipelinesError as exc:
+            raise fail("verify", exc) from None
+        for outcome in outcomes:
+            if not outcome.passed:
+                raise fail(
+                    "verify",
+                    IntegrityError(outcome.message),
+                    "use another backup (`backup-pipelines list` shows them) or the offsite copy",
+                ) from None
+        steps["verify"] = time.monotonic() - clock
+
+        try:
+            with connect(admin, autocommit=True) as conn:
+                exists = _database_exists(conn, database)
+            tools = server_tools(admin, target)
+        except BackupPipelinesError as exc:
+            raise fail("connect", exc) from None
+
+        # 2. Safety backup of what is there now.
+        clock = time.monotonic()
+        if exists:
+            log.info(f"Taking a pre-restore safety backup of {live_info.describe()}")
+            try:
+                safety = run_backup(target, purpose="pre-restore", log=log).location
+            except BackupPipelinesError as exc:
+                raise fail("safety_backup", exc) from None
+            log.info(f"Safety backup written: {safety}")
+        else:
+            log.warning(
+                f"Database '{database}' does not exist on the server: nothing to protect, "
+                "no safety backup; the restore will create it"
+            )
+        steps["safety_backup"] = time.monotonic() - clock
+
+        # 3. Restore into a new database, 4. check it; the live database is still untouched.
+        with connect(admin, autocommit=True) as conn:
+            restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
+        clock = time.monotonic()
+        try:
+            try:
+                create_database(admin, restoring, artifact)
+                restore_into(
+                    artifact,
+                    admin.with_dbname(restoring),
+                    tools=tools,
+                    jobs=target.settings.restore_jobs,
+                    work_dir=work_dir_for(target),
+                    log=log,
+                    progress_interval=progress_interval,
+                )
+            except BackupPipelinesError as exc:
+                raise fail("restore", exc) from None
+            except psycopg.Error as exc:
+                raise fail("restore", exc) from None
+            steps["restore"] = time.monotonic() - clock
+
+            clock = time.monotonic()
+            with connect(admin.with_dbname(restoring)) as conn:
+                restored = table_row_counts(conn)
+            mismatches = compare_counts(meta.row_counts, restored)
+            if mismatches:
+                raise fail(
+                    "check",
+                    RestoreFailedError(
+                        "row counts of the restored database differ from the backup's .meta:\n  "
+                        + describe_mismatches(mismatches)
+                    ),
+                    "the backup does not restore to what was dumped; use another backup",
+                )
+            log.info(
+                f"Restored database {restoring}: {len(restored)} tables, "
+                f"{sum(restored.values())} rows match the backup's metadata"
+            )
+            steps["check"] = time.monotonic() - clock
+
+            # 5. Swap: the only step that touches the live database.
+            clock = time.monotonic()
+            previous: str | None = None
+            terminated = 0
+            try:
+                with connect(admin, autocommit=True) as conn:
+                    if exists:
+                        _copy_database_properties(conn, database, restoring)
+                        previous = _free_name(
+                            conn, database, f"pre_restore_{_stamp(datetime.now(UTC))}"
+                        )
+                        terminated = _swap(conn, database, restoring, previous, target, log=log)
+                    else:
+                        conn.execute(
+                            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                sql.Identifier(restoring), sql.Identifier(database)
+                            )
+                        )
+            except (BackupPipelinesError, psycopg.Error) as exc:
+                raise fail(
+                    "swap",
+                    exc,
+                    "the restoring role needs to own the database (or be superuser) and be "
+                    "allowed to terminate its sessions (pg_signal_backend)",
+                ) from None
+            steps["swap"] = time.monotonic() - clock
+        except BaseException:
+            with contextlib.suppress(Exception):
+                drop_database(admin, restoring)
+            raise
+    log.info(
+        f"Database '{database}' now holds {Path(artifact.location).name}"
+        + (f"; the replaced database is kept as {previous}" if previous else "")
+    )
+
+    previous_dropped = False
+    expired: list[str] = []
+    grace = target.settings.restore.drop_previous_after_hours
+    try:
+        if previous and grace == 0:
+            drop_database(admin, previous)
+            previous_dropped = True
+            log.info(f"Dropped the replaced database {previous} (drop_previous_after_hours: 0)")
+        expired = drop_expired_previous_copies(target, log=log)
+    except BackupPipelinesError as exc:
+        log.warning(f"Restore succeeded, but dropping old copies failed: {exc.message}")
+    except psycopg.Error as exc:
+        log.warning(f"Restore succeeded, but dropping old copies failed: {admin.redact(str(exc))}")
+
+    return RestoreReport(
+        target=target.name,
+        database=database,
+        server=admin.describe().rsplit("/", 1)[0],
+        backup=artifact.location,
+        backup_taken_at=meta.started_at,
+        safety_backup=safety,
+        previous_database=previous,
+        previous_dropped=previous_dropped,
+        tables=len(restored),
+        rows=sum(restored.values()),
+        terminated_sessions=terminated,
+        duration_seconds=round(time.monotonic() - started, 3),
+        step_seconds={step: round(seconds, 3) for step, seconds in steps.items()},
+        expired_copies_dropped=expired,
     )

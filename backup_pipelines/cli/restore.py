@@ -1,0 +1,130 @@
+"""Commands for restores: restore (safe, in place), drill (restore test of the newest backup),
+restore-cleanup (drop databases earlier restores replaced, after their grace period)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.drill import run_drill
+from backup_pipelines.engine.postgres import connect
+from backup_pipelines.engine.restore import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    maintenance_connection,
+    drop_expired_previous_copies,
+    previous_copies,
+    restore_database,
+)
+
+log = logging.getLogger("backup_pipelines")
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    report = restore_database(
+        config,
+        args.target,
+        args.backup,
+        confirm=args.confirm,
+        log=log,
+        allow_other_database=args.allow_other_database,
+        progress_interval=args.progress_interval,
+    )
+    _print(report.summary())
+    return 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    result = run_drill(
+        config,
+        args.target,
+        log=log,
+        backup=args.backup,
+        progress_interval=args.progress_interval,
+    )
+    _print(result.summary())
+    if result.rto_seconds is not None:
+        rto_target = config.target(args.target).settings.restore.rto_target_seconds
+        verdict = "within" if result.rto_seconds <= rto_target else "OVER"
+        _print(f"  RTO {result.rto_seconds:.1f}s, {verdict} the target of {rto_target:g}s")
+    return 0 if result.passed else 1
+
+
+def cmd_restore_cleanup(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    dropped = drop_expired_previous_copies(target, log=log)
+    for name in dropped:
+        _print(f"dropped {name}")
+    with connect(maintenance_connection(target), autocommit=True) as conn:
+        kept = previous_copies(conn, target)
+    grace = target.settings.restore.drop_previous_after_hours
+    for name, replaced_at in kept:
+        _print(f"kept {name} (replaced {replaced_at.isoformat()})")
+    if grace is None:
+        _print(
+            "restore.drop_previous_after_hours is not set: replaced databases are kept until "
+            "dropped by hand (DROP DATABASE name)"
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="replace a target's database with a backup (verified, with a safety backup first)",
+        description=(
+            "Verify the backup, take a pre-restore safety backup, restore into a new database, "
+            "check its row counts, then swap it in place of the live database (which is kept "
+            "renamed). Any failure leaves the live database untouched."
+        ),
+    )
+    p.add_argument(
+        "backup", help="backup file under the backup root, an s3:// location, or 'latest'"
+    )
+    p.add_argument("target", help="the target whose database is replaced")
+    p.add_argument(
+        "--confirm",
+        metavar="TARGET",
+        help="the target's name, for scripts (at a terminal you are asked to type it)",
+    )
+    p.add_argument(
+        "--allow-other-database",
+        action="store_true",
+        help="restore a backup taken of another target or database (e.g. production into staging)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="how often long steps report progress (default %(default)s)",
+    )
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser(
+        "drill",
+        help="restore the newest backup into a scratch database and check it (never touches the target)",
+    )
+    p.add_argument("target")
+    p.add_argument("--backup", help="drill this backup instead of the newest one")
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
+        metavar="SECONDS",
+    )
+    p.set_defaults(func=cmd_drill)
+
+    p = sub.add_parser(
+        "restore-cleanup",
+        help="drop databases replaced by earlier restores once past restore.drop_previous_after_hours",
+    )
+    p.add_argument("target")
+    p.set_defaults(func=cmd_restore_cleanup)

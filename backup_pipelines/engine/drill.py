@@ -1,0 +1,260 @@
+"""Restore drills: prove the newest backup restores, and measure how long it takes.
+
+A drill restores the newest backup of a target into a scratch database (on the drill server
+when ``scratch_dsn_env`` is configured, else beside the target's database under a throwaway
+name), compares every table's row count with the backup's ``.meta``, runs amcheck's
+``bt_index_check`` on every restored btree index, and drops the scratch database again. The
+target's own database is never touched.
+
+The measured RTO covers what a real restore would do: verify the backup, create the database,
+load it and check the counts. The RPO at that moment is the age of the backup drilled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
+from backup_pipelines.engine.restore import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    server_tools,
+    work_dir_for,
+    compare_counts,
+    create_database,
+    describe_mismatches,
+    drop_database,
+    latest_local_backup,
+    locate_backup,
+    restore_into,
+    scratch_name,
+)
+from backup_pipelines.engine.verify import verify_artifact
+
+logger = logging.getLogger("backup_pipelines")
+
+# User btree indexes that are valid and ready (amcheck rejects the others).
+BTREE_INDEXES_SQL = """
+SELECT c.oid, c.oid::regclass::text
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_am am ON am.oid = c.relam
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE am.amname = 'btree'
+  AND i.indisvalid AND i.indisready
+  AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%'
+ORDER BY 2
+"""
+
+
+@dataclass
+class AmcheckOutcome:
+    available: bool
+    detail: str
+    indexes_checked: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def run_amcheck(conn: psycopg.Connection) -> AmcheckOutcome:
+    """``bt_index_check(heapallindexed => true)`` on every user btree index of ``conn``'s database.
+
+    ``conn`` must be in autocommit mode. When the extension cannot be created (not installed,
+    or the role may not create it) the outcome says so; that is not a failure of the backup.
+    """
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+    except psycopg.Error as exc:
+        reason = (exc.diag.message_primary or str(exc)).strip()
+        return AmcheckOutcome(False, f"amcheck unavailable on the drill server: {reason}")
+    indexes = conn.execute(BTREE_INDEXES_SQL).fetchall()
+    failures: dict[str, str] = {}
+    for oid, name in indexes:
+        try:
+            conn.execute("SELECT bt_index_check(index => %s, heapallindexed => true)", (oid,))
+        except psycopg.Error as exc:
+            failures[name] = (exc.diag.message_primary or str(exc)).strip()
+    detail = (
+        f"bt_index_check passed on {len(indexes)} btree indexes"
+        if not failures
+        else f"bt_index_check failed on {len(failures)} of {len(indexes)} btree indexes: "
+        + "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
+    )
+    return AmcheckOutcome(True, detail, len(indexes), failures)
+
+
+@dataclass
+class DrillResult:
+    """The outcome of one drill. Failures are results, not exceptions: they are what a drill finds."""
+
+    target: str
+    passed: bool
+    started_at: datetime
+    failed_step: str | None = None
+    reason: str | None = None
+    backup: str | None = None
+    source: str = "none"
+    backup_taken_at: datetime | None = None
+    backup_age_seconds: float | None = None
+    rto_seconds: float | None = None
+    verify_seconds: float | None = None
+    restore_seconds: float | None = None
+    tables: int = 0
+    rows: int = 0
+    mismatches: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    amcheck: AmcheckOutcome | None = None
+    scratch_server: str | None = None
+    scratch_database: str | None = None
+    scratch_dropped: bool = False
+
+    def summary(self) -> str:
+        if self.passed:
+            assert self.rto_seconds is not None and self.backup_age_seconds is not None
+            return (
+                f"restore drill passed: {Path(self.backup or '').name} ({self.source}) restored in "
+                f"{self.rto_seconds:.1f}s, {self.tables} tables / {self.rows} rows match, "
+                f"{self.amcheck.detail if self.amcheck else 'amcheck not run'}; "
+                f"backup age {self.backup_age_seconds / 3600:.1f} h"
+            )
+        return f"restore drill FAILED at step '{self.failed_step}': {self.reason}"
+
+
+def drill_backup(config: ProjectConfig, target: Target) -> tuple[BackupArtifact, str] | None:
+    """The backup a drill restores and where it comes from (``s3`` or ``local``)."""
+    artifact = latest_local_backup(target)
+    return (artifact, "local") if artifact is not None else None
+
+
+def run_drill(
+    config: ProjectConfig,
+    target_name: str,
+    *,
+    log: Any = None,
+    backup: str | None = None,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+) -> DrillResult:
+    """Drill ``backup`` (default: the newest backup) of a target. Never touches the target's database.
+
+    Raises only for configuration errors (unknown target); everything a drill can find wrong
+    with a backup or the drill server comes back as a failed :class:`DrillResult`.
+    """
+    log = log or logger
+    target = config.target(target_name)
+    result = DrillResult(target=target.name, passed=False, started_at=datetime.now(UTC))
+
+    def failed(step: str, reason: str) -> DrillResult:
+        result.failed_step, result.reason = step, reason
+        log.error(f"Restore drill of '{target.name}' failed at step '{step}': {reason}")
+        return result
+
+    try:
+        if backup is None:
+            found = drill_backup(config, target)
+            if found is None:
+                return failed(
+                    "locate",
+                    f"target '{target.name}' has no usable backup in {target.backup_dir}: "
+                    "materialize its logical_backup first",
+                )
+            artifact, result.source = found
+        else:
+            artifact = locate_backup(config, target, backup)
+            result.source = "local" if artifact.is_local else "s3"
+        admin = ConnectionInfo.parse(
+            target.scratch_dsn(), source=f"target '{target.name}' drill server"
+        )
+    except BackupPipelinesError as exc:
+        return failed("locate", exc.message)
+    result.backup = artifact.location
+    result.backup_taken_at = artifact.meta.started_at
+    result.backup_age_seconds = round(
+        (result.started_at - artifact.meta.started_at).total_seconds(), 1
+    )
+    result.scratch_server = admin.describe().rsplit("/", 1)[0]
+    log.info(
+        f"Restore drill of '{target.name}': {artifact.location} ({result.source}, taken "
+        f"{artifact.meta.started_at.isoformat()}) into a scratch database on {result.scratch_server}"
+    )
+
+    clock = time.monotonic()
+    try:
+        outcomes = verify_artifact(artifact)
+    except BackupPipelinesError as exc:
+        return failed("verify", exc.message)
+    broken = [o for o in outcomes if not o.passed]
+    if broken:
+        return failed("verify", broken[0].message)
+    result.verify_seconds = round(time.monotonic() - clock, 3)
+
+    name = scratch_name("bp_drill", target.name)
+    result.scratch_database = name
+    try:
+        tools = server_tools(admin, target)
+        create_database(admin, name, artifact)
+    except (BackupPipelinesError, psycopg.Error) as exc:
+        message = exc.message if isinstance(exc, BackupPipelinesError) else admin.redact(str(exc))
+        return failed("create_scratch_database", message)
+    try:
+        restore_clock = time.monotonic()
+        try:
+            restore_into(
+                artifact,
+                admin.with_dbname(name),
+                tools=tools,
+                jobs=target.settings.restore_jobs,
+                work_dir=work_dir_for(target),
+                log=log,
+                progress_interval=progress_interval,
+            )
+        except BackupPipelinesError as exc:
+            return failed("restore", exc.message)
+        result.restore_seconds = round(time.monotonic() - restore_clock, 3)
+        try:
+            with connect(admin.with_dbname(name), autocommit=True) as conn:
+                restored = table_row_counts(conn)
+                result.rto_seconds = round(time.monotonic() - clock, 3)
+                result.tables, result.rows = len(restored), sum(restored.values())
+                result.mismatches = compare_counts(artifact.meta.row_counts, restored)
+                if result.mismatches:
+                    return failed(
+                        "check",
+                        "row counts differ from the backup's .meta:\n  "
+                        + describe_mismatches(result.mismatches),
+                    )
+                result.amcheck = run_amcheck(conn)
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            message = (
+                exc.message if isinstance(exc, BackupPipelinesError) else admin.redact(str(exc))
+            )
+            return failed("check", message)
+        if result.amcheck.failures:
+            return failed("amcheck", result.amcheck.detail)
+        if not result.amcheck.available:
+            log.warning(result.amcheck.detail)
+        result.passed = True
+        log.info(result.summary())
+        return result
+    finally:
+        try:
+            drop_database(admin, name)
+            result.scratch_dropped = True
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            message = (
+                exc.message if isinstance(exc, BackupPipelinesError) else admin.redact(str(exc))
+            )
+            problem = f"could not drop the scratch database {name}: {message}"
+            if result.passed:
+                result.passed = False
+                failed("cleanup", problem)
+            else:
+                log.error(problem)
