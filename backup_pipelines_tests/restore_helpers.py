@@ -16,8 +16,8 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
-from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.postgres import ConnectionInfo
+from backup_pipelines.engine.reader import dump_chunks
 
 
 def databases(cluster: LocalCluster) -> set[str]:

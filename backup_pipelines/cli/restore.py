@@ -11,8 +11,8 @@ from backup_pipelines.engine.drill import run_drill
 from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.restore import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    maintenance_connection,
     drop_expired_previous_copies,
+    maintenance_connection,
     previous_copies,
     restore_database,
 )

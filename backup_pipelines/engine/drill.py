@@ -27,8 +27,6 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
 from backup_pipelines.engine.restore import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    server_tools,
-    work_dir_for,
     compare_counts,
     create_database,
     describe_mismatches,
@@ -37,6 +35,8 @@ from backup_pipelines.engine.restore import (
     locate_backup,
     restore_into,
     scratch_name,
+    server_tools,
+    work_dir_for,
 )
 from backup_pipelines.engine.verify import verify_artifact
 
