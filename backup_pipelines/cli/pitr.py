@@ -1,0 +1,246 @@
+"""Point-in-time recovery commands: wal-push / wal-fetch (PostgreSQL calls these), wal-setup,
+wal-status, base-backup, pitr-restore, pitr-drill.
+
+``wal-push`` and ``wal-fetch`` run as the server's OS user from PostgreSQL's ``archive_command``
+and ``restore_command``. Their exit status is part of the contract with PostgreSQL: they never
+exit above 125 for an ordinary failure (that would restart the archiver or abort recovery), and
+``wal-fetch`` exits 1 exactly when the file is not in the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from backup_pipelines.engine.config import load_config
+
+log = logging.getLogger("backup_pipelines")
+
+EXIT_NOT_IN_ARCHIVE = 1
+EXIT_REFUSED = 2
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def cmd_wal_push(args: argparse.Namespace) -> int:
+    # Everything is caught: any failure must reach PostgreSQL as status 1, never as a crash.
+    try:
+        from backup_pipelines.engine.wal import resolve_pitr_target, wal_archive_for, wal_push
+
+        target = resolve_pitr_target(load_config(args.config), args.target)
+        source = Path(args.path)
+        outcome = wal_push(wal_archive_for(target), source, args.name)
+        if outcome.stored:
+            log.info(
+                f"wal-push: archived {outcome.name} ({outcome.original_size} -> {outcome.size} "
+                f"bytes) to {', '.join(outcome.stored)}"
+            )
+        if outcome.already_archived:
+            log.info(
+                f"wal-push: {outcome.name} was already archived with identical content in "
+                f"{', '.join(outcome.already_archived)}"
+            )
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - the contract is "0 or 1", whatever happened
+        message = str(exc) or type(exc).__name__
+        log.error(f"wal-push FAILED for {getattr(args, 'path', '?')}: {message}")
+        return 1
+
+
+def cmd_wal_fetch(args: argparse.Namespace) -> int:
+    try:
+        from backup_pipelines.engine.wal import (
+            WalNotFoundError,
+            resolve_pitr_target,
+            wal_archive_for,
+            wal_fetch,
+        )
+
+        target = resolve_pitr_target(load_config(args.config), args.target)
+        try:
+            outcome = wal_fetch(wal_archive_for(target), args.name, Path(args.path))
+        except WalNotFoundError as exc:
+            # Normal at the end of recovery: say it quietly.
+            log.info(f"wal-fetch: {exc.message}")
+            return EXIT_NOT_IN_ARCHIVE
+        log.info(f"wal-fetch: restored {outcome.name} ({outcome.size} bytes) from {outcome.source}")
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - never a status above 125
+        log.error(f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {str(exc) or type(exc).__name__}")
+        return EXIT_REFUSED
+
+
+def cmd_wal_setup(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.wal import (
+        postgresql_conf_lines,
+        resolve_pitr_target,
+        setup_archive_dir,
+    )
+
+    config = load_config(args.config)
+    target = resolve_pitr_target(config, args.target)
+    settings = target.settings.pitr
+    assert settings is not None
+    if settings.archive_dir is not None:
+        setup_archive_dir(settings.archive_dir, settings.server_os_user)
+        _print(f"WAL archive folder ready: {settings.archive_dir} (owner {settings.server_os_user}, 0700)")
+    if settings.archive_s3:
+        _print(f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)")
+    _print("\nAdd to postgresql.conf (then restart PostgreSQL: archive_mode needs a restart):\n")
+    for line in postgresql_conf_lines(config, target, args.archive_timeout):
+        _print(line)
+    _print(
+        "\nThe server's OS user must be able to run that command and read "
+        f"{config.source_path}. Check with: SELECT * FROM pg_stat_archiver;"
+    )
+    return 0
+
+
+def cmd_wal_status(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.pitr import archive_health, recovery_window
+    from backup_pipelines.engine.wal import wal_archive_for
+
+    config = load_config(args.config)
+    target = config.target(args.target)
+    archive = wal_archive_for(target)
+    health = archive_health(target, archive=archive)
+    window = recovery_window(target, archive)
+    if args.json:
+        _print(json.dumps({**health.as_dict(), "recoverable": window.describe(config.timezone)}, indent=2))
+    else:
+        _print(health.summary())
+        _print(f"  archive: {health.archive}")
+        _print(f"  recoverable range: {window.describe(config.timezone)}")
+        if health.archiver:
+            _print(
+                f"  pg_stat_archiver: last archived {health.archiver.get('last_archived_wal')}, "
+                f"{health.archiver.get('failed_count')} failures, last failed "
+                f"{health.archiver.get('last_failed_wal')}"
+            )
+        if health.server_error:
+            _print(f"  server: {health.server_error}")
+    return 0 if health.healthy else 1
+
+
+def cmd_base_backup(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.basebackup import run_base_backup, verify_base_backup
+
+    config = load_config(args.config)
+    target = config.target(args.target)
+    artifact = run_base_backup(target, log=log, purpose="manual")
+    meta = artifact.meta
+    _print(f"base backup: {artifact.path}")
+    _print(
+        f"  {meta.size_bytes} bytes, sha256 {meta.sha256}, WAL {getattr(meta, 'start_lsn', '?')}.."
+        f"{getattr(meta, 'end_lsn', '?')} timeline {getattr(meta, 'timeline', '?')}, "
+        f"first segment {getattr(meta, 'first_wal_segment', '?')}"
+    )
+    if args.skip_verify:
+        return 0
+    passed = True
+    for outcome in verify_base_backup(artifact, target):
+        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+        artifact = artifact.record_check(outcome.name, outcome.passed, outcome.message)
+        passed = passed and outcome.passed
+    return 0 if passed else 1
+
+
+def cmd_pitr_restore(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
+
+    config = load_config(args.config)
+    target = config.target(args.target)
+    to = parse_target_time(args.to, config.timezone)
+    result = pitr_restore(
+        config,
+        target,
+        to,
+        Path(args.data_dir),
+        port=args.port,
+        start=args.start,
+        keep_archiving=args.keep_archiving,
+        log=log,
+    )
+    _print(result.summary())
+    for warning in result.warnings:
+        _print(f"  warning: {warning}")
+    if not args.start:
+        _print(
+            f"  start it with: pg_ctl -D {result.data_dir} -l {result.log_path} start  "
+            "(as the server's OS user); it replays WAL up to the target, then promotes"
+        )
+    if not args.keep_archiving:
+        _print(
+            "  archive_mode is off in the restored cluster (so it cannot write a new timeline into "
+            "the production archive); turn it on if this cluster becomes the new primary"
+        )
+    return 0
+
+
+def cmd_pitr_drill(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.pitr import pitr_drill
+
+    config = load_config(args.config)
+    result = pitr_drill(config, config.target(args.target), log=log)
+    _print(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
+    if result.rto_seconds is not None:
+        _print(f"  RTO {result.rto_seconds:.1f}s, RPO {result.rpo_seconds}s")
+    return 0 if result.passed else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "wal-push", help="archive_command: archive one WAL file (wal-push --target NAME %%p)"
+    )
+    p.add_argument("path", help="%%p: the file's path (relative to the data directory)")
+    p.add_argument("--target", help="target name (default: the only target with pitr:)")
+    p.add_argument("--name", help="archive under this name (default: the file's own name)")
+    p.set_defaults(func=cmd_wal_push)
+
+    p = sub.add_parser(
+        "wal-fetch", help="restore_command: fetch one archived WAL file (wal-fetch %%f %%p)"
+    )
+    p.add_argument("name", help="%%f: the file PostgreSQL asks for")
+    p.add_argument("path", help="%%p: where to put it")
+    p.add_argument("--target", help="target name (default: the only target with pitr:)")
+    p.set_defaults(func=cmd_wal_fetch)
+
+    p = sub.add_parser(
+        "wal-setup", help="create the WAL archive folder and print the postgresql.conf lines"
+    )
+    p.add_argument("target", nargs="?")
+    p.add_argument("--archive-timeout", type=int, default=60, help="seconds (bounds the RPO)")
+    p.set_defaults(func=cmd_wal_setup)
+
+    p = sub.add_parser("wal-status", help="WAL archive health: newest segment, lag, gaps, failures")
+    p.add_argument("target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_wal_status)
+
+    p = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for PITR now")
+    p.add_argument("target")
+    p.add_argument("--skip-verify", action="store_true", help="skip the manifest verification")
+    p.set_defaults(func=cmd_base_backup)
+
+    p = sub.add_parser(
+        "pitr-restore", help="restore a target as it was at a moment into a NEW data directory"
+    )
+    p.add_argument("target")
+    p.add_argument("--to", required=True, help="'2026-11-24 15:30:00' (targets-file timezone) or ISO 8601")
+    p.add_argument("--data-dir", required=True, help="new (or empty) folder for the restored cluster")
+    p.add_argument("--port", type=int, help="port of the restored server")
+    p.add_argument("--start", action="store_true", help="start it and wait until it is promoted")
+    p.add_argument(
+        "--keep-archiving",
+        action="store_true",
+        help="leave archive_mode as in the backup (only for a restore that becomes the new primary)",
+    )
+    p.set_defaults(func=cmd_pitr_restore)
+
+    p = sub.add_parser("pitr-drill", help="restore to a fresh point on a scratch port, check, clean up")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_pitr_drill)

@@ -1,0 +1,780 @@
+"""Point-in-time recovery (PostgreSQL 12+): restore a base backup into a NEW data directory,
+configure recovery to replay archived WAL up to a moment, optionally start it and wait until it
+is promoted; and the automated drill that proves all of that regularly.
+
+Recovery settings go into ``postgresql.auto.conf`` with an empty ``recovery.signal`` (there is no
+``recovery.conf`` since PostgreSQL 12; a server refuses to start with one):
+``restore_command`` (our ``wal-fetch``), ``recovery_target_time`` and
+``recovery_target_action = 'promote'`` (the default, ``pause``, would leave it read-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.basebackup import (
+    BaseBackupMeta,
+    chown_tree,
+    empty_dir,
+    extract_base_backup,
+    list_base_backups,
+)
+from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RestoreFailedError
+from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major
+from backup_pipelines.engine.wal import (
+    DEFAULT_SEGMENT_SIZE,
+    WalArchive,
+    WalGap,
+    conf_quote,
+    find_gaps,
+    list_wal,
+    newest_segment,
+    parse_lsn,
+    pitr_settings,
+    restore_command,
+    segment_number,
+    wal_archive_for,
+)
+
+logger = logging.getLogger("backup_pipelines")
+
+RESTORE_LOG_NAME = "pitr_restore.log"
+_STOP_RE = re.compile(r"recovery stopping (?:before|after) (?:commit|abort) of transaction (\d+), time (.+)")
+_LAST_TX_RE = re.compile(r"last completed transaction was at log time (.+)")
+_TIMELINE_RE = re.compile(r"selected new timeline ID: (\d+)")
+
+
+class PitrRangeError(RestoreFailedError):
+    """The requested moment cannot be recovered to with the backups and WAL at hand."""
+
+    exit_code = 2
+
+
+# --- what can be recovered ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecoveryWindow:
+    earliest: datetime | None
+    latest: datetime | None
+    newest_segment: str | None
+
+    def describe(self, tz: str = "UTC") -> str:
+        if self.earliest is None:
+            return "nothing (no base backup yet: take one with `backup-pipelines base-backup <target>`)"
+        if self.latest is None:
+            return "nothing (no WAL archived yet: check archive_command and pg_stat_archiver)"
+        zone = ZoneInfo(tz)
+        return (
+            f"{self.earliest.astimezone(zone).isoformat(sep=' ', timespec='seconds')} .. "
+            f"{self.latest.astimezone(zone).isoformat(sep=' ', timespec='seconds')}"
+        )
+
+
+def usable_base_backups(target: Target) -> list[tuple[BackupArtifact, BaseBackupMeta]]:
+    return [(a, m) for a, m in list_base_backups(target) if a.status != "failed"]
+
+
+def recovery_window(target: Target, archive: WalArchive) -> RecoveryWindow:
+    """From the end of the oldest usable base backup to the newest archived WAL."""
+    backups = usable_base_backups(target)
+    earliest = min((m.consistent_at for _, m in backups), default=None)
+    newest = newest_segment(list_wal(archive))
+    latest = None
+    if newest is not None:
+        record = archive.primary.read_record(newest.name)
+        # The segment file's own mtime is when the server last wrote into it; later commits
+        # are in a segment that is not archived yet.
+        latest = (record.source_mtime or record.archived_at) if record else newest.archived_at
+    return RecoveryWindow(earliest, latest, newest.name if newest else None)
+
+
+def parse_target_time(text: str, timezone: str = "UTC") -> datetime:
+    """``2026-11-24 15:30:00`` (in the targets file's timezone), or ISO 8601 with an offset."""
+    cleaned = text.strip().replace("T", " ")
+    if cleaned.endswith(("Z", "z")):
+        cleaned = cleaned[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(cleaned)
+    except ValueError:
+        raise ConfigError(
+            f"--to {text!r} is not a timestamp",
+            hint="use e.g. '2026-11-24 15:30:00' (targets-file timezone) or '2026-11-24T15:30:00+01:00'",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(timezone))
+    return moment.astimezone(UTC)
+
+
+def choose_base_backup(
+    target: Target, archive: WalArchive, to: datetime, timezone: str = "UTC"
+) -> tuple[BackupArtifact, BaseBackupMeta]:
+    """The newest usable base backup that was consistent before ``to``; refuses moments outside
+    the recoverable window, naming the window."""
+    window = recovery_window(target, archive)
+    wanted = to.astimezone(ZoneInfo(timezone)).isoformat(sep=" ", timespec="seconds")
+    if window.earliest is None or window.latest is None or not (
+        window.earliest <= to <= window.latest
+    ):
+        raise PitrRangeError(
+            f"cannot recover target '{target.name}' to {wanted}: the recoverable range is "
+            f"{window.describe(timezone)}",
+            hint="pick a time inside that range (it starts when the oldest base backup finished "
+            "and ends with the newest archived WAL segment)",
+        )
+    candidates = [(a, m) for a, m in usable_base_backups(target) if m.consistent_at <= to]
+    artifact, meta = max(candidates, key=lambda pair: pair[1].consistent_at)
+    return artifact, meta
+
+
+# --- restoring ------------------------------------------------------------------------------
+
+
+@dataclass
+class PitrRestoreResult:
+    target: str
+    data_dir: Path
+    base_backup: str
+    target_time: datetime
+    started: bool = False
+    promoted: bool = False
+    reached: datetime | None = None
+    stopped_before_xid: int | None = None
+    timeline: int | None = None
+    port: int | None = None
+    restore_seconds: float = 0.0
+    log_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rpo_seconds(self) -> float | None:
+        if self.reached is None:
+            return None
+        return round((self.target_time - self.reached).total_seconds(), 3)
+
+    def summary(self) -> str:
+        parts = [
+            f"restored '{self.target}' from {self.base_backup} into {self.data_dir}",
+            f"recovery target {self.target_time.isoformat()}",
+        ]
+        if self.started:
+            state = "promoted, accepting writes" if self.promoted else "NOT promoted"
+            parts.append(f"server on port {self.port}: {state}")
+            if self.reached is not None:
+                parts.append(
+                    f"last replayed transaction at {self.reached.isoformat()} "
+                    f"({self.rpo_seconds:.3f}s before the target)"
+                )
+            if self.timeline is not None:
+                parts.append(f"new timeline {self.timeline}")
+        else:
+            parts.append("not started: start it with pg_ctl to replay WAL to the target")
+        parts.append(f"{self.restore_seconds:.1f}s")
+        return "; ".join(parts)
+
+
+def _prepare_data_dir(data_dir: Path) -> bool:
+    """Refuse an existing non-empty folder; returns True when we created it."""
+    if data_dir.exists():
+        if not data_dir.is_dir():
+            raise ConfigError(f"--data-dir {data_dir} exists and is not a folder")
+        if any(data_dir.iterdir()):
+            raise ConfigError(
+                f"--data-dir {data_dir} is not empty: refusing to write into an existing data directory",
+                hint="pass a new (or empty) folder; PITR never overwrites a cluster",
+            )
+        return False
+    data_dir.mkdir(parents=True, mode=0o700)
+    return True
+
+
+def server_bin_dir(major: int, configured: Path | None) -> Path:
+    """Server binaries of exactly this major version (a data directory only runs on its own)."""
+    candidates = [configured] if configured else []
+    candidates += [Path(f"/usr/lib/postgresql/{major}/bin"), Path(f"/usr/pgsql-{major}/bin")]
+    for candidate in candidates:
+        if candidate and (candidate / "pg_ctl").exists():
+            return candidate
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    raise RestoreFailedError(
+        f"PostgreSQL {major} server binaries (pg_ctl) not found",
+        hint=f"install postgresql-{major} or set pg_bin_dir for this target",
+    )
+
+
+def recovery_settings(
+    config: ProjectConfig,
+    target: Target,
+    to: datetime,
+    *,
+    port: int | None,
+    drill_socket_dir: Path | None = None,
+    keep_archiving: bool = False,
+) -> dict[str, str]:
+    settings = {
+        "restore_command": conf_quote(restore_command(config, target)),
+        "recovery_target_time": conf_quote(to.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")),
+        "recovery_target_action": "'promote'",
+        "recovery_target_inclusive": "on",
+    }
+    if not keep_archiving:
+        # A restored copy must not push a new timeline into the production archive.
+        settings["archive_mode"] = "'off'"
+    if port is not None:
+        settings["port"] = str(port)
+    if drill_socket_dir is not None:
+        settings.update(
+            listen_addresses="'127.0.0.1'",
+            unix_socket_directories=conf_quote(str(drill_socket_dir)),
+            shared_buffers="'128MB'",
+            logging_collector="off",
+        )
+    return settings
+
+
+def _as_server_user(argv: list[str], user: str) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", user, "--", *argv]
+    return argv
+
+
+def _controldata_state(bin_dir: Path, data_dir: Path) -> str:
+    result = subprocess.run(
+        [str(bin_dir / "pg_controldata"), str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    for line in result.stdout.splitlines():
+        if line.startswith("Database cluster state:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _postmaster_running(data_dir: Path) -> bool:
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parse_log_time(text: str) -> datetime | None:
+    cleaned = text.strip()
+    match = re.match(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2}(?::?\d{2})?)?", cleaned)
+    if not match:
+        return None
+    stamp, offset = match.group(1), match.group(2) or "+00"
+    if len(offset) == 3:
+        offset += ":00"
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(f"{stamp}{offset}").astimezone(UTC)
+    return None
+
+
+def _read_recovery_report(log_path: Path, result: PitrRestoreResult) -> None:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return
+    if match := _STOP_RE.search(text):
+        result.stopped_before_xid = int(match.group(1))
+    if matches := _LAST_TX_RE.findall(text):
+        result.reached = _parse_log_time(matches[-1])
+    if matches := _TIMELINE_RE.findall(text):
+        result.timeline = int(matches[-1])
+
+
+def _log_tail(log_path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def start_and_wait(
+    data_dir: Path,
+    bin_dir: Path,
+    user: str,
+    log_path: Path,
+    result: PitrRestoreResult,
+    timeout_seconds: float,
+) -> None:
+    """Start the restored server and wait until recovery ended and it was promoted."""
+    argv = [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log_path), "-w", "-t",
+            str(int(max(timeout_seconds, 10))), "start"]  # fmt: skip
+    subprocess.run(_as_server_user(argv, user), capture_output=True, text=True, check=False)
+    result.started = True
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if _controldata_state(bin_dir, data_dir) == "in production" and not (
+            data_dir / "recovery.signal"
+        ).exists():
+            result.promoted = True
+            break
+        if not _postmaster_running(data_dir) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    _read_recovery_report(log_path, result)
+    if not result.promoted:
+        raise RestoreFailedError(
+            f"the restored server did not finish recovery and promote within {timeout_seconds:.0f}s "
+            f"(state: {_controldata_state(bin_dir, data_dir)}); server log {log_path}:\n"
+            f"{_log_tail(log_path)}",
+            hint="'recovery ended before configured recovery target was reached' means the WAL "
+            "up to the target is not archived (yet): check pg_stat_archiver and the WAL archive",
+        )
+
+
+def stop_server(data_dir: Path, bin_dir: Path, user: str, mode: str = "fast") -> None:
+    if not _postmaster_running(data_dir):
+        return
+    subprocess.run(
+        _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", mode, "-w", "stop"], user),
+        capture_output=True,
+        check=False,
+    )
+
+
+def pitr_restore(
+    config: ProjectConfig,
+    target: Target,
+    to: datetime,
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    start: bool = False,
+    keep_archiving: bool = False,
+    archive: WalArchive | None = None,
+    drill_socket_dir: Path | None = None,
+    timeout_seconds: float | None = None,
+    log: Any = None,
+) -> PitrRestoreResult:
+    """Restore ``target`` as it was at ``to`` into the new folder ``data_dir``."""
+    log = log or logger
+    settings = pitr_settings(target)
+    archive = archive or wal_archive_for(target)
+    data_dir = data_dir.expanduser().absolute()
+    artifact, meta = choose_base_backup(target, archive, to, config.timezone)
+    if meta.server_version_num < 120000:
+        raise RestoreFailedError(
+            f"{artifact.path.name} is from PostgreSQL {meta.server_version}; this tool configures "
+            "recovery the PostgreSQL 12+ way (recovery.signal) only"
+        )
+    gaps = find_gaps(
+        list_wal(archive),
+        segment_number(meta.first_wal_segment, meta.wal_segment_size),
+        meta.wal_segment_size,
+    )
+    created = _prepare_data_dir(data_dir)
+    clock = time.monotonic()
+    result = PitrRestoreResult(target.name, data_dir, artifact.path.name, to, port=port)
+    for gap in gaps:
+        result.warnings.append(
+            f"WAL archive gap: {gap.count} segment(s) {gap.first_missing}..{gap.last_missing} "
+            "missing; recovery cannot replay past them"
+        )
+        log.warning(result.warnings[-1])
+    log.info(
+        f"PITR of '{target.name}' to {to.isoformat()}: base backup {artifact.path.name} "
+        f"(consistent at {meta.consistent_at.isoformat()}, WAL from {meta.first_wal_segment})"
+    )
+    bin_dir = server_bin_dir(server_major(meta.server_version_num), target.settings.pg_bin_dir)
+    try:
+        extract_base_backup(artifact, meta, data_dir)
+        for leftover in ("recovery.conf", "standby.signal", "postmaster.pid", "postmaster.opts"):
+            with contextlib.suppress(FileNotFoundError):
+                (data_dir / leftover).unlink()
+        (data_dir / "recovery.signal").write_bytes(b"")
+        lines = recovery_settings(
+            config,
+            target,
+            to,
+            port=port,
+            drill_socket_dir=drill_socket_dir,
+            keep_archiving=keep_archiving,
+        )
+        with (data_dir / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
+            conf.write(
+                f"\n# backup-pipelines pitr-restore {datetime.now(UTC).isoformat(timespec='seconds')}: "
+                f"'{target.name}' to {to.isoformat()} from {artifact.path.name}\n"
+            )
+            for key, value in lines.items():
+                conf.write(f"{key} = {value}\n")
+        chown_tree(data_dir, settings.server_os_user)
+        data_dir.chmod(0o700)
+    except BaseException:
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            empty_dir(data_dir)
+        raise
+    result.log_path = data_dir / RESTORE_LOG_NAME
+    if start:
+        try:
+            start_and_wait(
+                data_dir,
+                bin_dir,
+                settings.server_os_user,
+                result.log_path,
+                result,
+                timeout_seconds or settings.drill_timeout_minutes * 60,
+            )
+        except BaseException:
+            stop_server(data_dir, bin_dir, settings.server_os_user, "immediate")
+            raise
+    result.restore_seconds = round(time.monotonic() - clock, 3)
+    log.info(result.summary())
+    return result
+
+
+# --- the drill --------------------------------------------------------------------------------
+
+
+@dataclass
+class DrillResult:
+    target: str
+    passed: bool
+    message: str
+    target_time: datetime | None = None
+    reached: datetime | None = None
+    rto_seconds: float | None = None
+    rpo_seconds: float | None = None
+    base_backup: str | None = None
+    timeline: int | None = None
+    databases_checked: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _wait_archived(
+    info: ConnectionInfo, archive: WalArchive, segment: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if archive.primary.read_record(segment) is not None:
+            return
+        time.sleep(0.3)
+    raise RestoreFailedError(
+        f"WAL segment {segment} was not archived within {timeout:.0f}s",
+        hint="check pg_stat_archiver.last_failed_wal and the server log for archive_command errors",
+    )
+
+
+def switch_and_wait_archived(info: ConnectionInfo, archive: WalArchive, timeout: float) -> str:
+    """Close the current WAL segment and wait until it is in the archive; returns its name."""
+    with connect(info, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        row = cur.fetchone()
+        assert row is not None
+        segment = str(row[0])
+        try:
+            cur.execute("SELECT pg_switch_wal()")
+        except Exception as exc:
+            logger.warning(
+                f"pg_switch_wal() is not allowed for this role ({type(exc).__name__}); waiting for "
+                "archive_timeout to close the segment instead"
+            )
+    _wait_archived(info, archive, segment, timeout)
+    return segment
+
+
+def _txid_status(cur: Any, xid: int) -> str:
+    try:
+        cur.execute("SELECT txid_status(%s)", (xid,))
+        row = cur.fetchone()
+        return str(row[0]) if row and row[0] is not None else "unknown"
+    except Exception as exc:
+        # "transaction ID ... is in the future": the restored cluster never saw it.
+        if "future" in str(exc):
+            return "never seen"
+        raise
+
+
+def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> DrillResult:
+    """Restore to a fresh point on a scratch port and folder, prove the result, clean up.
+
+    The drill marks the moment with two empty transactions on the live server (one before the
+    target time, one after), archives the WAL, restores to the target and then checks that the
+    first one is committed in the copy and the second one is not: the copy stopped exactly at the
+    target. It also checks the copy was promoted, is writable and every database opens.
+    """
+    log = log or logger
+    settings = pitr_settings(target)
+    info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}'")
+    archive = wal_archive_for(target)
+    timeout = settings.drill_timeout_minutes * 60
+    parent = settings.drill_dir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"pitr-drill-{target.name}-", dir=parent))
+    scratch.chmod(0o711)
+    port = settings.drill_port or free_port()
+    data_dir = scratch / "data"
+    socket_dir = scratch / "sock"
+    socket_dir.mkdir(mode=0o700)
+    chown_tree(socket_dir, settings.server_os_user)
+    result = DrillResult(target.name, False, "not run")
+    bin_dir: Path | None = None
+    try:
+        with connect(info, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT txid_current()")
+            before = int(cur.fetchone()[0])  # type: ignore[index]
+            time.sleep(0.05)
+            cur.execute("SELECT clock_timestamp()")
+            to: datetime = cur.fetchone()[0]  # type: ignore[index]
+            time.sleep(0.05)
+            cur.execute("SELECT txid_current()")
+            after = int(cur.fetchone()[0])  # type: ignore[index]
+        result.target_time = to
+        segment = switch_and_wait_archived(info, archive, timeout)
+        log.info(f"drill: target {to.isoformat()}, WAL archived up to {segment}; restoring")
+        restored = pitr_restore(
+            config,
+            target,
+            to,
+            data_dir,
+            port=port,
+            start=True,
+            archive=archive,
+            drill_socket_dir=socket_dir,
+            timeout_seconds=timeout,
+            log=log,
+        )
+        bin_dir = server_bin_dir(
+            server_major(usable_base_backups(target)[0][1].server_version_num),
+            target.settings.pg_bin_dir,
+        )
+        result.base_backup = restored.base_backup
+        result.rto_seconds = restored.restore_seconds
+        result.timeline = restored.timeline
+        copy = ConnectionInfo({**info.params, "host": "127.0.0.1", "port": str(port)})
+        with connect(copy, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()")
+            in_recovery, replayed = cur.fetchone()  # type: ignore[misc]
+            before_status = _txid_status(cur, before)
+            after_status = _txid_status(cur, after)
+            cur.execute("CREATE TEMP TABLE drill_write_test (id int); INSERT INTO drill_write_test VALUES (1)")
+            cur.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
+            databases = [str(r[0]) for r in cur.fetchall()]
+        for database in databases:
+            with connect(copy.with_dbname(database)) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_class")
+                cur.fetchone()
+            result.databases_checked += 1
+        result.reached = restored.reached or replayed
+        if result.reached is not None:
+            result.rpo_seconds = round((to - result.reached).total_seconds(), 3)
+        problems = []
+        if in_recovery:
+            problems.append("the copy is still in recovery (not promoted)")
+        if before_status != "committed":
+            problems.append(f"the transaction committed before the target is {before_status} in the copy")
+        if after_status == "committed":
+            problems.append("the transaction committed after the target is committed in the copy: "
+                            "recovery went past the target")
+        result.details = {
+            "marker_before": f"{before}: {before_status}",
+            "marker_after": f"{after}: {after_status}",
+            "scratch_port": port,
+            "segment_archived": segment,
+        }
+        result.passed = not problems
+        result.message = (
+            "; ".join(problems)
+            if problems
+            else f"restored to {to.isoformat()} in {result.rto_seconds:.1f}s from {restored.base_backup}; "
+            f"stopped exactly at the target (marker before committed, marker after not); "
+            f"promoted, writable, {len(databases)} databases open"
+        )
+    except BackupPipelinesError as exc:
+        result.message = exc.message
+    except Exception as exc:  # a drill reports, it does not crash the run
+        result.message = f"{type(exc).__name__}: {exc}"
+    finally:
+        if bin_dir is not None:
+            with contextlib.suppress(Exception):
+                stop_server(data_dir, bin_dir, settings.server_os_user, "immediate")
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info(f"PITR drill of '{target.name}': {'PASSED' if result.passed else 'FAILED'}: {result.message}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- archive health (the wal_archive sensor and check) ------------------------------------------
+
+
+@dataclass
+class ArchiveHealth:
+    """What monitoring needs to know about a target's WAL archive right now."""
+
+    target: str
+    problems: list[str]
+    archive: str
+    segments: int = 0
+    newest_segment: str | None = None
+    newest_archived_at: datetime | None = None
+    age_seconds: float | None = None
+    lag_limit_seconds: float = 0.0
+    first_needed_segment: str | None = None
+    gaps: list[WalGap] = field(default_factory=list)
+    unarchived_segments: int | None = None
+    archiver: dict[str, Any] = field(default_factory=dict)
+    server_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.healthy:
+            age = f"{self.age_seconds:.0f}s" if self.age_seconds is not None else "?"
+            return (
+                f"WAL archive of '{self.target}' healthy: {self.segments} segments, newest "
+                f"{self.newest_segment} archived {age} ago, no gaps since {self.first_needed_segment}"
+            )
+        return f"WAL archive of '{self.target}' UNHEALTHY: " + "; ".join(self.problems)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "healthy": self.healthy,
+            "problems": self.problems,
+            "archive": self.archive,
+            "segments": self.segments,
+            "newest_segment": self.newest_segment,
+            "newest_archived_at": self.newest_archived_at.isoformat() if self.newest_archived_at else None,
+            "age_seconds": self.age_seconds,
+            "lag_limit_seconds": self.lag_limit_seconds,
+            "first_needed_segment": self.first_needed_segment,
+            "gaps": [g.__dict__ for g in self.gaps],
+            "unarchived_segments": self.unarchived_segments,
+            "archiver": self.archiver,
+            "server_error": self.server_error,
+        }
+
+
+def _archiver_stats(info: ConnectionInfo, segment_size: int) -> tuple[dict[str, Any], int | None]:
+    info = ConnectionInfo({**info.params, "connect_timeout": "5"})
+    with connect(info, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
+            "last_failed_wal, last_failed_time FROM pg_stat_archiver"
+        )
+        row = cur.fetchone()
+        assert row is not None
+        stats = dict(
+            zip(
+                ("archived_count", "last_archived_wal", "last_archived_time", "failed_count",
+                 "last_failed_wal", "last_failed_time"),
+                row,
+                strict=True,
+            )
+        )  # fmt: skip
+        cur.execute("SELECT pg_is_in_recovery()")
+        in_recovery = bool(cur.fetchone()[0])  # type: ignore[index]
+        current_segno = None
+        if not in_recovery:
+            cur.execute("SELECT pg_current_wal_lsn()::text")
+            current_segno = parse_lsn(str(cur.fetchone()[0])) // segment_size  # type: ignore[index]
+    return stats, current_segno
+
+
+def archive_health(
+    target: Target, *, archive: WalArchive | None = None, now: datetime | None = None
+) -> ArchiveHealth:
+    settings = pitr_settings(target)
+    archive = archive or wal_archive_for(target)
+    now = now or datetime.now(UTC)
+    health = ArchiveHealth(
+        target.name, [], archive.describe(), lag_limit_seconds=settings.archive_lag_limit_minutes * 60
+    )
+    try:
+        entries = list_wal(archive)
+    except BackupPipelinesError as exc:
+        health.problems.append(f"the WAL archive cannot be listed: {exc.message}")
+        return health
+    backups = usable_base_backups(target)
+    oldest = backups[-1][1] if backups else None
+    segment_size = oldest.wal_segment_size if oldest else DEFAULT_SEGMENT_SIZE
+    segments = [e for e in entries if e.kind == "segment"]
+    health.segments = len(segments)
+    newest = newest_segment(entries)
+    if newest is not None:
+        health.newest_segment = newest.name
+        health.newest_archived_at = newest.archived_at
+        if newest.archived_at is not None:
+            health.age_seconds = round((now - newest.archived_at).total_seconds(), 1)
+    start = None
+    if oldest is not None:
+        health.first_needed_segment = oldest.first_wal_segment
+        start = segment_number(oldest.first_wal_segment, segment_size)
+    elif segments:
+        health.first_needed_segment = min(segments, key=lambda e: e.name).name
+    health.gaps = find_gaps(entries, start, segment_size)
+    for gap in health.gaps:
+        health.problems.append(
+            f"gap in the WAL archive: {gap.count} segment(s) {gap.first_missing}..{gap.last_missing} "
+            "missing (point-in-time recovery cannot pass them; take a new base backup)"
+        )
+    try:
+        stats, current_segno = _archiver_stats(
+            ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}'"), segment_size
+        )
+        health.archiver = {
+            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in stats.items()
+        }
+        failed_at, archived_at = stats["last_failed_time"], stats["last_archived_time"]
+        if failed_at is not None and (archived_at is None or failed_at > archived_at):
+            health.problems.append(
+                f"archive_command is failing: {stats['last_failed_wal']} failed at "
+                f"{failed_at.isoformat()} ({stats['failed_count']} failures since the statistics "
+                "reset); see the server log for wal-push's message"
+            )
+        if current_segno is not None and newest is not None:
+            health.unarchived_segments = max(
+                current_segno - segment_number(newest.name[:24], segment_size) - 1, 0
+            )
+    except BackupPipelinesError as exc:
+        health.server_error = exc.message
+    if newest is None:
+        health.problems.append(
+            "nothing archived yet: check archive_mode/archive_command (`backup-pipelines wal-setup`)"
+        )
+    elif health.age_seconds is not None and health.age_seconds > health.lag_limit_seconds:
+        waiting = health.unarchived_segments
+        if waiting is None or waiting > 0:
+            health.problems.append(
+                f"archive lag: the newest archived segment {newest.name} is "
+                f"{health.age_seconds / 60:.1f} min old (limit {settings.archive_lag_limit_minutes:g} min)"
+                + (f" and {waiting} finished segment(s) wait to be archived" if waiting else "")
+                + (f"; server not reachable: {health.server_error}" if health.server_error else "")
+            )
+    return health
