@@ -1,0 +1,2 @@
+DROP TABLE "locations";--> statement-breakpoint
+DROP TYPE "public"."location_kind";
