@@ -18,10 +18,16 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines.engine.reader import dump_chunks
+from backup_pipelines.engine.storage import BackupStorage
 
 
 def databases(cluster: LocalCluster) -> set[str]:
     return set(cluster.psql("SELECT datname FROM pg_database").split())
+
+
+def backup_files(folder: Path) -> list[Path]:
+    """The backups and sidecars in a target's folder (lock files aside)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def connect_to(cluster: LocalCluster, dbname: str, **kwargs: object) -> psycopg.Connection:
@@ -73,3 +79,12 @@ def inject_before_first(marker: bytes, statement: bytes) -> Callable[[bytes], by
         return dump[:start] + statement + dump[start:]
 
     return transform
+
+
+def upload_backup(artifact: BackupArtifact, storage: BackupStorage) -> str:
+    """Copy a local backup with its sidecars into ``storage``, as the offsite copy does."""
+    name = artifact.path.name
+    storage.put_file(artifact.path, name)
+    storage.put_bytes(name + ".sha256", artifact.sha256_path.read_bytes())
+    storage.put_bytes(name + ".meta", artifact.meta_path.read_bytes())
+    return storage.url(name)

@@ -32,12 +32,15 @@ from backup_pipelines.engine.restore import (
     describe_mismatches,
     drop_database,
     latest_local_backup,
+    latest_offsite_backup,
     locate_backup,
+    offsite_storage,
     restore_into,
     scratch_name,
     server_tools,
     work_dir_for,
 )
+from backup_pipelines.engine.storage import load_remote_artifact
 from backup_pipelines.engine.verify import verify_artifact
 
 logger = logging.getLogger("backup_pipelines")
@@ -129,10 +132,28 @@ class DrillResult:
         return f"restore drill FAILED at step '{self.failed_step}': {self.reason}"
 
 
-def drill_backup(config: ProjectConfig, target: Target) -> tuple[BackupArtifact, str] | None:
-    """The backup a drill restores and where it comes from (``s3`` or ``local``)."""
-    artifact = latest_local_backup(target)
-    return (artifact, "local") if artifact is not None else None
+def drill_backup(target: Target, *, log: Any = None) -> tuple[BackupArtifact, str] | None:
+    """The backup a drill restores and where it comes from (``s3`` or ``local``).
+
+    The newest backup, read from its offsite copy when one exists (that is the copy a disaster
+    would leave), else from local disk. When S3 cannot be reached the drill uses the local
+    file and says so in the log.
+    """
+    log = log or logger
+    local = latest_local_backup(target)
+    storage = offsite_storage(target)
+    if storage is not None:
+        try:
+            if local is not None:
+                if storage.exists(local.path.name):
+                    return load_remote_artifact(storage, local.path.name), "s3"
+            else:
+                remote = latest_offsite_backup(target)
+                if remote is not None:
+                    return remote, "s3"
+        except BackupPipelinesError as exc:
+            log.warning(f"offsite copies cannot be read ({exc.message}); drilling the local backup")
+    return (local, "local") if local is not None else None
 
 
 def run_drill(
@@ -159,7 +180,7 @@ def run_drill(
 
     try:
         if backup is None:
-            found = drill_backup(config, target)
+            found = drill_backup(target, log=log)
             if found is None:
                 return failed(
                     "locate",

@@ -65,6 +65,13 @@ from backup_pipelines.engine.postgres import (
 )
 from backup_pipelines.engine.processes import spawn, stop
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
+from backup_pipelines.engine.storage import (
+    S3_SCHEME,
+    S3Storage,
+    list_stored_backups,
+    open_backup,
+    parse_s3_url,
+)
 from backup_pipelines.engine.verify import verify_artifact
 
 logger = logging.getLogger("backup_pipelines")
@@ -454,6 +461,44 @@ def latest_local_backup(target: Target) -> BackupArtifact | None:
     return None
 
 
+def offsite_storage(target: Target) -> S3Storage | None:
+    """The target's offsite folder ``s3://bucket/<prefix>/<target>/``, when offsite copies are on."""
+    offsite = target.settings.offsite
+    bucket = offsite.resolved_bucket()
+    if not offsite.is_enabled or bucket is None:
+        return None
+    prefix = "/".join(part for part in (offsite.prefix.strip("/"), target.name) if part)
+    return S3Storage(bucket, prefix)
+
+
+def latest_offsite_backup(target: Target) -> BackupArtifact | None:
+    """The newest usable offsite copy of ``target`` (None when offsite copies are off)."""
+    storage = offsite_storage(target)
+    if storage is None:
+        return None
+    for artifact in list_stored_backups(storage):
+        if _usable_for_latest(artifact):
+            return artifact
+    return None
+
+
+def _locate_s3(target: Target, location: str) -> BackupArtifact:
+    bucket, key = parse_s3_url(location)
+    storage = offsite_storage(target)
+    if storage is None:
+        raise RestoreRefusedError(
+            f"{location} is in S3, but target '{target.name}' has no offsite bucket configured",
+            hint="set offsite.bucket for the target (or $S3_BACKUP_BUCKET)",
+        )
+    allowed = storage.url() + "/"
+    if bucket != storage.bucket or not location.startswith(allowed):
+        raise RestoreRefusedError(
+            f"backup {location} is outside the configured bucket folder {allowed}",
+            hint=f"restore only offsite copies of '{target.name}' under {allowed}",
+        )
+    return open_backup(location)
+
+
 def locate_backup(config: ProjectConfig, target: Target, backup: str) -> BackupArtifact:
     """Open the backup an operator named: ``latest``, a local path or an ``s3://`` location.
 
@@ -466,19 +511,17 @@ def locate_backup(config: ProjectConfig, target: Target, backup: str) -> BackupA
             "no backup given", hint="name a backup file, an s3:// location, or 'latest'"
         )
     if spec == "latest":
-        artifact = latest_local_backup(target)
+        # Local first (no download); the offsite copy when this host lost its backups.
+        artifact = latest_local_backup(target) or latest_offsite_backup(target)
         if artifact is None:
             raise RestoreRefusedError(
-                f"target '{target.name}' has no usable backup in {target.backup_dir}",
+                f"target '{target.name}' has no usable backup in {target.backup_dir}"
+                + (" or offsite" if offsite_storage(target) else ""),
                 hint=f"take one with `backup-pipelines backup {target.name}` or name a backup file",
             )
         return artifact
-    if spec.startswith("s3://"):
-        raise RestoreRefusedError(
-            f"cannot open {spec}: restoring from S3 is not available in this installation",
-            hint="download the backup with its .sha256 and .meta into the backup root and "
-            "restore the local file",
-        )
+    if spec.startswith(S3_SCHEME):
+        return _locate_s3(target, spec)
     root = config.resolved_backup_root
     path = Path(spec).expanduser()
     if not path.is_absolute():

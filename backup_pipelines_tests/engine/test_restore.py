@@ -26,6 +26,7 @@ from backup_pipelines.engine.restore import (
 )
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import (
+    backup_files,
     connect_to,
     databases,
     forge_plain_backup,
@@ -149,13 +150,13 @@ def test_missing_or_wrong_confirmation_touches_nothing(
 ) -> None:
     config, backup = prod_backup
     before_fp, before_dbs = fingerprint(pg, sample_db), databases(pg)
-    files_before = sorted(config.target("prod").backup_dir.iterdir())
+    files_before = backup_files(config.target("prod").backup_dir)
 
     with pytest.raises(ConfirmationError, match=expected):
         restore_database(config, "prod", str(backup.path), confirm=confirm, log=log)
 
     _assert_untouched(pg, sample_db, before_fp, before_dbs)
-    assert sorted(config.target("prod").backup_dir.iterdir()) == files_before  # no safety backup
+    assert backup_files(config.target("prod").backup_dir) == files_before  # no safety backup
 
 
 def test_corrupt_backup_is_refused_before_anything_is_touched(
