@@ -360,7 +360,7 @@ class RollbackPlan:
         ]
         for number, step in enumerate(self.steps, 1):
             lines.append(
-                f"    {number}. {step.tag} (row {step.applied.id}, applied as of "
+                f"    {number}. {step.tag} (row {step.applied.id}, generated "
                 f"{_when_text(step.migration.when)}): {step.migration.down_path.name}, "
                 f"{step.statements} statement(s)"
             )

@@ -445,3 +445,23 @@ def test_rolls_back_a_database_migrated_by_drizzle_orm(
     finally:
         drop_database(pg, by_drizzle)
         drop_database(pg, by_us)
+
+
+def test_gives_up_on_locks_held_by_the_application_and_changes_nothing(
+    pg: LocalCluster, app_db: str, make_project
+) -> None:
+    """A long application transaction on a table the down file alters: fail fast, undo all."""
+    target = project_for(
+        make_project, pg, app_db, FIXTURE_HISTORY, lock_timeout_seconds=0.5
+    ).target("app")
+    plan = plan_rollback(target, 2)
+    with psycopg.connect(conninfo(pg, app_db)) as app:
+        app.execute("SELECT count(*) FROM shift_swaps")  # holds ACCESS SHARE until rollback
+        before = snapshot(pg, app_db)
+        with pytest.raises(RollbackFailedError) as caught:
+            execute_rollback(target, plan, confirm="app")
+        app.rollback()
+    message = str(caught.value)
+    assert "down migration 0004_shift_swaps failed at statement 1 of 2" in message
+    assert "lock timeout" in message
+    assert snapshot(pg, app_db) == before

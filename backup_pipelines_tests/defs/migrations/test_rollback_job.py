@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.migration_support import (
     FIXTURE_HISTORY,
     HISTORY_LENGTH,
@@ -95,6 +96,7 @@ def test_rollback_run_shows_before_and_after(pg: LocalCluster, app_db: str, make
     assert history["0005_archive_cancelled_shifts"] == "rolled back"
     assert history["0003_shift_status_no_show"] == "applied"
     assert len(tracking_rows(pg, app_db)) == HISTORY_LENGTH - 2
+    assert DB_PASSWORD not in repr(result.all_events)
 
 
 def test_dry_run_only_plans(pg: LocalCluster, app_db: str, make_project) -> None:
@@ -138,3 +140,4 @@ def test_failed_down_migration_reports_backup_and_migration(
     assert metadata["failed_migration"].value == "0005_archive_cancelled_shifts"
     assert Path(metadata["safety_backup"].value).exists()
     assert state(pg, app_db) == before
+    assert DB_PASSWORD not in repr(result.all_events)
