@@ -474,7 +474,14 @@ def plan_rollback(target: Target, steps: int) -> RollbackPlan:
     info = _connection(target)
     with connect(info) as conn:
         conn.read_only = True
-        applied = read_applied(conn, table)
+        try:
+            applied = read_applied(conn, table)
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"cannot read {table} in {info.describe()}: {_db_error_text(exc, info)}",
+                hint="the target's role needs SELECT on the tracking table (and, to roll back, "
+                "the privileges the down migrations need)",
+            ) from None
         conn.rollback()
     return build_plan(
         target=target.name,

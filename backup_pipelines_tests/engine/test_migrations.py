@@ -465,3 +465,15 @@ def test_gives_up_on_locks_held_by_the_application_and_changes_nothing(
     assert "down migration 0004_shift_swaps failed at statement 1 of 2" in message
     assert "lock timeout" in message
     assert snapshot(pg, app_db) == before
+
+
+def test_refuses_a_database_drizzle_never_migrated(pg: LocalCluster, make_project) -> None:
+    name = create_database(pg)
+    try:
+        target = project_for(make_project, pg, name, FIXTURE_HISTORY).target("app")
+        with pytest.raises(
+            RollbackRefusedError, match="drizzle.__drizzle_migrations does not exist"
+        ):
+            plan_rollback(target, 1)
+    finally:
+        drop_database(pg, name)
