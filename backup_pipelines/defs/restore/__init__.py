@@ -1,0 +1,1 @@
+"""Restores (job ``restore_database``) and restore drills (``<target>/restore_drill``)."""

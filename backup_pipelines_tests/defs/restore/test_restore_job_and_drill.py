@@ -1,0 +1,259 @@
+"""The restore job, the drill asset with its checks, and the weekly schedule, through the real
+Dagster definitions against a real PostgreSQL (and moto's S3 server for offsite copies)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+import pytest
+
+from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.restore import offsite_storage
+from backup_pipelines.engine.storage import default_s3_client
+from backup_pipelines_tests.helpers import fingerprint
+from backup_pipelines_tests.restore_helpers import (
+    databases,
+    forge_plain_backup,
+    inject_before_first,
+    upload_backup,
+)
+
+log = logging.getLogger("test")
+CHANGE_SQL = "DELETE FROM scheduling.shift WHERE id % 4 = 0; UPDATE hr.employee SET notes = 'x'"
+PASSPHRASE = "dagster restore passphrase " + secrets.token_hex(4)
+
+
+def load_defs() -> dg.Definitions:
+    from backup_pipelines.definitions import defs
+
+    return defs()
+
+
+def run_restore_job(instance: dg.DagsterInstance, **config: object) -> dg.ExecuteInProcessResult:
+    job = load_defs().resolve_job_def("restore_database")
+    return job.execute_in_process(
+        run_config={"ops": {"restore_database": {"config": config}}},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def materialize_drill(
+    instance: dg.DagsterInstance, target: str = "prod"
+) -> dg.ExecuteInProcessResult:
+    job = load_defs().resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey([target, "restore_drill"])],
+        raise_on_error=False,
+    )
+
+
+def failure_description(result: dg.ExecuteInProcessResult) -> str:
+    [event] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return event.step_failure_data.error.message  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("dump_format", "compression", "offsite"),
+    [("plain", "gzip", False), ("custom", "zstd", True)],
+)
+def test_restore_job_round_trip(
+    pg: LocalCluster,
+    sample_db: str,
+    make_project,
+    aws_env: str,
+    dump_format: str,
+    compression: str,
+    offsite: bool,
+) -> None:
+    settings: dict = {"dsn_env": "DB_PROD", "format": dump_format, "compression": compression}
+    if offsite:
+        bucket = f"bp-job-{secrets.token_hex(4)}"
+        default_s3_client().create_bucket(Bucket=bucket)
+        settings["offsite"] = {"bucket": bucket}
+        settings["encryption"] = {"mode": "passphrase", "passphrase_env": "BP_JOB_PASS"}
+    config = make_project(
+        {"prod": settings}, env={"DB_PROD": pg.dsn(sample_db), "BP_JOB_PASS": PASSPHRASE}
+    )
+    backup = run_backup(config.target("prod"), log=log)
+    at_backup = fingerprint(pg, sample_db)
+    location = str(backup.path)
+    if offsite:
+        storage = offsite_storage(config.target("prod"))
+        assert storage is not None
+        location = upload_backup(backup, storage)
+    pg.psql(CHANGE_SQL, sample_db)
+
+    with dg.instance_for_test() as instance:
+        result = run_restore_job(instance, backup=location, target="prod", confirm="prod")
+        assert result.success
+        [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+        metadata = event.step_output_data.metadata  # type: ignore[union-attr]
+
+    assert fingerprint(pg, sample_db) == at_backup
+    assert metadata["backup"].value == location
+    assert metadata["safety_backup"].value.startswith(str(config.target("prod").backup_dir))
+    assert metadata["rows"].value == backup.meta.total_rows
+    pg.psql(f'DROP DATABASE "{metadata["previous_database"].value}"')
+
+
+@pytest.mark.parametrize(
+    ("confirm", "expected"), [(None, "without confirmation"), ("staging", "does not match")]
+)
+def test_restore_job_without_matching_confirmation_fails_and_touches_nothing(
+    pg: LocalCluster, sample_db: str, make_project, confirm: str | None, expected: str
+) -> None:
+    config = make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
+    backup = run_backup(config.target("prod"), log=log)
+    pg.psql(CHANGE_SQL, sample_db)
+    before_fp, before_dbs = fingerprint(pg, sample_db), databases(pg)
+
+    with dg.instance_for_test() as instance:
+        result = run_restore_job(instance, backup=str(backup.path), target="prod", confirm=confirm)
+
+    assert not result.success
+    assert expected in failure_description(result)
+    assert "nothing was touched" in failure_description(result)
+    assert fingerprint(pg, sample_db) == before_fp and databases(pg) == before_dbs
+
+
+def test_restore_job_failing_midway_names_step_and_safety_backup(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    config = make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
+    backup = run_backup(config.target("prod"), log=log)
+    broken = forge_plain_backup(backup, inject_before_first(b"CREATE TABLE", b"SELECT 1/0;\n"))
+    before_fp, before_dbs = fingerprint(pg, sample_db), databases(pg)
+
+    with dg.instance_for_test() as instance:
+        result = run_restore_job(instance, backup=str(broken), target="prod", confirm="prod")
+
+    assert not result.success
+    message = failure_description(result)
+    assert "failed at step 'restore'" in message and "division by zero" in message
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    safety = failure.step_failure_data.user_failure_data.metadata["safety_backup"].value  # type: ignore[union-attr]
+    assert safety in message and safety.startswith(str(config.target("prod").backup_dir))
+    assert fingerprint(pg, sample_db) == before_fp and databases(pg) == before_dbs
+
+
+def test_drill_passes_records_numeric_history_and_drops_scratch_database(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "format": "custom",
+                "restore": {"rto_target_seconds": 600},
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    backup = run_backup(config.target("prod"), log=log)
+    before_fp, before_dbs = fingerprint(pg, sample_db), databases(pg)
+
+    with dg.instance_for_test() as instance:
+        result = materialize_drill(instance)
+        assert result.success
+        [event] = result.get_asset_materialization_events()
+        metadata = event.materialization.metadata
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    for numeric in ("rto_seconds", "rpo_seconds", "tables", "rows", "indexes_checked"):
+        assert isinstance(metadata[numeric], dg.IntMetadataValue | dg.FloatMetadataValue), numeric
+    assert 0 < metadata["rto_seconds"].value < 600
+    assert metadata["rpo_seconds"].value >= 0
+    assert metadata["tables"].value == len(backup.meta.row_counts)
+    assert metadata["rows"].value == backup.meta.total_rows
+    assert metadata["indexes_checked"].value >= 10  # primary keys, uniques, plain btree indexes
+    assert metadata["source"].value == "local"
+    assert checks["restore_drill_passed"].passed
+    assert checks["rto_within_target"].passed
+    assert checks["rto_within_target"].severity == dg.AssetCheckSeverity.WARN
+    # Production untouched, scratch database gone.
+    assert fingerprint(pg, sample_db) == before_fp and databases(pg) == before_dbs
+
+
+def test_drill_against_broken_backup_fails_its_check_and_says_why(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    config = make_project(
+        {"prod": {"dsn_env": "DB_PROD", "restore": {"rto_target_seconds": 0.001}}},
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    backup = run_backup(config.target("prod"), log=log)
+    forge_plain_backup(
+        backup, inject_before_first(b"CREATE TABLE scheduling.shift", b"SELECT 1/0; -- broken\n")
+    )
+    before_dbs = databases(pg)
+
+    with dg.instance_for_test() as instance:
+        result = materialize_drill(instance)
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        [event] = result.get_asset_materialization_events()
+        metadata = event.materialization.metadata
+
+    assert not result.success  # blocking ERROR check: the run fails, so alerts fire
+    drill = checks["restore_drill_passed"]
+    assert not drill.passed and drill.severity == dg.AssetCheckSeverity.ERROR
+    assert drill.metadata["failed_step"].value == "restore"
+    assert "division by zero" in drill.metadata["reason"].value
+    assert metadata["passed"].value is False and "division by zero" in metadata["result"].value
+    assert not checks["rto_within_target"].passed
+    assert databases(pg) == before_dbs  # scratch database removed after the failure
+
+
+def test_rto_over_target_warns(pg: LocalCluster, sample_db: str, make_project) -> None:
+    config = make_project(
+        {"prod": {"dsn_env": "DB_PROD", "restore": {"rto_target_seconds": 0.001}}},
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    run_backup(config.target("prod"), log=log)
+    with dg.instance_for_test() as instance:
+        result = materialize_drill(instance)
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert result.success  # a slow restore warns, it does not fail the run
+    assert checks["restore_drill_passed"].passed
+    rto = checks["rto_within_target"]
+    assert not rto.passed and rto.severity == dg.AssetCheckSeverity.WARN
+    assert "OVER the target" in rto.metadata["result"].value
+
+
+def test_weekly_drill_schedule_sunday_0300_running_one_run_per_target(make_project) -> None:
+    make_project(
+        {"prod": {"dsn_env": "DB_PROD"}, "staging": {"dsn_env": "DB_STAGING"}},
+        timezone="Europe/Berlin",
+    )
+    defs = load_defs()
+    schedule = next(s for s in defs.schedules if s.name == "weekly_restore_drill_schedule")
+    assert schedule.cron_schedule == "0 3 * * 0"
+    assert schedule.execution_timezone == "Europe/Berlin"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    with dg.instance_for_test() as instance:
+        tick = datetime(2026, 11, 29, 3, 0, tzinfo=ZoneInfo("Europe/Berlin"))  # a Sunday
+        data = schedule.evaluate_tick(
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+        )
+    requests = data.run_requests or []
+    assert sorted(tuple(r.asset_selection) for r in requests) == [
+        (dg.AssetKey(["prod", "restore_drill"]),),
+        (dg.AssetKey(["staging", "restore_drill"]),),
+    ]
+    specs = {
+        (key.to_user_string(), check.name)
+        for key, check in (
+            (c.asset_key, c)
+            for a in defs.assets or []
+            if isinstance(a, dg.AssetsDefinition)
+            for c in a.check_specs
+        )
+    }
+    assert ("prod/restore_drill", "restore_drill_passed") in specs
+    assert ("prod/restore_drill", "rto_within_target") in specs
