@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from logging.handlers import TimedRotatingFileHandler
@@ -16,14 +17,16 @@ from pathlib import Path
 
 from backup_pipelines.cli import backups
 from backup_pipelines.cli import migrations as migration_commands
+from backup_pipelines.cli import offsite as offsite_commands
 from backup_pipelines.cli import pitr as pitr_commands
 from backup_pipelines.cli import restore as restore_commands
+from backup_pipelines.engine.config import CONFIG_ENV_VAR
 from backup_pipelines.engine.errors import BackupPipelinesError
 
 log = logging.getLogger("backup_pipelines")
 
 # Areas whose commands the CLI offers, in the order `--help` lists them.
-COMMAND_MODULES = [backups, restore_commands, migration_commands, pitr_commands]
+COMMAND_MODULES = [backups, restore_commands, migration_commands, pitr_commands, offsite_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.log_file)
+    if args.config:
+        # Code that finds settings on its own (e.g. decryption keys for a backup's target)
+        # must read the same targets file as the command.
+        os.environ[CONFIG_ENV_VAR] = str(Path(args.config).expanduser().resolve())
     try:
         return int(args.func(args))
     except BackupPipelinesError as exc:

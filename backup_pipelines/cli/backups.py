@@ -6,12 +6,12 @@ import argparse
 import json
 import logging
 
-from backup_pipelines.engine.artifacts import load_artifact
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.listing import human_age, human_size, list_backups
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.restore import restore_test
+from backup_pipelines.engine.storage import open_backup
 from backup_pipelines.engine.verify import verify_artifact
 
 log = logging.getLogger("backup_pipelines")
@@ -53,9 +53,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    artifact = load_artifact(args.backup)
+    artifact = open_backup(args.backup)
     meta = artifact.meta
-    _print(f"{artifact.path}")
+    _print(f"{artifact.location}")
     _print(
         f"  target {meta.target}, database {meta.database}, {meta.format}/{meta.compression}, "
         f"encryption {describe_encryption(meta.encryption)}, taken {meta.started_at.isoformat()}"
@@ -150,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("verify", help="check a backup's checksum and readability")
-    p.add_argument("backup", help="path of the backup file")
+    p.add_argument("backup", help="path of the backup file, or its s3://bucket/key offsite copy")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("list", help="list a target's backups, newest first")

@@ -8,6 +8,10 @@ from backup_pipelines.engine.config import ProjectConfig, load_config
 from backup_pipelines.engine.errors import BackupPipelinesError
 
 LOGICAL_BACKUP = "logical_backup"
+OFFSITE_COPY = "offsite_copy"
+BACKUP_INVENTORY = "backup_inventory"
+# Resource key of the dagster-aws S3Resource used for offsite copies.
+OFFSITE_S3 = "offsite_s3"
 
 
 @cache

@@ -31,12 +31,20 @@ import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from backup_pipelines.engine.artifacts import META_SUFFIX, SHA256_SUFFIX, BackupArtifact
+from backup_pipelines.engine.artifacts import (
+    META_SUFFIX,
+    SHA256_SUFFIX,
+    BackupArtifact,
+    list_artifacts,
+)
+from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
+from backup_pipelines.engine.storage import BackupStorage, list_stored_backups
 
 SAFETY_PURPOSES = frozenset({"pre-restore", "pre-rollback"})
 CLASS_ORDER = ("daily", "weekly", "monthly")
@@ -279,7 +287,7 @@ def apply_retention(
     *,
     now: datetime,
     tz: ZoneInfo | str,
-    remote_storage: object | None = None,
+    remote_storage: BackupStorage | None = None,
     dry_run: bool = False,
 ) -> RetentionReport:
     """Plan over every known backup and delete the pruned ones locally and offsite.
@@ -307,7 +315,7 @@ def apply_retention(
             name = getattr(entry.remote, "name", entry.name)
             try:
                 for object_name in (name, name + SHA256_SUFFIX, name + META_SUFFIX):
-                    remote_storage.delete(object_name)  # type: ignore[attr-defined]
+                    remote_storage.delete(object_name)
                 entry.deleted_from.append("s3")
             except Exception as exc:  # one failed delete must not stop the rest
                 report.errors.append(f"{entry.remote.location}: {exc}")
@@ -346,3 +354,46 @@ def cleanup_leftovers(
         except FileNotFoundError:
             continue
     return removed
+
+
+def prune_target(
+    target: Target,
+    *,
+    timezone: str = "UTC",
+    storage: BackupStorage | None = None,
+    dry_run: bool = False,
+    now: datetime | None = None,
+) -> RetentionReport:
+    """Apply the target's retention to its local backups and (when given) its offsite copies.
+
+    When the offsite listing fails, only the local backups are planned and pruned and the error
+    is reported in ``report.errors``: an S3 outage must not stop local housekeeping.
+    """
+    settings = target.settings.retention
+    policy = RetentionPolicy(settings.daily, settings.weekly, settings.monthly)
+    moment = now or datetime.now(UTC)
+    local = list_artifacts(target.backup_dir)
+    remote: list[BackupArtifact] = []
+    errors: list[str] = []
+    usable_storage = storage
+    if storage is not None:
+        try:
+            remote = list_stored_backups(storage)
+        except BackupPipelinesError as exc:
+            errors.append(f"offsite copies not listed, so not pruned: {exc.message}")
+            usable_storage = None
+    entries = build_inventory(local, remote)
+    report = apply_retention(
+        entries, policy, now=moment, tz=timezone, remote_storage=usable_storage, dry_run=dry_run
+    )
+    report.errors[:0] = errors
+    report.leftovers_removed = [
+        str(p)
+        for p in cleanup_leftovers(
+            target.backup_dir,
+            settings.partial_max_age_hours,
+            now=moment.timestamp(),
+            dry_run=dry_run,
+        )
+    ]
+    return report

@@ -63,12 +63,17 @@ MIN_PART_SIZE = 8 << 20  # S3's floor is 5 MiB; 8 MiB matches the AWS CLI defaul
 MAX_PART_SIZE = 5 << 30  # S3's ceiling for one part
 MAX_OBJECT_SIZE = 5 << 40
 SHA256_METADATA_KEY = "sha256"  # x-amz-meta-sha256: the hex digest of the whole file
+PART_SIZE_METADATA_KEY = "part-size"  # multipart part size, to recompute S3's checksum
 
 T = TypeVar("T")
 
 
 class StorageError(BackupPipelinesError):
     """Backup storage refused or failed an operation (the message names the object)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, code: str = "") -> None:
+        super().__init__(message, hint)
+        self.code = code  # S3's error code (NoSuchKey, AccessDenied, ...) when there is one
 
 
 class StorageUnreachableError(StorageError):
@@ -132,6 +137,40 @@ def single_checksum(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def _require_digest(source: Path, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise IntegrityError(
+            f"{source} no longer matches its recorded SHA-256 ({actual[:16]}… instead of "
+            f"{expected[:16]}…); it was not uploaded",
+            hint="the local file was modified or damaged; verify it and use another backup",
+        )
+
+
+def expected_s3_checksum(path: Path, part_size: int | None) -> str:
+    """The checksum S3 reports for ``path`` uploaded whole or in parts of ``part_size``."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if not part_size or size <= part_size:
+            digest = hashlib.sha256()
+            for chunk in read_chunks(handle):
+                digest.update(chunk)
+            return single_checksum(digest.digest())
+        digests = []
+        while True:
+            part = hashlib.sha256()
+            left = part_size
+            while left:
+                chunk = handle.read(min(left, CHUNK_SIZE))
+                if not chunk:
+                    break
+                part.update(chunk)
+                left -= len(chunk)
+            if left == part_size:
+                break
+            digests.append(part.digest())
+        return composite_checksum(digests)
+
+
 def checksums_match(expected: str | None, reported: str | None) -> bool:
     """Compare S3-form checksums; some servers omit the ``-<parts>`` suffix of composites."""
     if not expected or not reported:
@@ -148,7 +187,12 @@ class BackupStorage(ABC):
 
     @abstractmethod
     def put_file(
-        self, source: Path, name: str, *, metadata: dict[str, str] | None = None
+        self,
+        source: Path,
+        name: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        expected_sha256: str | None = None,
     ) -> PutResult: ...
 
     @abstractmethod
@@ -191,7 +235,12 @@ class LocalStorage(BackupStorage):
         return str(self.root / name) if name else str(self.root)
 
     def put_file(
-        self, source: Path, name: str, *, metadata: dict[str, str] | None = None
+        self,
+        source: Path,
+        name: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        expected_sha256: str | None = None,
     ) -> PutResult:
         dest = self._path(name)
         ensure_private_dir(dest.parent)
@@ -202,6 +251,7 @@ class LocalStorage(BackupStorage):
                 digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
+            _require_digest(source, digest.hexdigest(), expected_sha256)
         return PutResult(name, self.url(name), size, digest.hexdigest(), None, 1, size)
 
     def put_bytes(
@@ -275,6 +325,15 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+_HINTS = {
+    "NoSuchBucket": "create the bucket or fix S3_BACKUP_BUCKET / offsite.bucket",
+    "AccessDenied": "the credentials lack permission (s3:PutObject, s3:GetObject, s3:ListBucket, "
+    "s3:DeleteObject on the bucket)",
+    "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID / the profile in use",
+    "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY / the profile in use",
+}
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
@@ -285,6 +344,8 @@ def _is_unreachable(exc: BaseException) -> bool:
 def _client_error_code(exc: BaseException) -> str:
     from botocore.exceptions import ClientError
 
+    if isinstance(exc, StorageError):
+        return exc.code
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
@@ -366,14 +427,22 @@ class S3Storage(BackupStorage):
         clone.prefix = self.key(sub.strip("/"))
         return clone
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one S3 request with retries; errors become StorageError naming ``what``."""
         delay = self.backoff_seconds
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except Exception as exc:
                 if not _is_transient(exc):
-                    raise
+                    code = _client_error_code(exc)
+                    if not code:
+                        raise
+                    raise StorageError(
+                        f"S3 refused to {what}: {exc}",
+                        hint=_HINTS.get(code, "check the bucket name, region and credentials"),
+                        code=code,
+                    ) from None
                 if attempt == self.attempts:
                     endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", "?")
                     if _is_unreachable(exc):
@@ -425,7 +494,7 @@ class S3Storage(BackupStorage):
         digest = hashlib.sha256(data)
         checksum = single_checksum(digest.digest())
         meta = {SHA256_METADATA_KEY: digest.hexdigest(), **(metadata or {})}
-        response = self._call(
+        response = self.call(
             f"upload {self.url(name)}",
             lambda: self.client.put_object(
                 Bucket=self.bucket,
@@ -452,14 +521,21 @@ class S3Storage(BackupStorage):
             )
 
     def put_file(
-        self, source: Path, name: str, *, metadata: dict[str, str] | None = None
+        self,
+        source: Path,
+        name: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        expected_sha256: str | None = None,
     ) -> PutResult:
         """Stream ``source`` to S3. Only one part is held in memory at a time."""
         size = source.stat().st_size
         part_size = part_size_for(size, min_part_size=self.min_part_size, max_parts=self.max_parts)
         if size <= part_size:
             # Small enough for one request; the object still gets a SHA-256 checksum.
-            return self.put_bytes(name, source.read_bytes(), metadata=metadata)
+            data = source.read_bytes()
+            _require_digest(source, hashlib.sha256(data).hexdigest(), expected_sha256)
+            return self.put_bytes(name, data, metadata=metadata)
         key = self.key(name)
         whole = hashlib.sha256()
         with source.open("rb") as handle:
@@ -467,8 +543,13 @@ class S3Storage(BackupStorage):
             for chunk in read_chunks(handle):
                 whole.update(chunk)
             sha256_hex = whole.hexdigest()
-            meta = {SHA256_METADATA_KEY: sha256_hex, **(metadata or {})}
-            created = self._call(
+            _require_digest(source, sha256_hex, expected_sha256)
+            meta = {
+                SHA256_METADATA_KEY: sha256_hex,
+                PART_SIZE_METADATA_KEY: str(part_size),
+                **(metadata or {}),
+            }
+            created = self.call(
                 f"start the upload of {self.url(name)}",
                 lambda: self.client.create_multipart_upload(
                     Bucket=self.bucket,
@@ -492,7 +573,7 @@ class S3Storage(BackupStorage):
                     second.update(data)
                     part_digest = hashlib.sha256(data).digest()
                     part_checksum = single_checksum(part_digest)
-                    response = self._call(
+                    response = self.call(
                         f"upload part {number} of {self.url(name)}",
                         lambda data=data, number=number, part_checksum=part_checksum: (
                             self.client.upload_part(
@@ -520,7 +601,7 @@ class S3Storage(BackupStorage):
                         f"{source} changed while it was being uploaded",
                         hint="a backup file must not be modified; check what else writes there",
                     )
-                completed = self._call(
+                completed = self.call(
                     f"complete the upload of {self.url(name)}",
                     lambda: self.client.complete_multipart_upload(
                         Bucket=self.bucket,
@@ -554,7 +635,7 @@ class S3Storage(BackupStorage):
 
     def _get(self, name: str) -> dict[str, Any]:
         try:
-            return self._call(
+            return self.call(
                 f"download {self.url(name)}",
                 lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name)),
             )
@@ -571,7 +652,7 @@ class S3Storage(BackupStorage):
 
     def head(self, name: str) -> ObjectInfo | None:
         try:
-            response = self._call(
+            response = self.call(
                 f"inspect {self.url(name)}",
                 lambda: self.client.head_object(
                     Bucket=self.bucket, Key=self.key(name), ChecksumMode="ENABLED"
@@ -602,7 +683,7 @@ class S3Storage(BackupStorage):
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root + prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            response = self._call(
+            response = self.call(
                 f"list {self.url(prefix)}",
                 lambda kwargs=kwargs: self.client.list_objects_v2(**kwargs),
             )
@@ -620,7 +701,7 @@ class S3Storage(BackupStorage):
             token = response.get("NextContinuationToken")
 
     def delete(self, name: str) -> None:
-        self._call(
+        self.call(
             f"delete {self.url(name)}",
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(name)),
         )

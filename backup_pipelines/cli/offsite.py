@@ -1,0 +1,145 @@
+"""Commands for offsite copies and retention: prune, s3-lifecycle, offsite-sync."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
+from backup_pipelines.engine.listing import human_size
+from backup_pipelines.engine.offsite import (
+    apply_lifecycle,
+    lifecycle_rules,
+    lifecycle_warnings,
+    offsite_storage,
+    sync_offsite,
+)
+from backup_pipelines.engine.retention import prune_target
+
+log = logging.getLogger("backup_pipelines")
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
+    report = prune_target(target, timezone=config.timezone, storage=storage, dry_run=args.dry_run)
+    r = target.settings.retention
+    _print(
+        f"retention for '{target.name}': daily {r.daily}, weekly {r.weekly}, monthly {r.monthly} "
+        f"({config.timezone}); local {target.backup_dir}"
+        + (f", offsite {storage.url()}" if storage else ", no offsite copies configured")
+    )
+    if report.plan.held:
+        _print(f"ON HOLD: {report.plan.hold_reason}")
+    if not report.entries:
+        _print("no backups found")
+    else:
+        _print(
+            f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'WHERE':<9} {'SIZE':>10}  {'STATUS':<10} "
+            f"{'CLASS':<15} ACTION"
+        )
+    for entry in report.entries:
+        decision = entry.decision
+        assert decision is not None
+        if decision.keep:
+            action = "keep"
+        elif args.dry_run:
+            action = "would prune"
+        else:
+            action = "pruned (" + "+".join(entry.deleted_from) + ")"
+        _print(
+            f"{entry.name:<48} {entry.started_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+            f"{entry.locations:<9} {human_size(entry.size_bytes):>10}  {entry.status:<10} "
+            f"{decision.retention_class:<15} {action}"
+        )
+    verb = "would remove" if args.dry_run else "removed"
+    for leftover in report.leftovers_removed:
+        _print(f"{verb} leftover {leftover}")
+    _print(
+        f"{len(report.pruned)} backup(s) {'to prune' if args.dry_run else 'pruned'}, "
+        f"{len(report.entries) - len(report.pruned)} kept"
+    )
+    for error in report.errors:
+        log.error(error)
+    return 1 if report.errors else 0
+
+
+def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    rules = lifecycle_rules(target)
+    for warning in lifecycle_warnings(target):
+        log.warning(warning)
+    if not args.apply:
+        _print(json.dumps({"Rules": rules}, indent=2))
+        bucket = target.settings.offsite.resolved_bucket() or "BUCKET"
+        _print(
+            f"# apply with: backup-pipelines s3-lifecycle {target.name} --apply "
+            f"(keeps the bucket's other rules), or aws s3api put-bucket-lifecycle-configuration "
+            f"--bucket {bucket} --lifecycle-configuration file://lifecycle.json"
+        )
+        return 0
+    storage = offsite_storage(target)
+    all_rules = apply_lifecycle(target, storage)
+    _print(json.dumps({"Rules": all_rules}, indent=2))
+    _print(
+        f"lifecycle configuration of s3://{storage.bucket} updated: {len(rules)} rule(s) for "
+        f"'{target.name}', {len(all_rules) - len(rules)} other rule(s) kept"
+    )
+    return 0
+
+
+def cmd_offsite_sync(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    target = config.target(args.target)
+    if not target.settings.offsite.is_enabled:
+        raise ConfigError(
+            f"offsite copies are not enabled for target '{target.name}'",
+            hint="export S3_BACKUP_BUCKET or set offsite.bucket / offsite.enabled for the target",
+        )
+    storage = offsite_storage(target)
+    report = sync_offsite(target, storage, log=log)
+    for outcome in report.outcomes:
+        state = "uploaded" if outcome.uploaded else "already there"
+        _print(f"{outcome.url}: {state} ({human_size(outcome.info.size)})")
+    for name in report.skipped_failed:
+        _print(f"{name}: not uploaded (failed verification)")
+    if report.error is not None:
+        raise BackupPipelinesError(
+            f"offsite copy stopped: {report.error.message}; local backups are kept, still to "
+            f"upload: {', '.join(report.pending)}",
+            hint=report.error.hint,
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="apply calendar retention (daily/weekly/monthly) to local backups and offsite copies",
+    )
+    p.add_argument("target")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "s3-lifecycle", help="print (or --apply) the S3 lifecycle rules for a target's copies"
+    )
+    p.add_argument("target")
+    p.add_argument(
+        "--apply", action="store_true", help="install the rules, keeping the bucket's other rules"
+    )
+    p.set_defaults(func=cmd_s3_lifecycle)
+
+    p = sub.add_parser(
+        "offsite-sync", help="upload every local backup of a target still missing in S3"
+    )
+    p.add_argument("target")
+    p.set_defaults(func=cmd_offsite_sync)

@@ -1,0 +1,148 @@
+"""``<target>/backup_inventory``: every backup on disk and in S3, with calendar retention applied."""
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.defs.shared import (
+    BACKUP_INVENTORY,
+    LOGICAL_BACKUP,
+    OFFSITE_COPY,
+    project_config,
+    target_key,
+    user_error,
+)
+from backup_pipelines.engine.config import TargetSettings
+from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.listing import human_size
+from backup_pipelines.engine.offsite import offsite_storage
+from backup_pipelines.engine.retention import RetentionReport, prune_target
+
+INVENTORY_COLUMNS = [
+    dg.TableColumn("backup", "string"),
+    dg.TableColumn("taken_at", "string", description="Start time recorded in .meta (UTC)"),
+    dg.TableColumn("purpose", "string"),
+    dg.TableColumn("status", "string", description="verified / unverified / failed"),
+    dg.TableColumn("where", "string", description="local, s3 or local+s3"),
+    dg.TableColumn("size", "string"),
+    dg.TableColumn("retention_class", "string", description="daily / weekly / monthly / ..."),
+    dg.TableColumn("action", "string", description="kept or pruned"),
+    dg.TableColumn("reason", "string"),
+]
+
+
+def inventory_table(report: RetentionReport) -> dg.TableMetadataValue:
+    rows = []
+    for entry in report.entries:
+        decision = entry.decision
+        assert decision is not None
+        where = entry.locations
+        if decision.keep:
+            action = "kept"
+        elif report.dry_run:
+            action = "would prune"
+        else:
+            action = (
+                "pruned from " + "+".join(entry.deleted_from)
+                if entry.deleted_from
+                else "prune failed"
+            )
+        rows.append(
+            dg.TableRecord(
+                {
+                    "backup": entry.name,
+                    "taken_at": entry.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    "purpose": entry.purpose,
+                    "status": entry.status,
+                    "where": where,
+                    "size": human_size(entry.size_bytes),
+                    "retention_class": decision.retention_class,
+                    "action": action,
+                    "reason": "; ".join(decision.reasons) or "outside every retention window",
+                }
+            )
+        )
+    return dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=INVENTORY_COLUMNS))
+
+
+def _description(name: str, settings: TargetSettings) -> str:
+    r = settings.retention
+    return (
+        f"Every **{name}** backup on local disk and in S3, with calendar retention applied: keep "
+        f"the newest backup of each of the last {r.daily} days, {r.weekly} ISO weeks and "
+        f"{r.monthly} months (timezone of the targets file), decided from the times recorded in "
+        "`.meta`. The newest verified backup is never deleted; when the newest backup failed "
+        "verification nothing is deleted. Safety backups (pre-restore, pre-rollback) are kept "
+        f"for {r.daily} days. Each pruned backup goes with its `.sha256` and `.meta`, locally and "
+        f"in S3. `.partial` leftovers older than {r.partial_max_age_hours:g} h are removed.\n\n"
+        f"Same from the shell: `backup-pipelines prune {name} --dry-run`."
+    )
+
+
+def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+    upstream = OFFSITE_COPY if settings.offsite.is_enabled else LOGICAL_BACKUP
+
+    @dg.asset(
+        key=target_key(name, BACKUP_INVENTORY),
+        deps=[target_key(name, upstream)],
+        group_name=name,
+        kinds={"python"},
+        tags={"target": name},
+        description=_description(name, settings),
+    )
+    def backup_inventory(
+        context: dg.AssetExecutionContext,
+        backup_engine: BackupEngineResource,
+        offsite_s3: S3Resource,
+    ) -> dg.MaterializeResult:
+        try:
+            project = backup_engine.project()
+            target = project.target(name)
+            storage = None
+            if target.settings.offsite.is_enabled:
+                storage = offsite_storage(target, client=offsite_s3.get_client())
+            report = prune_target(target, timezone=project.timezone, storage=storage)
+        except BackupPipelinesError as exc:
+            raise user_error(exc) from None
+        for error in report.errors:
+            context.log.warning(error)
+        if report.plan.held:
+            context.log.warning(f"Retention on hold: {report.plan.hold_reason}")
+        pruned = report.pruned
+        for entry in pruned:
+            context.log.info(f"Pruned {entry.name} ({'+'.join(entry.deleted_from) or 'nothing'})")
+        return dg.MaterializeResult(
+            metadata={
+                "backups": inventory_table(report),
+                "backup_count": dg.MetadataValue.int(
+                    sum(1 for e in report.entries if e.decision and e.decision.keep)
+                ),
+                "local_count": dg.MetadataValue.int(
+                    sum(1 for e in report.entries if e.local and e.decision and e.decision.keep)
+                ),
+                "s3_count": dg.MetadataValue.int(
+                    sum(1 for e in report.entries if e.remote and e.decision and e.decision.keep)
+                ),
+                "pruned": dg.MetadataValue.json([e.name for e in pruned]),
+                "pruned_count": dg.MetadataValue.int(len(pruned)),
+                "retention_held": dg.MetadataValue.bool(report.plan.held),
+                "hold_reason": dg.MetadataValue.text(report.plan.hold_reason or ""),
+                "leftovers_removed": dg.MetadataValue.json(report.leftovers_removed),
+                "errors": dg.MetadataValue.json(report.errors),
+                "policy": dg.MetadataValue.text(
+                    f"daily {target.settings.retention.daily}, weekly "
+                    f"{target.settings.retention.weekly}, monthly "
+                    f"{target.settings.retention.monthly} ({project.timezone})"
+                ),
+            }
+        )
+
+    return backup_inventory
+
+
+@dg.definitions
+def inventory_assets() -> dg.Definitions:
+    return dg.Definitions(
+        # The offsite_s3 resource comes from defs/offsite/assets.py.
+        assets=[build_backup_inventory(n, s) for n, s in project_config().targets.items()],
+    )

@@ -1,0 +1,142 @@
+"""``<target>/offsite_copy``: the newest backup (and any the last runs missed) copied to S3."""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.defs.shared import (
+    LOGICAL_BACKUP,
+    OFFSITE_COPY,
+    OFFSITE_S3,
+    latest_materialized_path,
+    project_config,
+    target_key,
+    user_error,
+)
+from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
+from backup_pipelines.engine.config import TargetSettings
+from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.offsite import UploadOutcome, offsite_storage, sync_offsite
+
+
+def offsite_enabled_targets() -> dict[str, TargetSettings]:
+    """Targets with offsite copies: `offsite.enabled`, or a bucket in config / $S3_BACKUP_BUCKET."""
+    return {
+        name: settings
+        for name, settings in project_config().targets.items()
+        if settings.offsite.is_enabled
+    }
+
+
+def _description(name: str, settings: TargetSettings) -> str:
+    offsite = settings.offsite
+    where = f"s3://{offsite.bucket or '$S3_BACKUP_BUCKET'}/" + "/".join(
+        p for p in (offsite.prefix.strip("/"), name) if p
+    )
+    return (
+        f"Offsite copy of the newest **{name}** backup in `{where}/`, with its `.sha256` and "
+        f"`.meta` (storage class {offsite.storage_class}, server-side encryption {offsite.sse}).\n\n"
+        "Streams a multipart upload with SHA-256 checksums; the part size grows with the file so "
+        "any size fits in S3's 10,000 parts. A copy already there with the same checksum is not "
+        "uploaded again. Local backups a previous run could not upload (S3 down) are uploaded "
+        "now; backups that failed verification never are.\n\n"
+        "When S3 cannot be reached the local backup is kept and this step fails with the reason.\n\n"
+        "Check: `offsite_copy_matches` compares the object's size and checksums with the local "
+        "`.meta`."
+    )
+
+
+def _latest_local(context: dg.AssetExecutionContext, name: str) -> BackupArtifact | None:
+    path = latest_materialized_path(context, target_key(name, LOGICAL_BACKUP))
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        return load_artifact(path)
+    except BackupPipelinesError:
+        return None
+
+
+def _metadata(outcome: UploadOutcome, uploaded: list[str], skipped: list[str]) -> dict:
+    info = outcome.info
+    put = outcome.put
+    return {
+        "path": dg.MetadataValue.path(str(outcome.artifact.path)),
+        "url": dg.MetadataValue.url(outcome.url),
+        "uploaded": dg.MetadataValue.bool(outcome.uploaded),
+        "size_bytes": dg.MetadataValue.int(info.size),
+        "sha256": dg.MetadataValue.text(outcome.artifact.meta.sha256),
+        "s3_checksum_sha256": dg.MetadataValue.text(info.checksum_sha256 or ""),
+        "parts": dg.MetadataValue.int(put.parts if put else 0),
+        "part_size_bytes": dg.MetadataValue.int(put.part_size if put else 0),
+        "storage_class": dg.MetadataValue.text(info.storage_class or "STANDARD"),
+        "server_side_encryption": dg.MetadataValue.text(info.server_side_encryption or "none"),
+        "encryption": dg.MetadataValue.text(outcome.artifact.meta.encryption.get("mode", "none")),
+        "caught_up": dg.MetadataValue.json(uploaded),
+        "not_uploaded_failed_verification": dg.MetadataValue.json(skipped),
+    }
+
+
+def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=target_key(name, OFFSITE_COPY),
+        deps=[target_key(name, LOGICAL_BACKUP)],
+        group_name=name,
+        kinds={"s3"},
+        tags={"target": name},
+        description=_description(name, settings),
+    )
+    def offsite_copy(
+        context: dg.AssetExecutionContext,
+        backup_engine: BackupEngineResource,
+        offsite_s3: S3Resource,
+    ) -> dg.MaterializeResult:
+        try:
+            target = backup_engine.target(name)
+            storage = offsite_storage(target, client=offsite_s3.get_client())
+            newest = _latest_local(context, name)
+            report = sync_offsite(target, storage, first=newest, log=context.log)
+        except BackupPipelinesError as exc:
+            raise user_error(exc) from None
+        if report.error is not None:
+            kept = ", ".join(report.pending) or "(none)"
+            raise dg.Failure(
+                description=(
+                    f"offsite copy of '{name}' failed: {report.error}\n"
+                    f"The local backups are kept in {target.backup_dir} and the next run uploads "
+                    f"what is missing: {kept}"
+                ),
+                metadata={
+                    "pending_uploads": dg.MetadataValue.json(report.pending),
+                    "uploaded_before_the_error": dg.MetadataValue.json(
+                        [o.url for o in report.uploaded]
+                    ),
+                    "local_backup_dir": dg.MetadataValue.path(str(target.backup_dir)),
+                },
+                allow_retries=False,
+            )
+        if not report.outcomes:
+            raise user_error(
+                BackupPipelinesError(
+                    f"target '{name}' has no usable local backup to copy offsite",
+                    hint="materialize the logical_backup asset first",
+                )
+            )
+        main = report.outcomes[0]
+        caught_up = [o.url for o in report.outcomes[1:] if o.uploaded]
+        if caught_up:
+            context.log.info(f"Caught up {len(caught_up)} backup(s) missing offsite: {caught_up}")
+        return dg.MaterializeResult(metadata=_metadata(main, caught_up, report.skipped_failed))
+
+    return offsite_copy
+
+
+@dg.definitions
+def offsite_assets() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[build_offsite_copy(n, s) for n, s in offsite_enabled_targets().items()],
+        # Always defined: backup_inventory uses it too. Credentials, region and endpoint come from
+        # the standard AWS_* environment (AWS_ENDPOINT_URL_S3 for S3-compatible stores).
+        resources={OFFSITE_S3: S3Resource()},
+    )
