@@ -188,8 +188,8 @@ class PitrRestoreResult:
         return "; ".join(parts)
 
 
-def _prepare_data_dir(data_dir: Path) -> bool:
-    """Refuse an existing non-empty folder; returns True when we created it."""
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse anything but a new or empty folder: PITR never writes into an existing cluster."""
     if data_dir.exists():
         if not data_dir.is_dir():
             raise ConfigError(f"--data-dir {data_dir} exists and is not a folder")
@@ -198,6 +198,12 @@ def _prepare_data_dir(data_dir: Path) -> bool:
                 f"--data-dir {data_dir} is not empty: refusing to write into an existing data directory",
                 hint="pass a new (or empty) folder; PITR never overwrites a cluster",
             )
+
+
+def _prepare_data_dir(data_dir: Path) -> bool:
+    """Returns True when we created the folder (so a failure removes it again)."""
+    check_data_dir(data_dir)
+    if data_dir.exists():
         return False
     data_dir.mkdir(parents=True, mode=0o700)
     return True
@@ -379,6 +385,7 @@ def pitr_restore(
     settings = pitr_settings(target)
     archive = archive or wal_archive_for(target)
     data_dir = data_dir.expanduser().absolute()
+    check_data_dir(data_dir)
     artifact, meta = choose_base_backup(target, archive, to, config.timezone)
     if meta.server_version_num < 120000:
         raise RestoreFailedError(

@@ -1,0 +1,132 @@
+"""Point-in-time recovery on real clusters: archive_command is our wal-push (run by the server's
+OS user), restore_command our wal-fetch, and the restored server must hold exactly the rows that
+existed at the chosen moment."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
+from backup_pipelines.engine.basebackup import (
+    run_base_backup,
+    verify_base_backup,
+)
+from backup_pipelines.engine.errors import ConfigError
+from backup_pipelines.engine.pitr import (
+    PitrRangeError,
+    archive_health,
+    parse_target_time,
+    pitr_restore,
+    recovery_window,
+)
+from backup_pipelines.engine.wal import list_wal, wal_archive_for
+from backup_pipelines_tests.pitr_support import PASSWORD, PitrSetup, start_pitr_cluster
+
+
+@pytest.fixture
+def setup(monkeypatch: pytest.MonkeyPatch) -> PitrSetup:
+    pitr = start_pitr_cluster(monkeypatch)
+    yield pitr  # type: ignore[misc]
+    pitr.close()
+
+
+def _restored(setup: PitrSetup, data_dir: Path, port: int) -> LocalCluster:
+    return LocalCluster(root=data_dir.parent, port=port, password=PASSWORD)
+
+
+def test_round_trip_restores_exactly_the_rows_before_the_target(
+    setup: PitrSetup, tmp_path: Path
+) -> None:
+    setup.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    artifact = run_base_backup(setup.target)
+    meta = artifact.meta
+    assert meta.kind == "base" and meta.timeline == 1  # type: ignore[attr-defined]
+    assert meta.first_wal_segment.startswith("00000001")  # type: ignore[attr-defined]
+    assert meta.server_version_num >= 150000
+    outcomes = {o.name: o for o in verify_base_backup(artifact, setup.target)}
+    assert outcomes["checksum"].passed and outcomes["manifest"].passed, outcomes
+
+    setup.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 500) g")
+    time.sleep(0.2)
+    target_time = parse_target_time(setup.sql("SELECT clock_timestamp()"))
+    time.sleep(0.2)
+    setup.sql("INSERT INTO orders SELECT g, 'after' FROM generate_series(501, 800) g")
+    setup.sql("DELETE FROM orders WHERE id <= 100")  # the mistake PITR undoes
+    setup.switch_and_wait()
+
+    port = free_port()
+    data_dir = setup.workdir / "restored" / "data"
+    result = pitr_restore(
+        setup.config, setup.target, target_time, data_dir, port=port, start=True
+    )
+    restored = _restored(setup, data_dir, port)
+    try:
+        assert result.promoted
+        assert restored.psql("SELECT pg_is_in_recovery()") == "f"
+        assert restored.psql("SELECT count(*), min(id), max(id) FROM orders") == "500|1|500"
+        assert restored.psql("SELECT count(*) FROM orders WHERE note = 'after'") == "0"
+        restored.psql("INSERT INTO orders VALUES (9999, 'written after promotion')")
+        assert restored.psql("SELECT count(*) FROM orders") == "501"
+        assert result.reached is not None and result.reached <= target_time
+        assert result.timeline == 2
+        assert (data_dir / "recovery.signal").exists() is False
+        assert not (data_dir / "recovery.conf").exists()
+        assert oct(data_dir.stat().st_mode & 0o777) == "0o700"
+        auto_conf = (data_dir / "postgresql.auto.conf").read_text()
+        assert "recovery_target_action = 'promote'" in auto_conf
+        assert "wal-fetch --target main %f %p" in auto_conf
+        assert "archive_mode = 'off'" in auto_conf
+    finally:
+        restored.pg_ctl("-m", "immediate", "stop")
+    # The source is untouched.
+    assert setup.sql("SELECT count(*) FROM orders") == "700"
+
+
+def test_refuses_times_outside_the_window_and_non_empty_data_dirs(
+    setup: PitrSetup, tmp_path: Path
+) -> None:
+    archive = wal_archive_for(setup.target)
+    with pytest.raises(PitrRangeError, match="no base backup yet"):
+        pitr_restore(
+            setup.config, setup.target, parse_target_time("2026-01-01 00:00:00"), tmp_path / "x"
+        )
+    run_base_backup(setup.target)
+    setup.sql("SELECT txid_current()")
+    setup.switch_and_wait()
+    window = recovery_window(setup.target, archive)
+    assert window.earliest is not None and window.latest is not None
+    too_early = window.earliest - timedelta(hours=1)
+    with pytest.raises(PitrRangeError, match="recoverable range is") as caught:
+        pitr_restore(setup.config, setup.target, too_early, tmp_path / "early")
+    assert window.earliest.isoformat(sep=" ", timespec="seconds")[:19] in caught.value.message
+    with pytest.raises(PitrRangeError, match="recoverable range is"):
+        pitr_restore(setup.config, setup.target, window.latest + timedelta(hours=1), tmp_path / "late")
+    assert not (tmp_path / "early").exists() and not (tmp_path / "late").exists()
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "PG_VERSION").write_text("15\n")
+    with pytest.raises(ConfigError, match="not empty"):
+        pitr_restore(setup.config, setup.target, window.latest, occupied)
+    assert [p.name for p in occupied.iterdir()] == ["PG_VERSION"]
+
+
+def test_a_gap_in_the_archive_is_reported(setup: PitrSetup) -> None:
+    run_base_backup(setup.target)
+    for _ in range(3):
+        setup.sql("SELECT txid_current()")
+        setup.switch_and_wait()
+    health = archive_health(setup.target)
+    assert health.healthy, health.problems
+    archive = wal_archive_for(setup.target)
+    segments = [e.name for e in list_wal(archive) if e.kind == "segment"]
+    missing = sorted(segments)[-2]
+    archive.primary.delete(missing)
+    health = archive_health(setup.target)
+    assert not health.healthy
+    assert [g.first_missing for g in health.gaps] == [missing]
+    assert "gap in the WAL archive" in health.problems[0]
