@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import load_artifact
-from backup_pipelines_tests.conftest import DB_PASSWORD
+from backup_pipelines_tests.conftest import DB_PASSWORD, VENV_BIN
 from backup_pipelines_tests.migration_support import (
     FIXTURE_HISTORY,
     HISTORY_LENGTH,
@@ -135,3 +138,38 @@ def test_failed_down_migration_names_it_and_changes_nothing(
     assert "safety backup:" in result.stderr
     assert state(pg, app_db) == before
     no_secrets(result.stdout, result.stderr)
+
+
+def _run_on_terminal(args: list[str], typed: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin, as an operator at a shell would."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "backup-pipelines"), *args],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env},
+        )
+        os.close(terminal)
+        terminal = -1
+        os.write(controller, typed.encode() + b"\n")
+        output, _ = proc.communicate(timeout=120)
+        return proc.returncode, output
+    finally:
+        if terminal != -1:
+            os.close(terminal)
+        os.close(controller)
+
+
+@pytest.mark.parametrize(("typed", "exit_code"), [("app", 0), ("staging", 2)])
+def test_operator_at_a_terminal_is_asked_to_type_the_target(
+    pg: LocalCluster, app_db: str, make_project, typed: str, exit_code: int
+) -> None:
+    configure(make_project, pg, app_db)
+    code, output = _run_on_terminal(["rollback", "1", "app"], typed, {})
+    assert code == exit_code, output
+    assert "Type the target name (app) to continue:" in output
+    expected_rows = HISTORY_LENGTH - 1 if exit_code == 0 else HISTORY_LENGTH
+    assert len(tracking_rows(pg, app_db)) == expected_rows

@@ -477,3 +477,52 @@ def test_refuses_a_database_drizzle_never_migrated(pg: LocalCluster, make_projec
             plan_rollback(target, 1)
     finally:
         drop_database(pg, name)
+
+
+def test_files_without_breakpoints_run_as_one_multi_statement_chunk(
+    pg: LocalCluster, make_project, tmp_path: Path
+) -> None:
+    """drizzle-kit with breakpoints: false writes files that drizzle sends as one query."""
+    folder = tmp_path / "nobreaks"
+    (folder / "meta").mkdir(parents=True)
+    files = {
+        "0000_rooms": (
+            "CREATE TABLE rooms (id serial PRIMARY KEY, name text NOT NULL);\n"
+            "INSERT INTO rooms (name) VALUES ('A 100%'), ('B');\n",
+            "DROP TABLE rooms;\n",
+        ),
+        "0001_room_capacity": (
+            "ALTER TABLE rooms ADD COLUMN capacity int NOT NULL DEFAULT 4;\n"
+            "CREATE INDEX rooms_capacity_idx ON rooms (capacity);\n",
+            "DROP INDEX rooms_capacity_idx;\nALTER TABLE rooms DROP COLUMN capacity;\n",
+        ),
+    }
+    entries = []
+    for idx, (tag, (up, down)) in enumerate(files.items()):
+        (folder / f"{tag}.sql").write_text(up)
+        (folder / f"{tag}.down.sql").write_text(down)
+        entries.append(
+            {
+                "idx": idx,
+                "version": "7",
+                "when": 1700000000000 + idx,
+                "tag": tag,
+                "breakpoints": False,
+            }
+        )
+    (folder / "meta" / "_journal.json").write_text(
+        json.dumps({"version": "7", "dialect": "postgresql", "entries": entries})
+    )
+    name = create_database(pg)
+    try:
+        migrate(pg, name, folder, upto=1)
+        one = schema_dump(pg, name)
+        migrate(pg, name, folder)
+        target = project_for(make_project, pg, name, folder).target("app")
+        plan = plan_rollback(target, 1)
+        assert plan.steps[0].statements == 1
+        execute_rollback(target, plan, confirm="app")
+        assert schema_dump(pg, name) == one
+        assert query(pg, name, "SELECT name FROM rooms ORDER BY id") == [("A 100%",), ("B",)]
+    finally:
+        drop_database(pg, name)
