@@ -1,0 +1,228 @@
+"""Monitoring sensors against real backups of a real PostgreSQL: alerts arrive as real emails
+(aiosmtpd over STARTTLS with AUTH) and real webhook POSTs (a local HTTP server)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from backup_pipelines.definitions import defs as load_defs
+from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
+from backup_pipelines_tests.alert_receivers import (
+    SmtpServer,
+    WebhookReceiver,
+    smtp_server,
+    webhook_receiver,
+)
+
+UI = "http://dagster.example.test:3000"
+APP = dg.AssetKey(["app", "logical_backup"])
+BROKEN = dg.AssetKey(["broken", "logical_backup"])
+
+
+@dataclass
+class Setup:
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    smtp: SmtpServer
+    hooks: WebhookReceiver
+    textfile: Path
+
+    def backup(self, key: dg.AssetKey) -> dg.ExecuteInProcessResult:
+        job = self.defs.resolve_job_def("logical_backups")
+        return job.execute_in_process(
+            instance=self.instance, asset_selection=[key], raise_on_error=False
+        )
+
+    def tick(self, name: str, cursor: str | None) -> dg.SensorResult | None:
+        sensor = self.defs.resolve_sensor_def(name)
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            cursor=cursor,
+            repository_def=self.defs.get_repository_def(),
+            resources={"backup_engine": BackupEngineResource()},
+        )
+        return sensor.evaluate_tick(context)
+
+    def run_failure_tick(self, result: dg.ExecuteInProcessResult) -> None:
+        run = self.instance.get_run_by_id(result.run_id)
+        failure = next(
+            e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE
+        )
+        sensor = self.defs.resolve_sensor_def("run_failure_alert_sensor")
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name,
+            dagster_event=failure,
+            dagster_instance=self.instance,
+            dagster_run=run,
+            resources={"backup_engine": BackupEngineResource()},
+        ).for_run_failure()
+        sensor(context)
+
+
+@pytest.fixture
+def setup(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch
+) -> Iterator[Setup]:
+    with smtp_server(tmp_path) as smtp, webhook_receiver() as hooks:
+        textfile = tmp_path / "textfile" / "backup_pipelines.prom"
+        make_project(
+            {
+                "app": {"dsn_env": "DB_APP", "max_age": "3s"},
+                "broken": {"dsn_env": "DB_BROKEN", "max_age": "1h"},
+            },
+            env={
+                "DB_APP": pg.dsn(sample_db),
+                "DB_BROKEN": f"postgresql://postgres@127.0.0.1:{free_port()}/nothing",
+                "SMTP_USER": smtp.username,
+                "SMTP_PASSWORD": smtp.password,
+                "SLACK_HOOK_URL": f"{hooks.url}/slack",
+            },
+            alerts={"ui_base_url": UI},
+            notifiers=[
+                {
+                    "type": "email",
+                    "host": smtp.host,
+                    "port": smtp.port,
+                    "security": "starttls",
+                    "username_env": "SMTP_USER",
+                    "password_env": "SMTP_PASSWORD",
+                    "ca_file": str(smtp.ca_file),
+                    "sender": "backups@example.com",
+                    "to": ["oncall@example.com"],
+                },
+                {"type": "slack", "webhook_url_env": "SLACK_HOOK_URL"},
+                {"type": "webhook", "url": f"{hooks.url}/generic"},
+            ],
+            metrics={"textfile": str(textfile)},
+        )
+        with dg.instance_for_test() as instance:
+            yield Setup(load_defs(), instance, smtp, hooks, textfile)
+
+
+def test_stale_backup_alerts_once_then_resolves(setup: Setup) -> None:
+    assert setup.backup(APP).success
+    # Fresh (app) and within its first hour (broken, never backed up): nothing to say.
+    first = setup.tick("stale_backup_sensor", None)
+    assert setup.smtp.messages == [] and setup.hooks.requests == []
+
+    time.sleep(3.5)
+    second = setup.tick("stale_backup_sensor", first.cursor)
+    messages = setup.smtp.wait_for(1)
+    assert len(messages) == 1
+    assert messages[0]["Subject"] == "[backup_pipelines] FAILED app: backup is stale"
+    body = messages[0].get_content()
+    assert "more than its max_age of 0:00:03" in body
+    assert f"{UI}/assets/app/logical_backup" in body
+    generic = setup.hooks.bodies("/generic")
+    assert [(g["target"], g["status"], g["incident"]) for g in generic] == [
+        ("app", "firing", "stale:app")
+    ]
+    assert len(setup.hooks.bodies("/slack")) == 1
+
+    # Next tick, and a "restarted" daemon evaluating with the stored cursor: quiet.
+    third = setup.tick("stale_backup_sensor", second.cursor)
+    setup.tick("stale_backup_sensor", second.cursor)
+    time.sleep(0.3)
+    assert len(setup.smtp.messages) == 1 and len(setup.hooks.requests) == 2
+
+    assert setup.backup(APP).success
+    fourth = setup.tick("stale_backup_sensor", third.cursor)
+    messages = setup.smtp.wait_for(2)
+    assert len(messages) == 2
+    assert messages[1]["Subject"] == "[backup_pipelines] RESOLVED app: fresh backup again"
+    assert [g["status"] for g in setup.hooks.bodies("/generic")] == ["firing", "resolved"]
+    setup.tick("stale_backup_sensor", fourth.cursor)
+    time.sleep(0.3)
+    assert len(setup.smtp.messages) == 2 and len(setup.hooks.requests) == 4
+
+
+def test_failed_backup_run_alerts_with_reason_and_link(setup: Setup) -> None:
+    result = setup.backup(BROKEN)
+    assert not result.success
+    setup.run_failure_tick(result)
+    (message,) = setup.smtp.wait_for(1)
+    assert message["Subject"] == "[backup_pipelines] FAILED broken: logical_backup failed"
+    body = message.get_content()
+    assert "Target:   broken" in body
+    assert "cannot connect" in body
+    assert f"{UI}/runs/{result.run_id}" in body
+    (generic,) = setup.hooks.bodies("/generic")
+    assert generic["what"] == "logical_backup" and generic["link"] == f"{UI}/runs/{result.run_id}"
+
+
+def test_tampered_backup_fails_its_check_and_alerts_once(setup: Setup) -> None:
+    assert setup.backup(APP).success
+    start = setup.tick("failed_check_alert_sensor", None)
+    path = Path(
+        setup.instance.get_latest_materialization_event(APP)
+        .asset_materialization.metadata["path"]
+        .value
+    )
+    with path.open("r+b") as handle:
+        handle.seek(200)
+        handle.write(b"tampered")
+
+    check_job = dg.define_asset_job(
+        "verify_app", selection=dg.AssetSelection.checks(dg.AssetCheckKey(APP, "checksum_matches"))
+    )
+    job = dg.Definitions.merge(setup.defs, dg.Definitions(jobs=[check_job])).resolve_job_def(
+        "verify_app"
+    )
+    result = job.execute_in_process(instance=setup.instance, raise_on_error=False)
+    assert not result.success  # the check is blocking: the run fails too
+
+    # The failed run is reported by the check alert alone, not twice.
+    setup.run_failure_tick(result)
+    after = setup.tick("failed_check_alert_sensor", start.cursor)
+    (message,) = setup.smtp.wait_for(1)
+    assert (
+        message["Subject"]
+        == "[backup_pipelines] FAILED app: check checksum_matches failed on logical_backup"
+    )
+    body = message.get_content()
+    assert "sha256" in body.lower() or "checksum" in body.lower()
+    assert f"{UI}/runs/{result.run_id}" in body
+    setup.tick("failed_check_alert_sensor", after.cursor)
+    time.sleep(0.3)
+    assert len(setup.smtp.messages) == 1
+    assert len(setup.hooks.bodies("/generic")) == 1
+
+    # The metrics say so too: the newest backup is not good.
+    setup.tick("backup_metrics_sensor", None)
+    values = {
+        (s.name, s.labels.get("target")): s.value
+        for f in text_string_to_metric_families(setup.textfile.read_text())
+        for s in f.samples
+    }
+    assert values[("backup_pipelines_backup_success", "app")] == 0
+
+
+def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
+    assert setup.backup(APP).success
+    assert not setup.backup(BROKEN).success
+    setup.tick("backup_metrics_sensor", None)
+    values = {
+        (s.name, s.labels.get("target")): s.value
+        for f in text_string_to_metric_families(setup.textfile.read_text())
+        for s in f.samples
+    }
+    materialization = setup.instance.get_latest_materialization_event(APP)
+    size = materialization.asset_materialization.metadata["size_bytes"].value
+    assert values[("backup_pipelines_backup_success", "app")] == 1
+    assert values[("backup_pipelines_backup_success", "broken")] == 0
+    assert values[("backup_pipelines_backup_size_bytes", "app")] == size
+    assert values[("backup_pipelines_backup_duration_seconds", "app")] > 0
+    assert (
+        abs(values[("backup_pipelines_backup_last_success_timestamp_seconds", "app")] - time.time())
+        < 60
+    )
+    assert ("backup_pipelines_backup_last_success_timestamp_seconds", "broken") not in values
+    assert ("backup_pipelines_restore_drill_success", "app") not in values
