@@ -312,11 +312,6 @@ class PitrSettings(_Strict):
         ),
     )
     base_backup_compression: Compression = "zstd"
-    keep_base_backups: int = Field(
-        default=2,
-        ge=1,
-        description="Base backups always kept (newest first) when no calendar retention applies.",
-    )
     drill_port: int | None = Field(
         default=None, ge=1024, le=65535, description="Port of the drill's scratch server; default: a free one."
     )
