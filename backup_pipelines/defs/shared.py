@@ -43,6 +43,8 @@ def failure(
     )
 
 
-def user_error(exc: BackupPipelinesError) -> dg.Failure:
+def user_error(
+    exc: BackupPipelinesError, metadata: dict[str, dg.MetadataValue] | None = None
+) -> dg.Failure:
     """A run failure whose description is the engine's actionable message (no stack trace)."""
-    return dg.Failure(description=str(exc), allow_retries=False)
+    return dg.Failure(description=str(exc), metadata=metadata, allow_retries=False)

@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.migrations import (
@@ -131,7 +132,7 @@ def roll_back_migrations(
                 metadata["safety_backup"] = dg.MetadataValue.path(str(exc.safety_backup))
             if exc.failed_migration:
                 metadata["failed_migration"] = dg.MetadataValue.text(exc.failed_migration)
-        raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None
+        raise user_error(exc, metadata) from None
     return dg.Output(None, metadata=result_metadata(result))
 
 
