@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.artifacts import BackupArtifact
@@ -56,6 +57,10 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         kinds={"postgres"},
         tags={"target": name},
         description=_description(name, settings),
+        # Backups per database server are capped by this pool's limit (dagster.yaml).
+        pool=host_pool(name),
+        # Shows the asset as stale in the UI once the newest backup is older than max_age.
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=settings.max_age),
     )
     def logical_backup(context: dg.AssetExecutionContext, backup_engine: BackupEngineResource) -> dg.MaterializeResult:
         try:

@@ -21,7 +21,11 @@ from typing import Any
 import dagster as dg
 
 from backup_pipelines.defs.cadences import TAG_TARGET
-from backup_pipelines.defs.monitoring.status import collect_metrics, newest_backup_timestamp
+from backup_pipelines.defs.monitoring.status import (
+    backup_in_progress,
+    collect_metrics,
+    newest_backup_timestamp,
+)
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config
 from backup_pipelines.engine.config import ProjectConfig
@@ -131,7 +135,10 @@ def evaluate_staleness(
         newest = newest_backup_timestamp(context.instance, config, target)
         reference = newest if newest is not None else entry.get("first_seen", now)
         stale = now - reference > config.targets[target].max_age.total_seconds()
-        if stale and "alerted" not in entry:
+        if stale and "alerted" not in entry and backup_in_progress(context.instance, target):
+            # The scheduled backup is on its way (max_age is reached while it runs): wait for it.
+            events.append(f"{target}: stale, backup in progress")
+        elif stale and "alerted" not in entry:
             report = send_alert(
                 config,
                 _stale_alert(config, target, newest, entry["first_seen"], now),

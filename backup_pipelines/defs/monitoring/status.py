@@ -26,6 +26,12 @@ ERROR_CHECKS: dict[str, tuple[str, ...]] = {
 DURATION_KEYS = ("rto_seconds", "duration_seconds", "restore_seconds")
 
 _FAILED_RUN = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+_UNFINISHED_RUN = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,15 @@ def asset_outcome(
         run_id=latest.run_id,
         duration_seconds=duration,
     )
+
+
+def backup_in_progress(instance: dg.DagsterInstance, target: str) -> bool:
+    """A run that will back the target up is queued or running right now."""
+    planned = instance.get_latest_planned_materialization_info(target_key(target, LOGICAL_BACKUP))
+    if planned is None:
+        return False
+    run = instance.get_run_by_id(planned.run_id)
+    return run is not None and run.status in _UNFINISHED_RUN
 
 
 def newest_backup_timestamp(
