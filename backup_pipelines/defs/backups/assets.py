@@ -1,6 +1,8 @@
 """``<target>/logical_backup``: one streamed, checksummed pg_dump per configured target."""
 
 
+from datetime import timedelta
+
 import dagster as dg
 
 from backup_pipelines.defs.cadences import host_pool
@@ -10,6 +12,9 @@ from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.pipeline import run_backup
+
+# Dagster's smallest freshness window (a shorter max_age still alerts through the sensor).
+MIN_FRESHNESS_WINDOW = timedelta(minutes=1)
 
 
 def artifact_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | int | float | str]:
@@ -60,7 +65,9 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         # Backups per database server are capped by this pool's limit (dagster.yaml).
         pool=host_pool(name),
         # Shows the asset as stale in the UI once the newest backup is older than max_age.
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=settings.max_age),
+        freshness_policy=dg.FreshnessPolicy.time_window(
+            fail_window=max(settings.max_age, MIN_FRESHNESS_WINDOW)
+        ),
     )
     def logical_backup(context: dg.AssetExecutionContext, backup_engine: BackupEngineResource) -> dg.MaterializeResult:
         try:
