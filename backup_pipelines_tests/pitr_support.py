@@ -41,7 +41,15 @@ def server_user_command(workdir: Path) -> str:
     if os.geteuid() != 0:
         return shlex.quote(str(cli))
     probe = subprocess.run(
-        ["runuser", "-u", "postgres", "--", str(VENV_BIN / "python"), "-c", "import backup_pipelines"],
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(VENV_BIN / "python"),
+            "-c",
+            "import backup_pipelines",
+        ],
         capture_output=True,
         check=False,
     )
@@ -49,7 +57,9 @@ def server_user_command(workdir: Path) -> str:
         return shlex.quote(str(cli))
     system_python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     if not system_python.exists():
-        pytest.skip(f"the postgres OS user cannot run {sys.executable} and {system_python} is missing")
+        pytest.skip(
+            f"the postgres OS user cannot run {sys.executable} and {system_python} is missing"
+        )
     repo = Path(backup_pipelines.__file__).resolve().parents[1]
     site = sysconfig.get_paths()["purelib"]
     launcher = workdir / "backup-pipelines-as-server-user"

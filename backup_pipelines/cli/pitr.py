@@ -70,7 +70,9 @@ def cmd_wal_fetch(args: argparse.Namespace) -> int:
         log.info(f"wal-fetch: restored {outcome.name} ({outcome.size} bytes) from {outcome.source}")
         return 0
     except BaseException as exc:  # noqa: BLE001 - never a status above 125
-        log.error(f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {str(exc) or type(exc).__name__}")
+        log.error(
+            f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {str(exc) or type(exc).__name__}"
+        )
         return EXIT_REFUSED
 
 
@@ -87,9 +89,13 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
     assert settings is not None
     if settings.archive_dir is not None:
         setup_archive_dir(settings.archive_dir, settings.server_os_user)
-        _print(f"WAL archive folder ready: {settings.archive_dir} (owner {settings.server_os_user}, 0700)")
+        _print(
+            f"WAL archive folder ready: {settings.archive_dir} (owner {settings.server_os_user}, 0700)"
+        )
     if settings.archive_s3:
-        _print(f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)")
+        _print(
+            f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)"
+        )
     _print("\nAdd to postgresql.conf (then restart PostgreSQL: archive_mode needs a restart):\n")
     for line in postgresql_conf_lines(config, target, args.archive_timeout):
         _print(line)
@@ -110,7 +116,11 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
     health = archive_health(target, archive=archive)
     window = recovery_window(target, archive)
     if args.json:
-        _print(json.dumps({**health.as_dict(), "recoverable": window.describe(config.timezone)}, indent=2))
+        _print(
+            json.dumps(
+                {**health.as_dict(), "recoverable": window.describe(config.timezone)}, indent=2
+            )
+        )
     else:
         _print(health.summary())
         _print(f"  archive: {health.archive}")
@@ -230,8 +240,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pitr-restore", help="restore a target as it was at a moment into a NEW data directory"
     )
     p.add_argument("target")
-    p.add_argument("--to", required=True, help="'2026-11-24 15:30:00' (targets-file timezone) or ISO 8601")
-    p.add_argument("--data-dir", required=True, help="new (or empty) folder for the restored cluster")
+    p.add_argument(
+        "--to", required=True, help="'2026-11-24 15:30:00' (targets-file timezone) or ISO 8601"
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="new (or empty) folder for the restored cluster"
+    )
     p.add_argument("--port", type=int, help="port of the restored server")
     p.add_argument("--start", action="store_true", help="start it and wait until it is promoted")
     p.add_argument(
@@ -241,6 +255,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_pitr_restore)
 
-    p = sub.add_parser("pitr-drill", help="restore to a fresh point on a scratch port, check, clean up")
+    p = sub.add_parser(
+        "pitr-drill", help="restore to a fresh point on a scratch port, check, clean up"
+    )
     p.add_argument("target")
     p.set_defaults(func=cmd_pitr_drill)

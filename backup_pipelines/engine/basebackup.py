@@ -136,7 +136,9 @@ def _server_now(info: ConnectionInfo) -> datetime:
     return row[0]
 
 
-def run_base_backup(target: Target, *, log: Any = None, purpose: str = "scheduled") -> BackupArtifact:
+def run_base_backup(
+    target: Target, *, log: Any = None, purpose: str = "scheduled"
+) -> BackupArtifact:
     """Take one base backup of the target's cluster; returns the new artifact."""
     log = log or logger
     settings = pitr_settings(target)
@@ -229,7 +231,9 @@ def run_base_backup(target: Target, *, log: Any = None, purpose: str = "schedule
                 timeline=timeline,
                 wal_segment_size=segment_size,
                 first_wal_segment=segment_of_lsn(start_lsn, timeline, segment_size),
-                last_wal_segment=segment_of_lsn(max(parse_lsn(end_lsn) - 1, 0), timeline, segment_size),
+                last_wal_segment=segment_of_lsn(
+                    max(parse_lsn(end_lsn) - 1, 0), timeline, segment_size
+                ),
                 archive_mode=facts["archive_mode"],
             )
             with open_private(sidecars[0]) as out:
@@ -327,9 +331,10 @@ def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destinat
                 f".meta {meta.sha256[:16]}…): the base backup was modified or damaged",
                 hint="use another base backup (or its offsite copy)",
             )
-        if not (destination / "backup_manifest").exists() or not (
-            destination / "global" / "pg_control"
-        ).exists():
+        if (
+            not (destination / "backup_manifest").exists()
+            or not (destination / "global" / "pg_control").exists()
+        ):
             raise IntegrityError(
                 f"{artifact.path.name} does not contain a complete data directory "
                 "(backup_manifest or global/pg_control missing)"
@@ -390,7 +395,8 @@ def check_manifest(artifact: BackupArtifact, meta: BaseBackupMeta, target: Targe
             return CheckOutcome(
                 "manifest",
                 False,
-                f"pg_verifybackup found problems in {artifact.path.name}: " + "; ".join(detail[:10]),
+                f"pg_verifybackup found problems in {artifact.path.name}: "
+                + "; ".join(detail[:10]),
                 {"members": members},
             )
         return CheckOutcome(

@@ -46,6 +46,7 @@ from backup_pipelines.engine.wal import (
     newest_segment,
     parse_lsn,
     pitr_settings,
+    prune_wal,
     restore_command,
     segment_number,
     wal_archive_for,
@@ -54,7 +55,9 @@ from backup_pipelines.engine.wal import (
 logger = logging.getLogger("backup_pipelines")
 
 RESTORE_LOG_NAME = "pitr_restore.log"
-_STOP_RE = re.compile(r"recovery stopping (?:before|after) (?:commit|abort) of transaction (\d+), time (.+)")
+_STOP_RE = re.compile(
+    r"recovery stopping (?:before|after) (?:commit|abort) of transaction (\d+), time (.+)"
+)
 _LAST_TX_RE = re.compile(r"last completed transaction was at log time (.+)")
 _TIMELINE_RE = re.compile(r"selected new timeline ID: (\d+)")
 
@@ -128,8 +131,10 @@ def choose_base_backup(
     the recoverable window, naming the window."""
     window = recovery_window(target, archive)
     wanted = to.astimezone(ZoneInfo(timezone)).isoformat(sep=" ", timespec="seconds")
-    if window.earliest is None or window.latest is None or not (
-        window.earliest <= to <= window.latest
+    if (
+        window.earliest is None
+        or window.latest is None
+        or not (window.earliest <= to <= window.latest)
     ):
         raise PitrRangeError(
             f"cannot recover target '{target.name}' to {wanted}: the recoverable range is "
@@ -292,7 +297,9 @@ def _postmaster_running(data_dir: Path) -> bool:
 
 def _parse_log_time(text: str) -> datetime | None:
     cleaned = text.strip()
-    match = re.match(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2}(?::?\d{2})?)?", cleaned)
+    match = re.match(
+        r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2}(?::?\d{2})?)?", cleaned
+    )
     if not match:
         return None
     stamp, offset = match.group(1), match.group(2) or "+00"
@@ -337,9 +344,10 @@ def start_and_wait(
     result.started = True
     deadline = time.monotonic() + timeout_seconds
     while True:
-        if _controldata_state(bin_dir, data_dir) == "in production" and not (
-            data_dir / "recovery.signal"
-        ).exists():
+        if (
+            _controldata_state(bin_dir, data_dir) == "in production"
+            and not (data_dir / "recovery.signal").exists()
+        ):
             result.promoted = True
             break
         if not _postmaster_running(data_dir) or time.monotonic() > deadline:
@@ -360,7 +368,9 @@ def stop_server(data_dir: Path, bin_dir: Path, user: str, mode: str = "fast") ->
     if not _postmaster_running(data_dir):
         return
     subprocess.run(
-        _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", mode, "-w", "stop"], user),
+        _as_server_user(
+            [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", mode, "-w", "stop"], user
+        ),
         capture_output=True,
         check=False,
     )
@@ -477,9 +487,7 @@ class DrillResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _wait_archived(
-    info: ConnectionInfo, archive: WalArchive, segment: str, timeout: float
-) -> None:
+def _wait_archived(info: ConnectionInfo, archive: WalArchive, segment: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if archive.primary.read_record(segment) is not None:
@@ -583,7 +591,9 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
             in_recovery, replayed = cur.fetchone()  # type: ignore[misc]
             before_status = _txid_status(cur, before)
             after_status = _txid_status(cur, after)
-            cur.execute("CREATE TEMP TABLE drill_write_test (id int); INSERT INTO drill_write_test VALUES (1)")
+            cur.execute(
+                "CREATE TEMP TABLE drill_write_test (id int); INSERT INTO drill_write_test VALUES (1)"
+            )
             cur.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
             databases = [str(r[0]) for r in cur.fetchall()]
         for database in databases:
@@ -598,10 +608,14 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
         if in_recovery:
             problems.append("the copy is still in recovery (not promoted)")
         if before_status != "committed":
-            problems.append(f"the transaction committed before the target is {before_status} in the copy")
+            problems.append(
+                f"the transaction committed before the target is {before_status} in the copy"
+            )
         if after_status == "committed":
-            problems.append("the transaction committed after the target is committed in the copy: "
-                            "recovery went past the target")
+            problems.append(
+                "the transaction committed after the target is committed in the copy: "
+                "recovery went past the target"
+            )
         result.details = {
             "marker_before": f"{before}: {before_status}",
             "marker_after": f"{after}: {after_status}",
@@ -625,7 +639,9 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
             with contextlib.suppress(Exception):
                 stop_server(data_dir, bin_dir, settings.server_os_user, "immediate")
         shutil.rmtree(scratch, ignore_errors=True)
-    log.info(f"PITR drill of '{target.name}': {'PASSED' if result.passed else 'FAILED'}: {result.message}")
+    log.info(
+        f"PITR drill of '{target.name}': {'PASSED' if result.passed else 'FAILED'}: {result.message}"
+    )
     return result
 
 
@@ -677,7 +693,9 @@ class ArchiveHealth:
             "archive": self.archive,
             "segments": self.segments,
             "newest_segment": self.newest_segment,
-            "newest_archived_at": self.newest_archived_at.isoformat() if self.newest_archived_at else None,
+            "newest_archived_at": self.newest_archived_at.isoformat()
+            if self.newest_archived_at
+            else None,
             "age_seconds": self.age_seconds,
             "lag_limit_seconds": self.lag_limit_seconds,
             "first_needed_segment": self.first_needed_segment,
@@ -721,7 +739,10 @@ def archive_health(
     archive = archive or wal_archive_for(target)
     now = now or datetime.now(UTC)
     health = ArchiveHealth(
-        target.name, [], archive.describe(), lag_limit_seconds=settings.archive_lag_limit_minutes * 60
+        target.name,
+        [],
+        archive.describe(),
+        lag_limit_seconds=settings.archive_lag_limit_minutes * 60,
     )
     try:
         entries = list_wal(archive)
@@ -785,3 +806,90 @@ def archive_health(
                 + (f"; server not reachable: {health.server_error}" if health.server_error else "")
             )
     return health
+
+
+# --- retention: base backups by the calendar policy, WAL only before the oldest kept one -------
+
+
+@dataclass
+class PitrRetentionReport:
+    kept: list[str]
+    pruned: list[str]
+    wal_removed: list[str]
+    keep_wal_from: str | None
+    held: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def apply_pitr_retention(
+    config: ProjectConfig,
+    target: Target,
+    *,
+    archive: WalArchive | None = None,
+    remote_storage: Any = None,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> PitrRetentionReport:
+    """Prune base backups with the target's calendar retention (the same planner as logical
+    backups), then WAL older than the first segment the oldest *kept* base backup needs.
+
+    WAL is never pruned when no base backup is kept, and nothing newer than that first segment
+    is ever touched, so every kept base backup can still be recovered to any later moment.
+    """
+    from backup_pipelines.engine.retention import RetentionPolicy, apply_retention, build_inventory
+    from backup_pipelines.engine.storage import list_stored_backups
+
+    archive = archive or wal_archive_for(target)
+    now = now or datetime.now(UTC)
+    local = [a for a, _ in list_base_backups(target)]
+    remote = list_stored_backups(remote_storage) if remote_storage is not None else []
+    remote = [a for a in remote if a.meta.kind == "base"]
+    retention = target.settings.retention
+    policy = RetentionPolicy(retention.daily, retention.weekly, retention.monthly)
+    report = apply_retention(
+        build_inventory(local, remote),
+        policy,
+        now=now,
+        tz=config.timezone,
+        remote_storage=remote_storage,
+        dry_run=dry_run,
+    )
+    kept = [e for e in report.entries if e.decision is not None and e.decision.keep]
+    result = PitrRetentionReport(
+        kept=[e.name for e in kept],
+        pruned=[e.name for e in report.pruned],
+        wal_removed=[],
+        keep_wal_from=None,
+        held=report.plan.hold_reason,
+        errors=list(report.errors),
+    )
+    kept_meta = []
+    for entry in kept:
+        artifact = entry.local or entry.remote
+        if artifact is not None:
+            kept_meta.append(BaseBackupMeta.model_validate(artifact.meta.model_dump()))
+    if not kept_meta:
+        return result
+    oldest = min(kept_meta, key=lambda m: parse_lsn(m.start_lsn))
+    result.keep_wal_from = oldest.first_wal_segment
+    if not dry_run:
+        result.wal_removed = prune_wal(
+            archive,
+            segment_number(oldest.first_wal_segment, oldest.wal_segment_size),
+            oldest.wal_segment_size,
+        )
+    return result
+
+
+def base_backup_offsite_storage(target: Target, *, client: Any = None) -> Any:
+    """Where base backups are copied offsite: ``s3://<bucket>/<prefix>/<target>-pitr/base/``.
+
+    A sibling of the logical backups' ``<prefix>/<target>/`` folder (target names cannot contain
+    ``-``), so logical retention, listings and "restore latest" never see a base backup.
+    """
+    from backup_pipelines.engine.offsite import offsite_storage
+
+    storage = offsite_storage(target, client=client)
+    parts = (target.settings.offsite.prefix.strip("/"), f"{target.name}-pitr", "base")
+    storage.prefix = "/".join(p for p in parts if p)
+    return storage

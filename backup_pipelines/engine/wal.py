@@ -793,7 +793,11 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
 def archive_json(archive: WalArchive) -> str:
     return json.dumps(
         [
-            {"name": e.name, "kind": e.kind, "archived_at": e.archived_at and e.archived_at.isoformat()}
+            {
+                "name": e.name,
+                "kind": e.kind,
+                "archived_at": e.archived_at and e.archived_at.isoformat(),
+            }
             for e in list_wal(archive)
         ],
         indent=2,

@@ -60,9 +60,7 @@ def test_round_trip_restores_exactly_the_rows_before_the_target(
 
     port = free_port()
     data_dir = setup.workdir / "restored" / "data"
-    result = pitr_restore(
-        setup.config, setup.target, target_time, data_dir, port=port, start=True
-    )
+    result = pitr_restore(setup.config, setup.target, target_time, data_dir, port=port, start=True)
     restored = _restored(setup, data_dir, port)
     try:
         assert result.promoted
@@ -104,7 +102,9 @@ def test_refuses_times_outside_the_window_and_non_empty_data_dirs(
         pitr_restore(setup.config, setup.target, too_early, tmp_path / "early")
     assert window.earliest.isoformat(sep=" ", timespec="seconds")[:19] in caught.value.message
     with pytest.raises(PitrRangeError, match="recoverable range is"):
-        pitr_restore(setup.config, setup.target, window.latest + timedelta(hours=1), tmp_path / "late")
+        pitr_restore(
+            setup.config, setup.target, window.latest + timedelta(hours=1), tmp_path / "late"
+        )
     assert not (tmp_path / "early").exists() and not (tmp_path / "late").exists()
 
     occupied = tmp_path / "occupied"

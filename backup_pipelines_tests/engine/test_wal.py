@@ -97,7 +97,9 @@ def test_same_name_other_content_is_refused_and_nothing_overwritten(
     assert destination.read_bytes() == original
 
 
-def test_archive_unavailable_fails_without_creating_it(archive: Path, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_archive_unavailable_fails_without_creating_it(
+    archive: Path, tmp_path: Path, run_cli
+) -> None:  # type: ignore[no-untyped-def]
     archive.rmdir()  # an unmounted archive volume
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, _segment_bytes(5))
     result = run_cli("wal-push", str(source))
@@ -202,9 +204,9 @@ def test_segment_arithmetic_and_gap_detection() -> None:
     assert segment_of_lsn("1/FF000000", 3, size) == "0000000300000001000000FF"
     assert segment_number("000000010000000100000000", size) == 256
     assert segment_name(1, 256, size) == "000000010000000100000000"
-    entries = [
-        WalEntry(segment_name(1, n, size), "segment", None) for n in (2, 3, 5, 6, 9)
-    ] + [WalEntry(segment_name(2, 10, size), "segment", None)]
+    entries = [WalEntry(segment_name(1, n, size), "segment", None) for n in (2, 3, 5, 6, 9)] + [
+        WalEntry(segment_name(2, 10, size), "segment", None)
+    ]
     gaps = find_gaps(entries, 1, size)
     assert [(g.first_missing, g.count) for g in gaps] == [
         ("000000010000000000000001", 1),

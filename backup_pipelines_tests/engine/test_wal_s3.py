@@ -31,9 +31,7 @@ def _keys(client, bucket: str) -> list[str]:  # type: ignore[no-untyped-def]
 
 def test_s3_archive_contract(aws_env: str, tmp_path: Path, make_project, run_cli) -> None:  # type: ignore[no-untyped-def]
     client, bucket = _bucket(aws_env)
-    make_project(
-        {"main": {"dsn_env": "UNUSED", "pitr": {"archive_s3": f"s3://{bucket}/wal/main"}}}
-    )
+    make_project({"main": {"dsn_env": "UNUSED", "pitr": {"archive_s3": f"s3://{bucket}/wal/main"}}})
     data = b"\x01" * 8192 + os.urandom(32 << 10) + b"\0" * (1 << 20)
     source = tmp_path / SEGMENT
     source.write_bytes(data)
@@ -79,9 +77,7 @@ def test_s3_unreachable_fails_and_leaves_nothing(
     assert not list(Path("/tmp").glob("bp-wal-*/" + SEGMENT + "*"))
 
 
-def test_archive_to_s3_and_recover_from_it(
-    aws_env: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_archive_to_s3_and_recover_from_it(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     client, bucket = _bucket(aws_env)
     setup = start_pitr_cluster(
         monkeypatch, pitr={"archive_s3": f"s3://{bucket}/wal/main"}, local_archive=False
@@ -100,7 +96,9 @@ def test_archive_to_s3_and_recover_from_it(
 
         port = free_port()
         data_dir = setup.workdir / "restored" / "data"
-        result = pitr_restore(setup.config, setup.target, target_time, data_dir, port=port, start=True)
+        result = pitr_restore(
+            setup.config, setup.target, target_time, data_dir, port=port, start=True
+        )
         restored = LocalCluster(root=data_dir.parent, port=port, password=PASSWORD)
         assert result.promoted
         assert restored.psql("SELECT count(*), max(id) FROM events") == "250|250"
