@@ -18,7 +18,6 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines.engine.reader import dump_chunks
-from backup_pipelines.engine.storage import BackupStorage
 
 
 def databases(cluster: LocalCluster) -> set[str]:
@@ -80,11 +79,3 @@ def inject_before_first(marker: bytes, statement: bytes) -> Callable[[bytes], by
 
     return transform
 
-
-def upload_backup(artifact: BackupArtifact, storage: BackupStorage) -> str:
-    """Copy a local backup with its sidecars into ``storage``, as the offsite copy does."""
-    name = artifact.path.name
-    storage.put_file(artifact.path, name)
-    storage.put_bytes(name + ".sha256", artifact.sha256_path.read_bytes())
-    storage.put_bytes(name + ".meta", artifact.meta_path.read_bytes())
-    return storage.url(name)

@@ -12,8 +12,10 @@ load it and check the counts. The RPO at that moment is the age of the backup dr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,14 +29,18 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
 from backup_pipelines.engine.restore import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    SCRATCH_MARKER,
     compare_counts,
+    configured_offsite_storage,
     create_database,
     describe_mismatches,
     drop_database,
+    drop_leftover_databases,
     latest_local_backup,
     latest_offsite_backup,
+    local_copy,
     locate_backup,
-    offsite_storage,
+    mark_database,
     restore_into,
     scratch_name,
     server_tools,
@@ -141,7 +147,7 @@ def drill_backup(target: Target, *, log: Any = None) -> tuple[BackupArtifact, st
     """
     log = log or logger
     local = latest_local_backup(target)
-    storage = offsite_storage(target)
+    storage = configured_offsite_storage(target)
     if storage is not None:
         try:
             if local is not None:
@@ -208,6 +214,40 @@ def run_drill(
     )
 
     clock = time.monotonic()
+    with contextlib.ExitStack() as cleanup:
+        if not artifact.is_local:
+            # Downloaded once and restored from disk; the download counts towards the RTO.
+            try:
+                artifact = cleanup.enter_context(
+                    local_copy(
+                        artifact, work_dir_for(target), log=log, progress_interval=progress_interval
+                    )
+                )
+            except BackupPipelinesError as exc:
+                return failed("download", exc.message)
+        return _verify_restore_check(
+            result,
+            target,
+            admin,
+            artifact,
+            clock,
+            failed,
+            log=log,
+            progress_interval=progress_interval,
+        )
+
+
+def _verify_restore_check(
+    result: DrillResult,
+    target: Target,
+    admin: ConnectionInfo,
+    artifact: BackupArtifact,
+    clock: float,
+    failed: Callable[[str, str], DrillResult],
+    *,
+    log: Any,
+    progress_interval: float,
+) -> DrillResult:
     try:
         outcomes = verify_artifact(artifact)
     except BackupPipelinesError as exc:
@@ -220,8 +260,10 @@ def run_drill(
     name = scratch_name("bp_drill", target.name)
     result.scratch_database = name
     try:
+        drop_leftover_databases(admin, target, SCRATCH_MARKER, log=log)
         tools = server_tools(admin, target)
         create_database(admin, name, artifact)
+        mark_database(admin, name, SCRATCH_MARKER, target)
     except (BackupPipelinesError, psycopg.Error) as exc:
         message = exc.message if isinstance(exc, BackupPipelinesError) else admin.redact(str(exc))
         return failed("create_scratch_database", message)

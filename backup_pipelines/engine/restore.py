@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -45,7 +46,15 @@ from typing import IO, Any
 import psycopg
 from psycopg import sql
 
-from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
+from backup_pipelines.engine.artifacts import (
+    META_SUFFIX,
+    SHA256_SUFFIX,
+    BackupArtifact,
+    list_artifacts,
+    load_artifact,
+    sha256_line,
+    write_meta,
+)
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
 from backup_pipelines.engine.errors import (
@@ -54,6 +63,7 @@ from backup_pipelines.engine.errors import (
     RestoreFailedError,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
+from backup_pipelines.engine.offsite import offsite_storage
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
@@ -461,19 +471,16 @@ def latest_local_backup(target: Target) -> BackupArtifact | None:
     return None
 
 
-def offsite_storage(target: Target) -> S3Storage | None:
-    """The target's offsite folder ``s3://bucket/<prefix>/<target>/``, when offsite copies are on."""
-    offsite = target.settings.offsite
-    bucket = offsite.resolved_bucket()
-    if not offsite.is_enabled or bucket is None:
+def configured_offsite_storage(target: Target) -> S3Storage | None:
+    """The target's offsite folder ``s3://bucket/<prefix>/<target>/``; None when offsite is off."""
+    if not target.settings.offsite.is_enabled:
         return None
-    prefix = "/".join(part for part in (offsite.prefix.strip("/"), target.name) if part)
-    return S3Storage(bucket, prefix)
+    return offsite_storage(target)
 
 
 def latest_offsite_backup(target: Target) -> BackupArtifact | None:
     """The newest usable offsite copy of ``target`` (None when offsite copies are off)."""
-    storage = offsite_storage(target)
+    storage = configured_offsite_storage(target)
     if storage is None:
         return None
     for artifact in list_stored_backups(storage):
@@ -484,7 +491,7 @@ def latest_offsite_backup(target: Target) -> BackupArtifact | None:
 
 def _locate_s3(target: Target, location: str) -> BackupArtifact:
     bucket, key = parse_s3_url(location)
-    storage = offsite_storage(target)
+    storage = configured_offsite_storage(target)
     if storage is None:
         raise RestoreRefusedError(
             f"{location} is in S3, but target '{target.name}' has no offsite bucket configured",
@@ -516,7 +523,7 @@ def locate_backup(config: ProjectConfig, target: Target, backup: str) -> BackupA
         if artifact is None:
             raise RestoreRefusedError(
                 f"target '{target.name}' has no usable backup in {target.backup_dir}"
-                + (" or offsite" if offsite_storage(target) else ""),
+                + (" or offsite" if configured_offsite_storage(target) else ""),
                 hint=f"take one with `backup-pipelines backup {target.name}` or name a backup file",
             )
         return artifact
@@ -709,9 +716,12 @@ def _swap(
 ) -> int:
     """Put ``restored`` in place of ``live``; ``live`` becomes ``previous``. All or nothing."""
     row = conn.execute(
-        "SELECT datallowconn FROM pg_database WHERE datname = %s", (live,)
+        "SELECT datallowconn, shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE datname = %s",
+        (live,),
     ).fetchone()
     allowed = bool(row[0]) if row else True
+    live_comment = row[1] if row else None
     live_ident = sql.Identifier(live)
     conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live_ident))
     try:
@@ -735,6 +745,13 @@ def _swap(
                     sql.Identifier(restored), live_ident
                 )
             )
+            # The restored database loses its "restoring" label and takes over the comment
+            # the live one had (pg_dump without --create does not carry it).
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    live_ident, sql.Literal(live_comment)
+                )
+            )
             conn.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(
                     sql.Identifier(previous), sql.Literal(marker)
@@ -754,6 +771,115 @@ def _swap(
             sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(previous))
         )
     return terminated
+
+
+RESTORING_MARKER = "backup_pipelines:restoring"
+SCRATCH_MARKER = "backup_pipelines:scratch"
+
+
+def mark_database(admin: ConnectionInfo, name: str, marker: str, target: Target) -> None:
+    """Label a database we created, so a later run can recognise it if this one dies."""
+    label = json.dumps(
+        {
+            "marker": marker,
+            "target": target.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    )
+    with connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(label))
+        )
+
+
+def _process_alive(host: object, pid: object) -> bool:
+    if host != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def drop_leftover_databases(
+    admin: ConnectionInfo, target: Target, marker: str, *, log: Any = None
+) -> list[str]:
+    """Drop databases a killed restore or drill of ``target`` left behind.
+
+    Only databases carrying our ``marker`` for this target, with no session connected and
+    whose creating process is gone, are dropped: an in-progress run is never disturbed.
+    """
+    log = log or logger
+    dropped = []
+    with connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database'), "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) "
+            "FROM pg_database d WHERE shobj_description(d.oid, 'pg_database') LIKE %s",
+            (f'%"{marker}"%',),
+        ).fetchall()
+        for name, comment, sessions in rows:
+            try:
+                label = json.loads(comment)
+            except ValueError:
+                continue
+            if label.get("marker") != marker or label.get("target") != target.name:
+                continue
+            if sessions or _process_alive(label.get("host"), label.get("pid")):
+                continue
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            log.warning(
+                f"Dropped {name}, left behind by an interrupted run (pid {label.get('pid')} "
+                f"on {label.get('host')}, started {label.get('created_at')})"
+            )
+            dropped.append(name)
+    return dropped
+
+
+@contextlib.contextmanager
+def local_copy(
+    artifact: BackupArtifact,
+    work_dir: Path,
+    *,
+    log: Any,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+) -> Iterator[BackupArtifact]:
+    """A remote backup downloaded once, with its sidecars, into a private temporary folder.
+
+    Streamed to disk (memory stays flat); verification and the restore then read the local
+    file instead of downloading the object again, and pg_restore -j gets a seekable file.
+    """
+    if artifact.is_local:
+        yield artifact
+        return
+    ensure_private_dir(work_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix="download-", dir=work_dir))
+    try:
+        path = tmp_dir / artifact.path.name
+        recorded = artifact.recorded_sha256()
+        progress = Progress(
+            log,
+            f"Download of {artifact.location}",
+            artifact.meta.size_bytes,
+            "bytes",
+            progress_interval,
+        )
+        with open_private(path) as handle:
+            for chunk in artifact.stored_chunks():
+                handle.write(chunk)
+                progress.advance(len(chunk))
+        progress.finish()
+        with open_private(path.with_name(path.name + SHA256_SUFFIX)) as handle:
+            handle.write(sha256_line(recorded, path.name).encode())
+        write_meta(path.with_name(path.name + META_SUFFIX), artifact.meta)
+        yield BackupArtifact(path, artifact.meta)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def previous_copies(conn: psycopg.Connection, target: Target) -> list[tuple[str, datetime]]:
@@ -869,12 +995,26 @@ def restore_database(
             safety_backup=safety,
         )
 
-    with _restore_lock(target):
-        # 1. Integrity of the whole backup before anything is touched.
+    with _restore_lock(target), contextlib.ExitStack() as cleanup:
+        # 1. Integrity of the whole backup before anything is touched. An offsite copy is
+        # downloaded once (streamed to the work folder), then verified and restored locally.
+        if not artifact.is_local:
+            clock = time.monotonic()
+            try:
+                local = cleanup.enter_context(
+                    local_copy(
+                        artifact, work_dir_for(target), log=log, progress_interval=progress_interval
+                    )
+                )
+            except BackupPipelinesError as exc:
+                raise fail("download", exc) from None
+            steps["download"] = time.monotonic() - clock
+        else:
+            local = artifact
         clock = time.monotonic()
-        log.info(f"Verifying {Path(artifact.location).name} (checksum, decryption, decompression)")
+        log.info(f"Verifying {local.path.name} (checksum, decryption, decompression)")
         try:
-            outcomes = verify_artifact(artifact)
+            outcomes = verify_artifact(local)
         except BackupPipelinesError as exc:
             raise fail("verify", exc) from None
         for outcome in outcomes:
@@ -885,6 +1025,7 @@ def restore_database(
                     "use another backup (`backup-pipelines list` shows them) or the offsite copy",
                 ) from None
         steps["verify"] = time.monotonic() - clock
+        log.info(f"Verified {local.path.name} in {steps['verify']:.1f}s")
 
         try:
             with connect(admin, autocommit=True) as conn:
@@ -910,14 +1051,19 @@ def restore_database(
         steps["safety_backup"] = time.monotonic() - clock
 
         # 3. Restore into a new database, 4. check it; the live database is still untouched.
-        with connect(admin, autocommit=True) as conn:
-            restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
+        try:
+            drop_leftover_databases(admin, target, RESTORING_MARKER, log=log)
+            with connect(admin, autocommit=True) as conn:
+                restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            raise fail("restore", exc) from None
         clock = time.monotonic()
         try:
             try:
-                create_database(admin, restoring, artifact)
+                create_database(admin, restoring, local)
+                mark_database(admin, restoring, RESTORING_MARKER, target)
                 restore_into(
-                    artifact,
+                    local,
                     admin.with_dbname(restoring),
                     tools=tools,
                     jobs=target.settings.restore_jobs,
@@ -932,8 +1078,11 @@ def restore_database(
             steps["restore"] = time.monotonic() - clock
 
             clock = time.monotonic()
-            with connect(admin.with_dbname(restoring)) as conn:
-                restored = table_row_counts(conn)
+            try:
+                with connect(admin.with_dbname(restoring)) as conn:
+                    restored = table_row_counts(conn)
+            except (BackupPipelinesError, psycopg.Error) as exc:
+                raise fail("check", exc) from None
             mismatches = compare_counts(meta.row_counts, restored)
             if mismatches:
                 raise fail(
@@ -963,11 +1112,17 @@ def restore_database(
                         )
                         terminated = _swap(conn, database, restoring, previous, target, log=log)
                     else:
-                        conn.execute(
-                            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                                sql.Identifier(restoring), sql.Identifier(database)
+                        with conn.transaction():
+                            conn.execute(
+                                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                    sql.Identifier(restoring), sql.Identifier(database)
+                                )
                             )
-                        )
+                            conn.execute(
+                                sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
+                                    sql.Identifier(database)
+                                )
+                            )
             except (BackupPipelinesError, psycopg.Error) as exc:
                 raise fail(
                     "swap",

@@ -6,14 +6,16 @@ import logging
 import os
 import pty
 import secrets
+import signal
 import subprocess
 import time
 
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import offsite_storage
+from backup_pipelines.engine.restore import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.conftest import DB_PASSWORD, VENV_BIN
 from backup_pipelines_tests.helpers import fingerprint
@@ -21,7 +23,6 @@ from backup_pipelines_tests.restore_helpers import (
     databases,
     forge_plain_backup,
     inject_before_first,
-    upload_backup,
 )
 
 log = logging.getLogger("test")
@@ -66,9 +67,9 @@ def test_cli_restore_round_trip(
     at_backup = fingerprint(pg, sample_db)
     location = {"path": str(backup.path), "latest": "latest"}.get(source)
     if source == "s3":
-        storage = offsite_storage(config.target("prod"))
+        storage = configured_offsite_storage(config.target("prod"))
         assert storage is not None
-        location = upload_backup(backup, storage)
+        location = upload_backup(backup, storage).url
     pg.psql(CHANGE_SQL, sample_db)
 
     result = run_cli("restore", location, "prod", "--confirm", "prod", "--progress-interval", "0")
@@ -197,3 +198,47 @@ def test_cli_drill_and_restore_cleanup(
     broken = run_cli("drill", "prod")
     assert broken.returncode == 1
     assert "FAILED at step 'restore'" in broken.stdout and "division by zero" in broken.stdout
+
+
+def test_killed_restore_leaves_live_database_intact_and_next_restore_cleans_up(
+    pg: LocalCluster, sample_db: str, make_project, run_cli
+) -> None:
+    config = make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
+    backup = run_backup(config.target("prod"), log=log)
+    slow = forge_plain_backup(
+        backup, inject_before_first(b"CREATE TABLE scheduling.shift", b"SELECT pg_sleep(2);\n")
+    )
+    pg.psql(CHANGE_SQL, sample_db)
+    before_fp = fingerprint(pg, sample_db)
+
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "backup-pipelines"), "restore", str(slow), "prod", "--confirm", "prod"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "pg_sleep" not in pg.psql(
+            "SELECT string_agg(query, ' ') FROM pg_stat_activity WHERE datname LIKE '%restoring%'"
+        ):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the host dies mid-restore: CLI and psql at once
+        proc.wait()
+
+    leftovers = [name for name in databases(pg) if "_restoring_" in name]
+    assert len(leftovers) == 1
+    assert fingerprint(pg, sample_db) == before_fp
+    deadline = time.monotonic() + 30
+    while pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{leftovers[0]}'") != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    again = run_cli("restore", str(backup.path), "prod", "--confirm", "prod")
+    assert again.returncode == 0, again.stderr
+    assert f"Dropped {leftovers[0]}, left behind by an interrupted run" in again.stderr
+    assert not [name for name in databases(pg) if "_restoring_" in name]
+    previous = again.stdout.split("previous database kept as: ")[1].split()[0]
+    pg.psql(f'DROP DATABASE "{previous}"')

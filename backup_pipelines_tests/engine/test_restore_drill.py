@@ -7,12 +7,13 @@ import secrets
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
 from backup_pipelines.engine.drill import run_amcheck, run_drill
+from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import offsite_storage
+from backup_pipelines.engine.restore import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint
-from backup_pipelines_tests.restore_helpers import connect_to, databases, upload_backup
+from backup_pipelines_tests.restore_helpers import connect_to, databases
 
 log = logging.getLogger("test")
 
@@ -62,9 +63,9 @@ def test_drill_reads_the_offsite_copy_when_there_is_one(
     local = run_drill(config, "prod", log=log)
     assert local.passed and local.source == "local" and local.backup == str(backup.path)
 
-    storage = offsite_storage(target)
+    storage = configured_offsite_storage(target)
     assert storage is not None
-    location = upload_backup(backup, storage)
+    location = upload_backup(backup, storage).url
     remote = run_drill(config, "prod", log=log)
     assert remote.passed, remote.reason
     assert remote.source == "s3" and remote.backup == location

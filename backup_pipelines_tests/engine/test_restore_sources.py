@@ -8,16 +8,17 @@ import secrets
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.restore import (
     RestoreRefusedError,
     RestoreStepError,
-    offsite_storage,
+    configured_offsite_storage,
     restore_database,
 )
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.helpers import fingerprint
-from backup_pipelines_tests.restore_helpers import backup_files, databases, upload_backup
+from backup_pipelines_tests.restore_helpers import backup_files, databases
 
 log = logging.getLogger("test")
 
@@ -71,9 +72,9 @@ def test_restore_encrypted_and_offsite_round_trips(
     pg.psql(CHANGE_SQL, sample_db)
     location = str(backup.path)
     if spec != "path":
-        storage = offsite_storage(target)
+        storage = configured_offsite_storage(target)
         assert storage is not None
-        location = upload_backup(backup, storage)
+        location = upload_backup(backup, storage).url
         assert location.startswith(f"s3://{bucket}/nightly/prod/")
         # The local copy is gone (lost disk): only the offsite copy can bring the data back.
         for path in (backup.path, backup.sha256_path, backup.meta_path):
@@ -118,14 +119,14 @@ def test_s3_location_outside_the_configured_bucket_folder_is_refused(
         {"prod": _settings("plain", "gzip", False, bucket)}, env={"DB_PROD": pg.dsn(sample_db)}
     )
     backup = run_backup(config.target("prod"), log=log)
-    storage = offsite_storage(config.target("prod"))
+    storage = configured_offsite_storage(config.target("prod"))
     assert storage is not None
     other_bucket = f"{bucket}-other"
     default_s3_client().create_bucket(Bucket=other_bucket)
     from backup_pipelines.engine.storage import S3Storage
 
-    elsewhere = upload_backup(backup, S3Storage(other_bucket, "nightly/prod"))
-    sideways = upload_backup(backup, S3Storage(bucket, "somewhere-else"))
+    elsewhere = upload_backup(backup, S3Storage(other_bucket, "nightly/prod")).url
+    sideways = upload_backup(backup, S3Storage(bucket, "somewhere-else")).url
     before_fp = fingerprint(pg, sample_db)
 
     for location in (elsewhere, sideways):

@@ -20,17 +20,30 @@ RTO_CHECK = "rto_within_target"
 
 
 def drill_metadata(result: DrillResult, rto_target_seconds: float) -> dict[str, dg.MetadataValue]:
-    """Numeric values stay numeric (and present, even for a failed drill) so the UI plots history."""
+    """Numeric values stay numeric so the UI plots drill history.
+
+    A value the drill did not measure (the RTO of a failed restore) is left out rather than
+    recorded as 0, so the plot shows a gap instead of a fake fast restore.
+    """
+    measured = {
+        "rto_seconds": result.rto_seconds,
+        "rpo_seconds": result.backup_age_seconds,
+        "backup_age_hours": (
+            round(result.backup_age_seconds / 3600, 3)
+            if result.backup_age_seconds is not None
+            else None
+        ),
+        "verify_seconds": result.verify_seconds,
+        "restore_seconds": result.restore_seconds,
+    }
     metadata: dict[str, dg.MetadataValue] = {
         "passed": dg.MetadataValue.bool(result.passed),
-        "rto_seconds": dg.MetadataValue.float(result.rto_seconds or 0.0),
         "rto_target_seconds": dg.MetadataValue.float(rto_target_seconds),
-        "rpo_seconds": dg.MetadataValue.float(result.backup_age_seconds or 0.0),
-        "backup_age_hours": dg.MetadataValue.float(
-            round((result.backup_age_seconds or 0.0) / 3600, 3)
-        ),
-        "verify_seconds": dg.MetadataValue.float(result.verify_seconds or 0.0),
-        "restore_seconds": dg.MetadataValue.float(result.restore_seconds or 0.0),
+        **{
+            key: dg.MetadataValue.float(value)
+            for key, value in measured.items()
+            if value is not None
+        },
         "tables": dg.MetadataValue.int(result.tables),
         "rows": dg.MetadataValue.int(result.rows),
         "dagster/row_count": dg.MetadataValue.int(result.rows),

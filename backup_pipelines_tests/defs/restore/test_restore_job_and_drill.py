@@ -12,15 +12,15 @@ import dagster as dg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import offsite_storage
+from backup_pipelines.engine.restore import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import (
     databases,
     forge_plain_backup,
     inject_before_first,
-    upload_backup,
 )
 
 log = logging.getLogger("test")
@@ -85,9 +85,9 @@ def test_restore_job_round_trip(
     at_backup = fingerprint(pg, sample_db)
     location = str(backup.path)
     if offsite:
-        storage = offsite_storage(config.target("prod"))
+        storage = configured_offsite_storage(config.target("prod"))
         assert storage is not None
-        location = upload_backup(backup, storage)
+        location = upload_backup(backup, storage).url
     pg.psql(CHANGE_SQL, sample_db)
 
     with dg.instance_for_test() as instance:
@@ -206,6 +206,8 @@ def test_drill_against_broken_backup_fails_its_check_and_says_why(
     assert drill.metadata["failed_step"].value == "restore"
     assert "division by zero" in drill.metadata["reason"].value
     assert metadata["passed"].value is False and "division by zero" in metadata["result"].value
+    assert "rto_seconds" not in metadata  # not measured: a gap in the plot, not a fake 0
+    assert metadata["rpo_seconds"].value >= 0
     assert not checks["rto_within_target"].passed
     assert databases(pg) == before_dbs  # scratch database removed after the failure
 
