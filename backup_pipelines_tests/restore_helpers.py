@@ -78,4 +78,3 @@ def inject_before_first(marker: bytes, statement: bytes) -> Callable[[bytes], by
         return dump[:start] + statement + dump[start:]
 
     return transform
-
