@@ -90,7 +90,11 @@ class Decision:
                 return name
         if not self.keep:
             return "pruned"
-        return self.reasons[0].split(":")[0] if self.reasons else "kept"
+        words = [reason.split(":")[0] for reason in self.reasons]
+        for word in ("safety", "newest-verified", "future", "hold"):
+            if word in words:
+                return word
+        return "kept"
 
 
 @dataclass(frozen=True)

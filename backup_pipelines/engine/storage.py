@@ -385,7 +385,7 @@ class S3Storage(BackupStorage):
         storage_class: str | None = None,
         server_side_encryption: str | None = None,
         kms_key_id: str | None = None,
-        attempts: int = 4,
+        attempts: int = 3,
         backoff_seconds: float = 0.5,
         min_part_size: int = MIN_PART_SIZE,
         max_parts: int = MAX_PARTS,

@@ -138,5 +138,6 @@ def offsite_assets() -> dg.Definitions:
         assets=[build_offsite_copy(n, s) for n, s in offsite_enabled_targets().items()],
         # Always defined: backup_inventory uses it too. Credentials, region and endpoint come from
         # the standard AWS_* environment (AWS_ENDPOINT_URL_S3 for S3-compatible stores).
-        resources={OFFSITE_S3: S3Resource()},
+        # Few botocore attempts: the engine retries each request again with its own backoff.
+        resources={OFFSITE_S3: S3Resource(max_attempts=3)},
     )
