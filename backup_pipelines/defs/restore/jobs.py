@@ -13,11 +13,11 @@ from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.restore import RestoreReport, RestoreStepError, restore_database
 
-RESTORE_OP = "restore_database"
+RESTORE_OP = "restore_from_backup"
 
 
 class RestoreDatabaseConfig(dg.Config):
-    """What to restore where. Launchpad: ops.restore_database.config."""
+    """What to restore where. Launchpad: ops.restore_from_backup.config."""
 
     backup: str = Field(
         description="The backup: a file under the backup root, an s3:// location of an offsite "

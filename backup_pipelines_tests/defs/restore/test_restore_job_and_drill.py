@@ -37,7 +37,7 @@ def load_defs() -> dg.Definitions:
 def run_restore_job(instance: dg.DagsterInstance, **config: object) -> dg.ExecuteInProcessResult:
     job = load_defs().resolve_job_def("restore_database")
     return job.execute_in_process(
-        run_config={"ops": {"restore_database": {"config": config}}},
+        run_config={"ops": {"restore_from_backup": {"config": config}}},
         instance=instance,
         raise_on_error=False,
     )
@@ -259,3 +259,14 @@ def test_weekly_drill_schedule_sunday_0300_running_one_run_per_target(make_proje
     }
     assert ("prod/restore_drill", "restore_drill_passed") in specs
     assert ("prod/restore_drill", "rto_within_target") in specs
+
+
+def test_definitions_load_with_restore_job_and_drills(make_project) -> None:
+    make_project({"prod": {"dsn_env": "DB_PROD"}, "staging": {"dsn_env": "DB_STAGING"}})
+    defs = load_defs()
+    dg.Definitions.validate_loadable(defs)
+    job = defs.resolve_job_def("restore_database")
+    fields = job.run_config_schema.config_type.fields["ops"].config_type.fields
+    config_fields = fields["restore_from_backup"].config_type.fields["config"].config_type.fields
+    assert {"backup", "target", "confirm"} <= set(config_fields)
+    assert config_fields["backup"].is_required and not config_fields["confirm"].is_required
