@@ -271,10 +271,10 @@ def apply_migrations(
             "created_at bigint)"
         ).format(ident)
     )
-    conn.commit()
     last = conn.execute(
         sql.SQL("SELECT created_at FROM {} ORDER BY created_at DESC LIMIT 1").format(ident)
     ).fetchone()
+    conn.commit()  # the migrations below then run in their own, single transaction
     applied: list[str] = []
     candidates = folder.migrations if upto is None else folder.migrations[:upto]
     with conn.transaction():
