@@ -7,6 +7,7 @@ import json
 import logging
 
 from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.encryption import prepare_encryption
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.listing import human_age, human_size, list_backups
 from backup_pipelines.engine.pipeline import run_backup
@@ -128,6 +129,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 target.scratch_dsn()
         except BackupPipelinesError as exc:
             problems.append(exc.message)
+        try:
+            # A configured key that cannot be loaded would stop the next backup.
+            prepare_encryption(target.settings.encryption)
+        except BackupPipelinesError as exc:
+            problems.append(f"target '{target.name}': {exc.message}")
     _print(
         f"{config.source_path}: {len(config.targets)} target(s), backups in {config.resolved_backup_root}"
     )
