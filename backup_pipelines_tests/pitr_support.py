@@ -94,8 +94,7 @@ class PitrSetup:
 
     def switch_and_wait(self, timeout: float = 60) -> str:
         """Close the current segment and wait until the archiver reports it archived."""
-        segment = self.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
-        self.sql("SELECT pg_switch_wal()")
+        segment = self.sql("SELECT pg_walfile_name(pg_switch_wal())")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             done = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
@@ -116,6 +115,7 @@ def start_pitr_cluster(
     pitr: dict[str, Any] | None = None,
     local_archive: bool = True,
     env: dict[str, str] | None = None,
+    top: dict[str, Any] | None = None,
 ) -> PitrSetup:
     """A running cluster archiving through ``wal-push`` into a fresh archive (local and/or S3).
 
@@ -138,6 +138,7 @@ def start_pitr_cluster(
         yaml.safe_dump(
             {
                 "backup_root": str(workdir / "backups"),
+                **(top or {}),
                 "targets": {TARGET: {"dsn_env": DSN_ENV, "pitr": settings}},
             },
             sort_keys=False,

@@ -502,17 +502,19 @@ def _wait_archived(info: ConnectionInfo, archive: WalArchive, segment: str, time
 def switch_and_wait_archived(info: ConnectionInfo, archive: WalArchive, timeout: float) -> str:
     """Close the current WAL segment and wait until it is in the archive; returns its name."""
     with connect(info, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
-        row = cur.fetchone()
-        assert row is not None
-        segment = str(row[0])
         try:
-            cur.execute("SELECT pg_switch_wal()")
+            # pg_switch_wal() returns the end of the segment it just completed (or, when nothing
+            # was written since the last switch, the end of the last completed one).
+            cur.execute("SELECT pg_walfile_name(pg_switch_wal())")
         except Exception as exc:
             logger.warning(
                 f"pg_switch_wal() is not allowed for this role ({type(exc).__name__}); waiting for "
                 "archive_timeout to close the segment instead"
             )
+            cur.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+        row = cur.fetchone()
+        assert row is not None
+        segment = str(row[0])
     _wait_archived(info, archive, segment, timeout)
     return segment
 
@@ -727,7 +729,7 @@ def _archiver_stats(info: ConnectionInfo, segment_size: int) -> tuple[dict[str, 
         in_recovery = bool(cur.fetchone()[0])  # type: ignore[index]
         current_segno = None
         if not in_recovery:
-            cur.execute("SELECT pg_current_wal_lsn()::text")
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
             current_segno = parse_lsn(str(cur.fetchone()[0])) // segment_size  # type: ignore[index]
     return stats, current_segno
 
