@@ -1,0 +1,222 @@
+"""deploy/dagster.production.yaml against a real PostgreSQL: the real dagster-daemon dequeues a
+launched backup run (queued run coordinator), runs it, and everything lands in PostgreSQL.
+Also: the systemd units parse and point at real commands, and local dev needs no database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines_tests.conftest import DB_PASSWORD, REPO_ROOT, VENV_BIN
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def _wait(
+    predicate,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    detail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{detail}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_production_instance_on_postgres_runs_a_queued_backup(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dagster_db = f"dagster_{os.getpid()}"
+    pg.psql(f'DROP DATABASE IF EXISTS "{dagster_db}"')
+    pg.psql(f'CREATE DATABASE "{dagster_db}"')
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(DEPLOY / "dagster.production.yaml", home / "dagster.yaml")
+    config = make_project({"app": {"dsn_env": "DB_APP"}}, env={"DB_APP": pg.dsn(sample_db)})
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_HOST": "127.0.0.1",
+        "DAGSTER_PG_PORT": str(pg.port),
+        "DAGSTER_PG_DB": dagster_db,
+        "DAGSTER_PG_USER": "postgres",
+        "DAGSTER_PG_PASSWORD": DB_PASSWORD,
+        "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "compute_logs"),
+    }
+    for key in (
+        "DAGSTER_HOME",
+        "DAGSTER_PG_HOST",
+        "DAGSTER_PG_PORT",
+        "DAGSTER_PG_DB",
+        "DAGSTER_PG_USER",
+        "DAGSTER_PG_PASSWORD",
+        "DAGSTER_COMPUTE_LOG_DIR",
+    ):
+        monkeypatch.setenv(key, env[key])
+
+    daemon_log = tmp_path / "daemon.log"
+    with daemon_log.open("wb") as log:
+        daemon = subprocess.Popen(
+            [str(VENV_BIN / "dagster-daemon"), "run", "-w", str(DEPLOY / "workspace.yaml")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        launch = subprocess.run(
+            [
+                str(VENV_BIN / "dagster"),
+                "job",
+                "launch",
+                "-w",
+                str(DEPLOY / "workspace.yaml"),
+                "-j",
+                "logical_backups",
+                "--tags",
+                '{"backup_pipelines/target": "app"}',
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert launch.returncode == 0, launch.stdout + launch.stderr
+
+        with dg.DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+
+            def finished() -> dg.DagsterRun | None:
+                runs = instance.get_runs(limit=1)
+                if runs and runs[0].status in (
+                    dg.DagsterRunStatus.SUCCESS,
+                    dg.DagsterRunStatus.FAILURE,
+                ):
+                    return runs[0]
+                return None
+
+            run = _wait(
+                finished, 240, "the daemon to dequeue and finish the run", daemon, daemon_log
+            )
+            assert run.status == dg.DagsterRunStatus.SUCCESS, daemon_log.read_text()[-4000:]
+            assert run.tags["backup_pipelines/target"] == "app"
+            materialization = instance.get_latest_materialization_event(
+                dg.AssetKey(["app", "logical_backup"])
+            )
+            assert materialization is not None and materialization.run_id == run.run_id
+            backup = Path(str(materialization.asset_materialization.metadata["path"].value))
+            assert backup.exists() and backup.parent == config.target("app").backup_dir
+            # The run went through the queue, and its history is in PostgreSQL, not in DAGSTER_HOME.
+            events = {
+                r.event_log_entry.dagster_event_type
+                for r in instance.get_records_for_run(run.run_id).records
+            }
+            assert dg.DagsterEventType.RUN_ENQUEUED in events
+            assert dg.DagsterEventType.ASSET_CHECK_EVALUATION in events
+            stored = pg.psql(
+                f"SELECT status FROM runs WHERE run_id = '{run.run_id}'", dbname=dagster_db
+            )
+            assert stored == "SUCCESS"
+            # The daemon also evaluates the sensors against this instance.
+            _wait(
+                lambda: (
+                    pg.psql("SELECT count(*) FROM job_ticks", dbname=dagster_db) not in ("", "0")
+                ),
+                120,
+                "a sensor tick stored in PostgreSQL",
+                daemon,
+                daemon_log,
+            )
+        assert not any(home.glob("**/*.db")), "production state must not fall back to SQLite"
+        assert DB_PASSWORD not in daemon_log.read_text()
+    finally:
+        _stop(daemon)
+        pg.psql(f'DROP DATABASE IF EXISTS "{dagster_db}" WITH (FORCE)', check=False)
+
+
+def test_production_yaml_settings() -> None:
+    settings = yaml.safe_load((DEPLOY / "dagster.production.yaml").read_text())
+    db = settings["storage"]["postgres"]["postgres_db"]
+    assert db["scheme"] == "postgresql+psycopg2"
+    assert all(
+        isinstance(db[k], dict) and "env" in db[k]
+        for k in ("hostname", "username", "password", "db_name")
+    )
+    assert "config" not in settings["run_coordinator"], "limits belong in the concurrency block"
+    limits = settings["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert {
+        "key": "backup_pipelines/target",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    } in limits
+    assert settings["concurrency"]["pools"]["default_limit"] >= 1
+    assert settings["run_monitoring"]["enabled"] is True
+    assert settings["retention"]["schedule"]["purge_after_days"] == 30
+    assert settings["retention"]["sensor"]["purge_after_days"]["success"] == 30
+
+
+def test_local_dev_instance_needs_no_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(REPO_ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with dg.DagsterInstance.get() as instance:
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
+
+
+@pytest.mark.parametrize("unit", ["dagster-webserver.service", "dagster-daemon.service"])
+def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    text = (DEPLOY / "systemd" / unit).read_text()
+    assert "EnvironmentFile=/etc/backup-pipelines/backup-pipelines.env" in text
+    assert "deploy/workspace.yaml" in text
+    # Check the unit as installed at /opt/backup_pipelines, with this checkout standing in for it.
+    local = (
+        text.replace("/opt/backup_pipelines", str(REPO_ROOT))
+        .replace("User=dagster", "User=root")
+        .replace("Group=dagster", "Group=root")
+        .replace("-g dagster", "-g root")
+    )
+    (tmp_path / unit).write_text(local)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    command = next(line for line in local.splitlines() if line.startswith("ExecStart="))
+    binary = command.split("=", 1)[1].split()[0]
+    assert subprocess.run([binary, "--help"], capture_output=True, timeout=120).returncode == 0
