@@ -17,6 +17,7 @@ from pathlib import Path
 
 from backup_pipelines.cli import backups
 from backup_pipelines.cli import migrations as migration_commands
+from backup_pipelines.cli import monitoring as monitoring_commands
 from backup_pipelines.cli import offsite as offsite_commands
 from backup_pipelines.cli import pitr as pitr_commands
 from backup_pipelines.cli import restore as restore_commands
@@ -26,7 +27,14 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 log = logging.getLogger("backup_pipelines")
 
 # Areas whose commands the CLI offers, in the order `--help` lists them.
-COMMAND_MODULES = [backups, restore_commands, migration_commands, pitr_commands, offsite_commands]
+COMMAND_MODULES = [
+    backups,
+    restore_commands,
+    migration_commands,
+    pitr_commands,
+    offsite_commands,
+    monitoring_commands,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,175 @@
+"""Commands for running without Dagster (cron) and for checking monitoring: cron-backup,
+check-freshness, metrics, test-notifiers.
+
+A crontab line that does what the guide's ``cron-backup.sh`` did (backup, verification, log file
+rotated daily with 30 days kept, an email on failure, non-zero exit status on failure)::
+
+    0 2 * * * backup-pipelines --config /etc/backup-pipelines/backup_targets.yaml \
+        --log-file /var/log/backup-pipelines/cron.log cron-backup production
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from datetime import UTC, datetime
+
+from backup_pipelines.cli import backups
+from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.config import MetricsSettings, ProjectConfig, load_config
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
+from backup_pipelines.engine.listing import human_age
+from backup_pipelines.engine.metrics import collect_from_disk, export
+from backup_pipelines.engine.notify import Alert, send_alert
+
+log = logging.getLogger("backup_pipelines")
+
+
+def _export_metrics(config: ProjectConfig) -> None:
+    if config.metrics.textfile or config.metrics.pushgateway_url:
+        export(config.metrics, collect_from_disk(config), log=log)
+
+
+def cmd_cron_backup(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    config.target(args.target)  # unknown target: a usage error, no alert
+    backup_args = argparse.Namespace(
+        config=args.config, target=args.target, test=args.test, skip_verify=False
+    )
+    started = time.monotonic()
+    try:
+        status = backups.cmd_backup(backup_args)
+        reason = None if status == 0 else "the new backup failed verification: do not rely on it"
+    except BackupPipelinesError as exc:
+        status, reason = exc.exit_code, str(exc)
+    elapsed = time.monotonic() - started
+    _export_metrics(config)
+    if status == 0:
+        log.info(f"cron-backup {args.target}: succeeded in {elapsed:.1f}s")
+        return 0
+    log.error(f"cron-backup {args.target}: FAILED after {elapsed:.1f}s: {reason}")
+    send_alert(
+        config,
+        Alert(
+            title="scheduled backup failed",
+            message=f"backup-pipelines cron-backup {args.target} failed (exit status {status}).",
+            target=args.target,
+            what="logical_backup" + (" + restore test" if args.test else ""),
+            reason=reason,
+            details={"Log file": args.log_file} if args.log_file else {},
+        ),
+        log=log,
+    )
+    return status
+
+
+def cmd_check_freshness(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    names = args.targets or list(config.targets)
+    now = datetime.now(UTC)
+    stale = []
+    for name in names:
+        target = config.target(name)
+        good = [a for a in list_artifacts(target.backup_dir) if a.status != "failed"]
+        max_age = target.settings.max_age
+        if not good:
+            print(f"{name}: STALE - no backup at all (max_age {max_age})", flush=True)
+            stale.append((name, "no backup at all"))
+            continue
+        finished = good[0].meta.finished_at
+        if now - finished > max_age:
+            print(
+                f"{name}: STALE - newest backup is {human_age(finished, now)} old (max_age {max_age})",
+                flush=True,
+            )
+            stale.append((name, f"newest backup finished {human_age(finished, now)} ago"))
+        else:
+            print(f"{name}: ok - newest backup is {human_age(finished, now)} old", flush=True)
+    if args.notify:
+        for name, reason in stale:
+            send_alert(
+                config,
+                Alert(
+                    title="backup is stale",
+                    message=f"{name}: {reason}, more than its max_age of "
+                    f"{config.targets[name].max_age}.",
+                    target=name,
+                    what="logical_backup",
+                    reason=reason,
+                    incident=f"stale:{name}",
+                ),
+                log=log,
+            )
+    return 1 if stale else 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = config.metrics
+    if args.textfile or args.pushgateway:
+        settings = MetricsSettings(
+            textfile=args.textfile or settings.textfile,
+            pushgateway_url=args.pushgateway or settings.pushgateway_url,
+            pushgateway_job=settings.pushgateway_job,
+        )
+    if not settings.textfile and not settings.pushgateway_url:
+        raise ConfigError(
+            "nowhere to export metrics",
+            hint="pass --textfile PATH or --pushgateway URL, or set metrics.textfile / "
+            "metrics.pushgateway_url in the targets file",
+        )
+    problems = export(settings, collect_from_disk(config), log=log)
+    if problems:
+        return 1
+    where = " and ".join(str(x) for x in (settings.textfile, settings.pushgateway_url) if x)
+    print(f"metrics for {len(config.targets)} targets exported to {where}", flush=True)
+    return 0
+
+
+def cmd_test_notifiers(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.notifiers:
+        raise ConfigError(
+            "no notifiers configured", hint="add a 'notifiers:' list to the targets file"
+        )
+    report = send_alert(
+        config,
+        Alert(
+            title="test alert",
+            message="A test from `backup-pipelines test-notifiers`: alerts reach you.",
+            severity="info",
+        ),
+        log=log,
+    )
+    for name in report.delivered:
+        print(f"{name}: delivered", flush=True)
+    for name, reason in report.failed.items():
+        print(f"{name}: FAILED - {reason}", flush=True)
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cron-backup",
+        help="for cron: back up and verify a target, export metrics, alert the notifiers on failure",
+    )
+    p.add_argument("target")
+    p.add_argument("--test", action="store_true", help="also restore into a scratch database")
+    p.set_defaults(func=cmd_cron_backup)
+
+    p = sub.add_parser(
+        "check-freshness",
+        help="exit 1 when a target's newest good backup is older than its max_age",
+    )
+    p.add_argument("targets", nargs="*", help="default: every target")
+    p.add_argument("--notify", action="store_true", help="send an alert for each stale target")
+    p.set_defaults(func=cmd_check_freshness)
+
+    p = sub.add_parser("metrics", help="export Prometheus metrics read from the backup files")
+    p.add_argument("--textfile", help="node_exporter textfile to write (atomically)")
+    p.add_argument("--pushgateway", help="Pushgateway URL, e.g. http://127.0.0.1:9091")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("test-notifiers", help="send a test alert through every notifier")
+    p.set_defaults(func=cmd_test_notifiers)
