@@ -116,6 +116,7 @@ def start_pitr_cluster(
     local_archive: bool = True,
     env: dict[str, str] | None = None,
     top: dict[str, Any] | None = None,
+    target: dict[str, Any] | None = None,
 ) -> PitrSetup:
     """A running cluster archiving through ``wal-push`` into a fresh archive (local and/or S3).
 
@@ -139,7 +140,7 @@ def start_pitr_cluster(
             {
                 "backup_root": str(workdir / "backups"),
                 **(top or {}),
-                "targets": {TARGET: {"dsn_env": DSN_ENV, "pitr": settings}},
+                "targets": {TARGET: {"dsn_env": DSN_ENV, **(target or {}), "pitr": settings}},
             },
             sort_keys=False,
         )
