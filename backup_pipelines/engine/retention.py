@@ -376,13 +376,14 @@ def prune_target(
     settings = target.settings.retention
     policy = RetentionPolicy(settings.daily, settings.weekly, settings.monthly)
     moment = now or datetime.now(UTC)
-    local = list_artifacts(target.backup_dir)
+    # Logical backups only: base backups (PITR) have their own retention tied to the WAL.
+    local = [a for a in list_artifacts(target.backup_dir) if a.meta.kind == "logical"]
     remote: list[BackupArtifact] = []
     errors: list[str] = []
     usable_storage = storage
     if storage is not None:
         try:
-            remote = list_stored_backups(storage)
+            remote = [a for a in list_stored_backups(storage) if a.meta.kind == "logical"]
         except BackupPipelinesError as exc:
             errors.append(f"offsite copies not listed, so not pruned: {exc.message}")
             usable_storage = None

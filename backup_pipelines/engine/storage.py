@@ -808,7 +808,8 @@ def load_remote_artifact(storage: BackupStorage, name: str) -> RemoteBackupArtif
 
 def list_stored_backups(storage: BackupStorage, prefix: str = "") -> list[BackupArtifact]:
     """Complete backups in ``storage`` (data object + ``.meta``), newest first by recorded time."""
-    names = {info.name for info in storage.list(prefix)}
+    # Only this folder, like list_artifacts locally: sub-folders (e.g. base/) hold other kinds.
+    names = {info.name for info in storage.list(prefix) if "/" not in info.name[len(prefix) :]}
     artifacts: list[BackupArtifact] = []
     for name in names:
         if not name.endswith(META_SUFFIX):

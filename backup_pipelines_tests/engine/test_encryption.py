@@ -357,3 +357,50 @@ def test_passphrase_file_must_be_private(
     assert b"-- PostgreSQL database dump complete" in gzip.decompress(
         _plain_gpg_decrypt(artifact.path, passphrase=PASS_A)
     )
+
+
+def test_encryption_and_decryption_stream_with_flat_memory(monkeypatch, tmp_path: Path) -> None:
+    import hashlib
+    import tracemalloc
+
+    from backup_pipelines.engine.compression import read_chunks
+    from backup_pipelines.engine.config import EncryptionSettings
+    from backup_pipelines.engine.encryption import (
+        GpgEncryptStage,
+        decrypt_chunks,
+        prepare_encryption,
+    )
+
+    monkeypatch.setenv("BP_STREAM_PASS", PASS_A)
+    settings = EncryptionSettings(mode="passphrase", passphrase_env="BP_STREAM_PASS")
+    plan = prepare_encryption(settings)
+    block = os.urandom(1 << 20)
+    sent = hashlib.sha256()
+    out = tmp_path / "stream.gpg"
+    tracemalloc.start()
+    try:
+        with out.open("wb") as handle:
+            stage = GpgEncryptStage(plan, handle.write)
+            for _ in range(48):
+                stage.write(block)
+                sent.update(block)
+            stage.finish()
+        _, encrypt_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+
+        def stored():
+            with out.open("rb") as handle:
+                yield from read_chunks(handle)
+
+        received = hashlib.sha256()
+        for chunk in decrypt_chunks(
+            plan.meta, stored(), name="stream", target="x", candidates=[settings]
+        ):
+            received.update(chunk)
+        _, decrypt_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received.hexdigest() == sent.hexdigest()
+    # 48 MiB went through each way; our side never held more than a few 1 MiB chunks.
+    assert encrypt_peak < 8 << 20, encrypt_peak
+    assert decrypt_peak < 8 << 20, decrypt_peak
