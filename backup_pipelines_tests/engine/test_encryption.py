@@ -27,6 +27,7 @@ log = logging.getLogger("test")
 
 PASS_A = "correct horse battery staple A"
 PASS_B = "another passphrase entirely B"
+KEY_PASS = "secret key protection passphrase"
 
 
 def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -66,6 +67,31 @@ def gpg_keys() -> dict[str, Path]:
             _gpg(home, "--armor", "--export-secret-keys", f"{name}@example.test").stdout
         )
         files[f"{name}_sec"].chmod(0o600)
+    # A third key whose secret half is protected by a passphrase (given on stdin, not argv).
+    three = ("--passphrase-fd", "0")
+    _gpg(
+        home,
+        *three,
+        "--quick-gen-key",
+        "Backup three <three@example.test>",
+        "future-default",
+        "default",
+        "never",
+        stdin=KEY_PASS.encode(),
+    )
+    files["three_pub"] = root / "three.pub.asc"
+    files["three_sec"] = root / "three.sec.asc"
+    files["three_pub"].write_bytes(_gpg(home, "--armor", "--export", "three@example.test").stdout)
+    files["three_sec"].write_bytes(
+        _gpg(
+            home,
+            *three,
+            "--armor",
+            "--export-secret-keys",
+            "three@example.test",
+            stdin=KEY_PASS.encode(),
+        ).stdout
+    )
     subprocess.run(["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": str(home)})
     files["root"] = root
     yield files
@@ -404,3 +430,39 @@ def test_encryption_and_decryption_stream_with_flat_memory(monkeypatch, tmp_path
     # 48 MiB went through each way; our side never held more than a few 1 MiB chunks.
     assert encrypt_peak < 8 << 20, encrypt_peak
     assert decrypt_peak < 8 << 20, decrypt_peak
+
+
+def test_public_key_with_a_passphrase_protected_secret_key(
+    gpg_keys, monkeypatch, tmp_path: Path
+) -> None:
+    from backup_pipelines.engine.config import EncryptionSettings
+    from backup_pipelines.engine.encryption import (
+        GpgEncryptStage,
+        decrypt_chunks,
+        prepare_encryption,
+    )
+
+    settings = EncryptionSettings(
+        mode="public_key",
+        public_key_files=[gpg_keys["three_pub"]],
+        secret_key_files=[gpg_keys["three_sec"]],
+        secret_key_passphrase_env="BP_KEY_PASS",
+    )
+    plan = prepare_encryption(settings)
+    out = tmp_path / "x.gpg"
+    with out.open("wb") as handle:
+        stage = GpgEncryptStage(plan, handle.write)
+        stage.write(b"payload " * 1000)
+        stage.finish()
+    monkeypatch.setenv("BP_KEY_PASS", KEY_PASS)
+    plain = b"".join(
+        decrypt_chunks(plan.meta, [out.read_bytes()], name="x", target="t", candidates=[settings])
+    )
+    assert plain == b"payload " * 1000
+    monkeypatch.setenv("BP_KEY_PASS", "wrong")
+    with pytest.raises(EncryptionError, match=plan.meta["key_id"]):
+        b"".join(
+            decrypt_chunks(
+                plan.meta, [out.read_bytes()], name="x", target="t", candidates=[settings]
+            )
+        )
