@@ -226,3 +226,22 @@ def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
     )
     assert ("backup_pipelines_backup_last_success_timestamp_seconds", "broken") not in values
     assert ("backup_pipelines_restore_drill_success", "app") not in values
+
+
+def test_stale_sensor_waits_for_a_backup_already_running(setup: Setup) -> None:
+    assert setup.backup(APP).success
+    time.sleep(3.5)
+    # The scheduled run has been created but not finished (max_age was reached meanwhile): wait.
+    job = setup.defs.resolve_job_def("logical_backups")
+    queued = setup.instance.create_run_for_job(
+        job_def=job, asset_selection=frozenset({APP}), status=dg.DagsterRunStatus.NOT_STARTED
+    )
+    first = setup.tick("stale_backup_sensor", None)
+    assert "app: stale, backup in progress" in first.skip_message
+    time.sleep(0.3)
+    assert setup.smtp.messages == []
+    # It fails: now the staleness is real.
+    setup.instance.report_run_failed(queued)
+    setup.tick("stale_backup_sensor", first.cursor)
+    (message,) = setup.smtp.wait_for(1)
+    assert message["Subject"] == "[backup_pipelines] FAILED app: backup is stale"
