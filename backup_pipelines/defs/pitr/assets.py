@@ -18,6 +18,7 @@ from backup_pipelines.engine.basebackup import load_base_backup, run_base_backup
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.pitr import (
+    PitrRetentionReport,
     apply_pitr_retention,
     base_backup_offsite_storage,
     pitr_drill,
@@ -48,10 +49,15 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
         try:
             target = backup_engine.target(name)
             artifact = run_base_backup(target, log=context.log)
-            meta = artifact.meta
-            retention = apply_pitr_retention(backup_engine.project(), target)
         except BackupPipelinesError as exc:
             raise user_error(exc) from None
+        meta = artifact.meta
+        try:
+            retention = apply_pitr_retention(backup_engine.project(), target)
+        except (BackupPipelinesError, OSError) as exc:
+            # The new backup is complete and stays; pruning is retried by the next run.
+            context.log.warning(f"retention did not run: {exc}")
+            retention = PitrRetentionReport([], [], [], None, errors=[str(exc)])
         if retention.pruned or retention.wal_removed:
             context.log.info(
                 f"Retention pruned base backups {retention.pruned} and {len(retention.wal_removed)} "
@@ -74,6 +80,7 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
                 "base_backups_pruned": dg.MetadataValue.json(retention.pruned),
                 "wal_files_pruned": dg.MetadataValue.int(len(retention.wal_removed)),
                 "wal_kept_from": dg.MetadataValue.text(retention.keep_wal_from or ""),
+                "retention_errors": dg.MetadataValue.json(retention.errors),
             }
         )
 
