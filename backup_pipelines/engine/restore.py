@@ -593,6 +593,9 @@ class RestoreReport:
             lines.append(f"  terminated {self.terminated_sessions} open session(s)")
         for name in self.expired_copies_dropped:
             lines.append(f"  dropped expired previous copy: {name}")
+        lines.append(
+            "  steps: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in self.step_seconds.items())
+        )
         return "\n".join(lines)
 
 
@@ -958,6 +961,13 @@ def restore_database(
     )
     database = live_info.dbname
     admin = live_info.with_dbname(target.settings.restore.maintenance_database)
+    if database == admin.dbname:
+        raise RestoreRefusedError(
+            f"target '{target.name}' restores into database '{database}', which is also the "
+            "maintenance database the restore connects to (a database cannot be renamed while "
+            "connected to it)",
+            hint="set restore.maintenance_database for the target to another database, e.g. template1",
+        )
 
     clock = time.monotonic()
     artifact = locate_backup(config, target, backup)

@@ -339,3 +339,10 @@ def test_grace_period_zero_drops_previous_right_away(
     report = restore_database(config, "prod", str(backup.path), confirm="prod", log=log)
 
     assert report.previous_dropped and databases(pg) == before
+
+
+def test_restoring_the_maintenance_database_is_refused(pg: LocalCluster, make_project) -> None:
+    config = make_project({"admin": {"dsn_env": "DB_ADMIN"}}, env={"DB_ADMIN": pg.dsn("postgres")})
+    with pytest.raises(RestoreRefusedError, match="maintenance database") as caught:
+        restore_database(config, "admin", "latest", confirm="admin", log=log)
+    assert "template1" in str(caught.value)
