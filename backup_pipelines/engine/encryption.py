@@ -180,6 +180,28 @@ class GpgHome:
                 keys[-1][2].append(fields[9])
         return keys
 
+    def unusable_for_encryption(self) -> list[str]:
+        """Primary keys gpg will not encrypt to (expired, revoked, or no encryption subkey)."""
+        result = self.run("--with-colons", "--list-keys")
+        problems = []
+        fingerprint_next = False
+        pending: str | None = None
+        for line in result.stdout.decode("utf-8", "replace").splitlines():
+            fields = line.split(":")
+            if fields[0] == "pub":
+                validity, capabilities = fields[1], fields[11] if len(fields) > 11 else ""
+                pending = None
+                if validity in ("e", "r"):
+                    pending = "expired" if validity == "e" else "revoked"
+                elif "E" not in capabilities:
+                    pending = "has no usable encryption subkey"
+                fingerprint_next = True
+            elif fields[0] == "fpr" and fingerprint_next:
+                fingerprint_next = False
+                if pending:
+                    problems.append(f"{fields[9]} {pending}")
+        return problems
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             subprocess.run(
@@ -235,6 +257,13 @@ def prepare_encryption(settings: EncryptionSettings) -> EncryptionPlan | None:
     with GpgHome() as home:
         home.import_keys(settings.public_key_files, what="public key file")
         keys = home.key_fingerprints()
+        unusable = home.unusable_for_encryption()
+    if unusable:
+        raise EncryptionError(
+            "cannot encrypt to the configured public key(s): " + "; ".join(unusable),
+            hint="configure a current key with an encryption subkey (gpg --quick-add-key FPR "
+            "cv25519 encr) and export it again; refusing to write an unencrypted backup",
+        )
     if not keys:
         raise EncryptionError(
             "the public key files hold no key: "

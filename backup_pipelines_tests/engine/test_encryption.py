@@ -67,6 +67,21 @@ def gpg_keys() -> dict[str, Path]:
             _gpg(home, "--armor", "--export-secret-keys", f"{name}@example.test").stdout
         )
         files[f"{name}_sec"].chmod(0o600)
+    # A key that can only sign: encrypting to it must be refused before any backup starts.
+    _gpg(
+        home,
+        "--passphrase",
+        "",
+        "--quick-gen-key",
+        "Sign only <sign@example.test>",
+        "ed25519",
+        "sign",
+        "never",
+    )
+    files["sign_only_pub"] = root / "sign.pub.asc"
+    files["sign_only_pub"].write_bytes(
+        _gpg(home, "--armor", "--export", "sign@example.test").stdout
+    )
     # A third key whose secret half is protected by a passphrase (given on stdin, not argv).
     three = ("--passphrase-fd", "0")
     _gpg(
@@ -466,3 +481,12 @@ def test_public_key_with_a_passphrase_protected_secret_key(
                 plan.meta, [out.read_bytes()], name="x", target="t", candidates=[settings]
             )
         )
+
+
+def test_a_key_that_cannot_encrypt_is_refused_before_the_backup(gpg_keys) -> None:
+    from backup_pipelines.engine.config import EncryptionSettings
+    from backup_pipelines.engine.encryption import encryption_stage_factory
+
+    settings = EncryptionSettings(mode="public_key", public_key_files=[gpg_keys["sign_only_pub"]])
+    with pytest.raises(EncryptionError, match="no usable encryption subkey"):
+        encryption_stage_factory(settings)
