@@ -6,7 +6,11 @@ content fingerprint is byte-for-byte what it was, and no half-restored database 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from backup_pipelines.engine.restore import (
     drop_expired_previous_copies,
     restore_database,
 )
+from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import (
     backup_files,
@@ -346,3 +351,44 @@ def test_restoring_the_maintenance_database_is_refused(pg: LocalCluster, make_pr
     with pytest.raises(RestoreRefusedError, match="maintenance database") as caught:
         restore_database(config, "admin", "latest", confirm="admin", log=log)
     assert "template1" in str(caught.value)
+
+
+def test_password_never_in_argv_logs_or_errors(
+    pg: LocalCluster, sample_db: str, make_project, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _project(make_project, pg, sample_db, format="custom", compression="gzip")
+    backup = run_backup(config.target("prod"), log=log)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch_processes() -> None:
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    with contextlib.suppress(OSError):
+                        seen.append(
+                            Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+                        )
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_processes, daemon=True)
+    watcher.start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        report = restore_database(
+            config, "prod", str(backup.path), confirm="prod", log=log, progress_interval=0
+        )
+        config = _project(make_project, pg, sample_db, format="plain")
+        plain = run_backup(config.target("prod"), log=log)
+        broken = forge_plain_backup(plain, inject_before_first(b"CREATE TABLE", b"SELECT 1/0;\n"))
+        with pytest.raises(RestoreStepError) as caught:
+            restore_database(config, "prod", str(broken), confirm="prod", log=log)
+    finally:
+        stop.set()
+        watcher.join()
+    # The watcher did see both restore tools at work.
+    assert any("pg_restore" in cmd for cmd in seen) and any("psql" in cmd for cmd in seen)
+    assert not [cmd for cmd in seen if DB_PASSWORD in cmd]
+    assert DB_PASSWORD not in caplog.text and DB_PASSWORD not in str(caught.value)
+    assert DB_PASSWORD not in report.summary()
+    pg.psql(f'DROP DATABASE "{report.previous_database}"')

@@ -16,6 +16,7 @@ from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.restore import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
+from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import (
     databases,
@@ -93,6 +94,9 @@ def test_restore_job_round_trip(
     with dg.instance_for_test() as instance:
         result = run_restore_job(instance, backup=location, target="prod", confirm="prod")
         assert result.success
+        event_log = repr(instance.all_logs(result.run_id))
+        assert "Restoring" in event_log and DB_PASSWORD not in event_log
+        assert PASSPHRASE not in event_log
         [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
         metadata = event.step_output_data.metadata  # type: ignore[union-attr]
 
@@ -133,6 +137,7 @@ def test_restore_job_failing_midway_names_step_and_safety_backup(
 
     with dg.instance_for_test() as instance:
         result = run_restore_job(instance, backup=str(broken), target="prod", confirm="prod")
+        assert DB_PASSWORD not in repr(instance.all_logs(result.run_id))
 
     assert not result.success
     message = failure_description(result)
