@@ -130,3 +130,23 @@ def test_s3_unreachable_fails_clearly_and_the_next_run_catches_up(
         assert event.materialization.metadata["uploaded"].value is True
         assert event.materialization.metadata["path"].value == local_path
         assert run_offsite_check(instance).passed
+
+
+def test_each_new_backup_is_followed_by_offsite_copy_and_retention(project) -> None:
+    definitions = load_defs()
+    sensor = definitions.resolve_sensor_def("production_offsite_and_retention")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, definitions=definitions)
+        assert sensor.evaluate_tick(context).run_requests == []
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=BACKUP))
+        context = dg.build_sensor_context(instance=instance, definitions=definitions)
+        [request] = sensor.evaluate_tick(context).run_requests
+        assert request.asset_selection == [OFFSITE, INVENTORY]
+        assert sensor.job_name == "offsite_and_retention"
+        assert request.run_key and request.run_key != "production:"
+        # The same backup is not followed twice.
+        context = dg.build_sensor_context(
+            instance=instance, definitions=definitions, cursor=context.cursor
+        )
+        assert sensor.evaluate_tick(context).run_requests == []

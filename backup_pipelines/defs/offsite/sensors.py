@@ -1,0 +1,69 @@
+"""After each new backup of a target: copy it offsite and apply retention (one run per backup).
+
+The nightly job only takes the backups; this sensor follows every new ``<target>/logical_backup``
+materialization with a run of ``<target>/offsite_copy`` (when offsite copies are on) and
+``<target>/backup_inventory``. A run that failed because S3 was down is caught up by the next one.
+"""
+
+import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+from backup_pipelines.defs.offsite.assets import offsite_enabled_targets
+from backup_pipelines.defs.shared import (
+    BACKUP_INVENTORY,
+    LOGICAL_BACKUP,
+    OFFSITE_COPY,
+    project_config,
+    target_key,
+)
+
+JOB_NAME = "offsite_and_retention"
+
+
+def follow_up_keys(name: str) -> list[dg.AssetKey]:
+    keys = [target_key(name, BACKUP_INVENTORY)]
+    if name in offsite_enabled_targets():
+        keys.insert(0, target_key(name, OFFSITE_COPY))
+    return keys
+
+
+def build_job() -> UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        name=JOB_NAME,
+        selection=dg.AssetSelection.assets(
+            *[key for name in project_config().targets for key in follow_up_keys(name)]
+        ),
+        description="Copy the newest backups to S3 and apply calendar retention.",
+    )
+
+
+def build_sensor(name: str, job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+    keys = follow_up_keys(name)
+
+    @dg.asset_sensor(
+        asset_key=target_key(name, LOGICAL_BACKUP),
+        job=job,
+        name=f"{name}_offsite_and_retention",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+        description=f"After each new backup of {name}: "
+        + " then ".join(k.path[-1] for k in keys)
+        + ".",
+    )
+    def follow_backup(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
+        yield dg.RunRequest(
+            # One follow-up per backup (reported backups have no run id: use their time).
+            run_key=f"{name}:{asset_event.run_id or asset_event.timestamp}",
+            asset_selection=keys,
+            tags={"target": name},
+        )
+
+    return follow_backup
+
+
+@dg.definitions
+def offsite_sensors() -> dg.Definitions:
+    job = build_job()
+    return dg.Definitions(
+        jobs=[job], sensors=[build_sensor(name, job) for name in project_config().targets]
+    )
