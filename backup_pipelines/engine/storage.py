@@ -334,6 +334,14 @@ _HINTS = {
 }
 
 
+def _is_stream_error(exc: BaseException) -> bool:
+    """A connection that broke while a response body was being read."""
+    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return isinstance(exc, ResponseStreamingError | ReadTimeoutError | Urllib3Error | OSError)
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
@@ -622,26 +630,57 @@ class S3Storage(BackupStorage):
         return self._result(name, size, sha256_hex, checksum, len(parts), part_size)
 
     def iter_chunks(self, name: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Stream an object; a dropped connection resumes where it stopped (Range request)."""
         response = self._get(name)
+        etag = response.get("ETag")
+        offset = 0
+        failures = 0
         body = response["Body"]
         try:
             while True:
-                chunk = body.read(chunk_size)
+                try:
+                    chunk = body.read(chunk_size)
+                except Exception as exc:
+                    if not _is_transient(exc) and not _is_stream_error(exc):
+                        raise
+                    failures += 1
+                    if failures >= self.attempts:
+                        raise StorageUnreachableError(
+                            f"download of {self.url(name)} kept failing after {offset} bytes: {exc}",
+                            hint="check the network and retry",
+                        ) from None
+                    body.close()
+                    self._sleep(self.backoff_seconds * failures)
+                    # If-Match: never splice bytes of a replaced object onto the old ones.
+                    body = self._get(name, offset=offset, if_match=etag)["Body"]
+                    continue
                 if not chunk:
                     return
+                offset += len(chunk)
                 yield chunk
         finally:
             body.close()
 
-    def _get(self, name: str) -> dict[str, Any]:
+    def _get(self, name: str, *, offset: int = 0, if_match: str | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if offset:
+            extra["Range"] = f"bytes={offset}-"
+        if if_match:
+            extra["IfMatch"] = if_match
         try:
             return self.call(
                 f"download {self.url(name)}",
-                lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name)),
+                lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name), **extra),
             )
         except Exception as exc:
             if _client_error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
                 raise StorageError(f"{self.url(name)} does not exist") from None
+            if _client_error_code(exc) == "PreconditionFailed":
+                raise StorageError(
+                    f"{self.url(name)} was replaced while it was being read",
+                    hint="retry; if it keeps changing, something else writes to this location",
+                    code="PreconditionFailed",
+                ) from None
             if _client_error_code(exc) == "InvalidObjectState":
                 raise StorageError(
                     f"{self.url(name)} is archived (Glacier / Deep Archive) and cannot be read yet",

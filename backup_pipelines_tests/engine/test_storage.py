@@ -113,3 +113,44 @@ def test_open_backup_streams_a_remote_artifact(bucket: str, tmp_path: Path) -> N
     assert load_artifact(local.path).location == str(local.path)
     with pytest.raises(IntegrityError, match="not found"):
         open_backup(f"s3://{bucket}/pre/prod/missing.sql.gz")
+
+
+def test_download_resumes_after_a_broken_connection(bucket: str) -> None:
+    """Fault injection on a real HTTP response: the body breaks after the first chunk."""
+    from botocore.exceptions import ResponseStreamingError
+
+    client = default_s3_client()
+    store = S3Storage(bucket, client=client, backoff_seconds=0.01)
+    payload = os.urandom(3 * MiB + 17)
+    store.put_bytes("obj", payload)
+    calls = []
+
+    class BreaksOnce:
+        def __init__(self, body) -> None:
+            self.body = body
+
+        def read(self, size: int) -> bytes:
+            if len(calls) == 1 and getattr(self, "done", False):
+                raise ResponseStreamingError(error="connection reset by peer (injected)")
+            self.done = True
+            return self.body.read(size)
+
+        def close(self) -> None:
+            self.body.close()
+
+    def wrap(http_response, parsed, **kwargs) -> None:
+        if "Body" in parsed:
+            calls.append(http_response.status_code)
+            parsed["Body"] = BreaksOnce(parsed["Body"])
+
+    client.meta.events.register("after-call.s3.GetObject", wrap)
+    assert b"".join(store.iter_chunks("obj")) == payload
+    assert len(calls) == 2  # the first request and one resumed Range request
+
+    # An object replaced between the break and the resume is not spliced together.
+    calls.clear()
+    chunks = store.iter_chunks("obj")
+    first = next(chunks)
+    store.put_bytes("obj", os.urandom(len(payload)))
+    with pytest.raises(StorageError, match="replaced while it was being read"):
+        b"".join([first, *chunks])
