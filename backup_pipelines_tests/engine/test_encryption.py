@@ -149,6 +149,16 @@ def _plain_gpg_decrypt(
             )
 
 
+def _our_gpg_agents() -> list[str]:
+    agents = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "gpg-agent" in argv and "bp-gpg-" in argv:
+                agents.append(argv)
+    return agents
+
+
 def _gpg_homes() -> set[str]:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bp-gpg-")}
 
@@ -201,7 +211,8 @@ def test_passphrase_round_trip_restore_and_plain_gpg(
     by_hand = gzip.decompress(_plain_gpg_decrypt(artifact.path, passphrase=PASS_A))
     assert by_hand == b"".join(dump_chunks(artifact))
     assert b"PostgreSQL database dump complete" in by_hand
-    assert _gpg_homes() == homes_before  # temporary GNUPGHOMEs removed
+    assert _gpg_homes() - homes_before == set()  # temporary GNUPGHOMEs removed
+    assert not [a for a in _our_gpg_agents() if not any(h in a for h in homes_before)]
 
 
 def test_public_key_round_trip_custom_format(
