@@ -156,7 +156,16 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
         _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
         artifact = artifact.record_check(outcome.name, outcome.passed, outcome.message)
         passed = passed and outcome.passed
-    return 0 if passed else 1
+    if not passed:
+        _print("base backup FAILED verification: do not rely on it (not copied offsite)")
+        return 1
+    if target.settings.offsite.is_enabled:
+        from backup_pipelines.engine.offsite import upload_backup
+        from backup_pipelines.engine.pitr import base_backup_offsite_storage
+
+        outcome = upload_backup(artifact, base_backup_offsite_storage(target), log=log)
+        _print(f"  offsite: {outcome.url}")
+    return 0
 
 
 def cmd_pitr_restore(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor, decompress_chunks
 from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL, Target
+from backup_pipelines.engine.encryption import decrypt_chunks, encryption_stage_factory
 from backup_pipelines.engine.errors import (
     BackupFailedError,
     BackupPipelinesError,
@@ -158,10 +159,13 @@ def run_base_backup(
                 "postgresql.conf lines), restart PostgreSQL, then take the base backup",
             )
         tools = find_tools(server_major(facts["version_num"]), target.settings.pg_bin_dir)
+        # Same encryption as the target's logical backups; a missing key stops us here.
+        stage_factory = encryption_stage_factory(target.settings.encryption)
         started: datetime = facts["now"]
         clock = time.monotonic()
         codec = settings.base_backup_compression
-        final = _final_path(folder, started.astimezone(UTC), TAR_EXTENSIONS[codec])
+        extension = TAR_EXTENSIONS[codec] + (".gpg" if stage_factory is not None else "")
+        final = _final_path(folder, started.astimezone(UTC), extension)
         log.info(f"Base backup of {info.describe()} (PostgreSQL {facts['version']}) to {final}")
         tmp = partial_path(final)
         sidecars = [final.with_name(final.name + ".sha256"), final.with_name(final.name + ".meta")]
@@ -176,17 +180,23 @@ def run_base_backup(
             f"--label=backup_pipelines {target.name} {started.isoformat()}",
         ]
         proc: subprocess.Popen[bytes] | None = None
+        abort_stages: list[Any] = []
         try:
             with open_private(tmp) as handle:
                 sink = HashingSink(handle)
+                write_stored, finish_stored, encryption_meta = sink.write, None, {"mode": "none"}
+                if stage_factory is not None:
+                    write_stored, finish_stored, encryption_meta, *abort_stages = stage_factory(
+                        sink
+                    )
                 compress = compressor(codec, DEFAULT_COMPRESSION_LEVEL[codec])
                 proc, stderr = spawn(argv, env=info.child_env(), stdout=subprocess.PIPE)
                 assert proc.stdout is not None
                 tar_bytes = 0
                 while chunk := proc.stdout.read(CHUNK_SIZE):
                     tar_bytes += len(chunk)
-                    sink.write(compress.compress(chunk))
-                sink.write(compress.flush())
+                    write_stored(compress.compress(chunk))
+                write_stored(compress.flush())
                 returncode = proc.wait()
                 messages = info.redact(stderr.text())
                 if returncode != 0:
@@ -196,6 +206,8 @@ def run_base_backup(
                         hint="the backup role needs the REPLICATION attribute and a 'replication' "
                         "line in pg_hba.conf; tablespaces are not supported (tar to stdout)",
                     )
+                if finish_stored is not None:
+                    finish_stored()
                 handle.flush()
                 os.fsync(handle.fileno())
             start = _START_RE.search(messages)
@@ -219,6 +231,7 @@ def run_base_backup(
                 format="tar",
                 compression=codec,
                 compression_level=DEFAULT_COMPRESSION_LEVEL[codec],
+                encryption=encryption_meta,
                 file_name=final.name,
                 size_bytes=sink.size,
                 dump_bytes=tar_bytes,
@@ -245,6 +258,9 @@ def run_base_backup(
         except BaseException as exc:
             if proc is not None:
                 stop(proc)
+            for abort in abort_stages:
+                with contextlib.suppress(Exception):
+                    abort()
             for leftover in (tmp, *sidecars):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
@@ -303,19 +319,24 @@ def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destinat
     import hashlib
 
     digest = hashlib.sha256()
-    stored = 0
+    stored_size = 0
 
     def hashed() -> Iterator[bytes]:
-        nonlocal stored
+        nonlocal stored_size
         for chunk in artifact.stored_chunks():
             digest.update(chunk)
-            stored += len(chunk)
+            stored_size += len(chunk)
             yield chunk
 
     members = 0
     try:
+        stored = hashed()
+        if meta.encryption.get("mode", "none") != "none":
+            stored = decrypt_chunks(
+                meta.encryption, stored, name=artifact.path.name, target=meta.target
+            )
         stream = io.BufferedReader(
-            _ChunkStream(decompress_chunks(meta.compression, hashed(), name=artifact.path.name)),
+            _ChunkStream(decompress_chunks(meta.compression, stored, name=artifact.path.name)),
             CHUNK_SIZE,
         )
         with tarfile.open(fileobj=stream, mode="r|") as archive:
@@ -325,7 +346,7 @@ def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destinat
             # Drain the tar's end-of-archive blocks so the checksum covers the whole file.
             while stream.read(CHUNK_SIZE):
                 pass
-        if digest.hexdigest() != meta.sha256 or stored != meta.size_bytes:
+        if digest.hexdigest() != meta.sha256 or stored_size != meta.size_bytes:
             raise IntegrityError(
                 f"{artifact.path.name}: SHA-256 mismatch (file {digest.hexdigest()[:16]}…, "
                 f".meta {meta.sha256[:16]}…): the base backup was modified or damaged",

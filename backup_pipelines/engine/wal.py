@@ -315,7 +315,15 @@ class S3WalBackend(WalBackend):
         from backup_pipelines.engine.storage import S3Storage, parse_s3_url
 
         bucket, prefix = parse_s3_url(url)
-        self.storage = S3Storage(bucket, prefix, client=client, attempts=3, backoff_seconds=0.3)
+        # Server-side encryption at rest for WAL (it holds every row change in clear).
+        self.storage = S3Storage(
+            bucket,
+            prefix,
+            client=client,
+            server_side_encryption="AES256",
+            attempts=3,
+            backoff_seconds=0.3,
+        )
         self.description = url
 
     def read_record(self, name: str) -> WalRecord | None:

@@ -15,7 +15,12 @@ from backup_pipelines_tests.pitr_support import PASSWORD, TARGET, PitrSetup, sta
 
 @pytest.fixture
 def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[PitrSetup]:
-    pitr = start_pitr_cluster(monkeypatch)
+    # Base backups follow the target's encryption, like its logical backups.
+    pitr = start_pitr_cluster(
+        monkeypatch,
+        target={"encryption": {"mode": "passphrase", "passphrase_env": "PITR_TEST_PASSPHRASE"}},
+        env={"PITR_TEST_PASSPHRASE": "correct horse battery staple pitr"},
+    )
     yield pitr
     pitr.close()
 
@@ -32,6 +37,10 @@ def test_operator_flow_base_backup_status_and_restore(setup: PitrSetup, run_cli)
     backup = run_cli("base-backup", TARGET)
     assert backup.returncode == 0, backup.stderr
     assert "manifest: ok" in backup.stdout and "checksum: ok" in backup.stdout
+    [stored] = (setup.workdir / "backups" / TARGET / "base").glob("base_*.tar.zst.gpg")
+    meta = json.loads(stored.with_name(stored.name + ".meta").read_text())
+    assert meta["encryption"]["mode"] == "passphrase"
+    assert b"PG_VERSION" not in stored.read_bytes()
     assert PASSWORD not in backup.stdout + backup.stderr
 
     setup.sql("INSERT INTO ledger SELECT g, g * 10 FROM generate_series(1, 40) g")

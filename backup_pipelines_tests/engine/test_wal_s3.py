@@ -38,6 +38,8 @@ def test_s3_archive_contract(aws_env: str, tmp_path: Path, make_project, run_cli
     assert run_cli("wal-push", str(source)).returncode == 0
     stem = f"wal/main/{object_stem(SEGMENT)}"
     assert _keys(client, bucket) == [f"{stem}.meta", f"{stem}.zst"]
+    head = client.head_object(Bucket=bucket, Key=f"{stem}.zst")
+    assert head["ServerSideEncryption"] == "AES256"
     again = run_cli("wal-push", str(source))
     assert again.returncode == 0 and "identical content" in again.stderr
 
