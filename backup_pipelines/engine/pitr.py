@@ -587,7 +587,8 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
         result.base_backup = restored.base_backup
         result.rto_seconds = restored.restore_seconds
         result.timeline = restored.timeline
-        copy = ConnectionInfo({**info.params, "host": "127.0.0.1", "port": str(port)})
+        params = {k: v for k, v in info.params.items() if k not in ("hostaddr", "service")}
+        copy = ConnectionInfo({**params, "host": "127.0.0.1", "port": str(port)})
         with connect(copy, autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()")
             in_recovery, replayed = cur.fetchone()  # type: ignore[misc]
