@@ -55,6 +55,9 @@ from backup_pipelines.engine.wal import (
 logger = logging.getLogger("backup_pipelines")
 
 RESTORE_LOG_NAME = "pitr_restore.log"
+DRILL_HBA_NAME = "drill_pg_hba.conf"
+# md5 accepts both md5 and SCRAM password hashes; only 127.0.0.1 and the 0700 socket folder.
+DRILL_HBA = "local all all peer\nhost all all 127.0.0.1/32 md5\n"
 _STOP_RE = re.compile(
     r"recovery stopping (?:before|after) (?:commit|abort) of transaction (\d+), time (.+)"
 )
@@ -254,6 +257,8 @@ def recovery_settings(
         settings.update(
             listen_addresses="'127.0.0.1'",
             unix_socket_directories=conf_quote(str(drill_socket_dir)),
+            # The copy's own pg_hba.conf may not admit 127.0.0.1; passwords still apply.
+            hba_file=conf_quote(str(drill_socket_dir / DRILL_HBA_NAME)),
             shared_buffers="'128MB'",
             logging_collector="off",
         )
@@ -552,6 +557,7 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
     data_dir = scratch / "data"
     socket_dir = scratch / "sock"
     socket_dir.mkdir(mode=0o700)
+    (socket_dir / DRILL_HBA_NAME).write_text(DRILL_HBA)
     chown_tree(socket_dir, settings.server_os_user)
     result = DrillResult(target.name, False, "not run")
     bin_dir: Path | None = None
