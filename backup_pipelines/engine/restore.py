@@ -135,13 +135,13 @@ class Progress:
         self._last = time.monotonic()
 
     def _describe(self, done: int) -> str:
-        shown = _mib if self.unit == "bytes" else str
+        if self.unit == "bytes":
+            amount = _mib(done) + (f" of {_mib(self.total)}" if self.total else "")
+        else:
+            amount = f"{done}" + (f" of {self.total}" if self.total else "") + f" {self.unit}"
         if self.total:
-            share = min(100.0, 100.0 * done / self.total)
-            return f"{shown(done)} of {shown(self.total)} {'' if self.unit == 'bytes' else self.unit + ' '}({share:.0f}%)".replace(
-                "  ", " "
-            )
-        return f"{shown(done)}{'' if self.unit == 'bytes' else ' ' + self.unit}"
+            amount += f" ({min(100.0, 100.0 * done / self.total):.0f}%)"
+        return amount
 
     def advance(self, amount: int) -> None:
         self.update(self.done + amount)
@@ -421,8 +421,10 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
     name = scratch_name("bp_test", target.name)
     scratch = admin.with_dbname(name)
     started = time.monotonic()
+    drop_leftover_databases(admin, target, SCRATCH_MARKER, log=log)
     create_database(admin, name, artifact)
     try:
+        mark_database(admin, name, SCRATCH_MARKER, target)
         try:
             restore_into(
                 artifact,
