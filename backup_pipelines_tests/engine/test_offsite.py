@@ -341,3 +341,29 @@ def test_lifecycle_rules_apply_and_keep_other_rules(make_project, bucket: str) -
     apply_lifecycle(target, S3Storage(bucket))  # idempotent
     stored = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert sorted(r["ID"] for r in stored) == sorted(["someone-elses", archive["ID"], expire["ID"]])
+
+
+def test_retention_still_prunes_locally_when_s3_is_unreachable(make_project, aws_env: str) -> None:
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "UNUSED_DSN",
+                "offsite": {"bucket": "unreachable"},
+                "retention": {"daily": 1, "weekly": 0, "monthly": 0},
+            }
+        }
+    )
+    target = config.target("prod")
+    now = datetime.now(UTC)
+    made = [
+        fake_backup(target.backup_dir, "shop", started_at=now - timedelta(days=d)) for d in range(3)
+    ]
+    dead = boto3.session.Session().client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    storage = offsite_storage(target, client=dead, attempts=1)
+    report = prune_target(target, storage=storage)
+    assert len(report.errors) == 1 and "not pruned" in report.errors[0]
+    assert {a.path for a in list_artifacts(target.backup_dir)} == {made[0].path}
