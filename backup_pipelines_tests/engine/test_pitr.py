@@ -18,6 +18,7 @@ from backup_pipelines.engine.basebackup import (
 from backup_pipelines.engine.errors import ConfigError
 from backup_pipelines.engine.pitr import (
     PitrRangeError,
+    archive_health,
     parse_target_time,
     pitr_restore,
     recovery_window,
@@ -102,3 +103,41 @@ def test_round_trip_restores_exactly_the_rows_before_the_target(
     with pytest.raises(ConfigError, match="not empty"):
         pitr_restore(setup.config, setup.target, window.latest, data_dir)
     assert (data_dir / "PG_VERSION").exists()
+
+
+def test_failing_archiving_shows_as_lag_and_failures_never_as_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    setup = start_pitr_cluster(monkeypatch, pitr={"archive_lag_limit_minutes": 0.02})
+    try:
+        setup.sql("SELECT txid_current()")
+        first = setup.switch_and_wait()
+        assert archive_health(setup.target).healthy
+        assert setup.archive_dir is not None
+        setup.archive_dir.chmod(0o500)  # the archive volume turns read-only for the server
+        for _ in range(2):
+            setup.sql("SELECT txid_current()")
+            setup.sql("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 30
+        while setup.sql("SELECT failed_count FROM pg_stat_archiver") == "0":
+            assert time.monotonic() < deadline, "the archiver never reported a failure"
+            time.sleep(0.2)
+        time.sleep(1.5)  # older than the 1.2 s lag limit
+        health = archive_health(setup.target)
+        assert not health.healthy
+        assert health.newest_segment == first
+        assert health.unarchived_segments is not None and health.unarchived_segments >= 1
+        assert any("archive_command is failing" in p for p in health.problems)
+        assert any("archive lag" in p for p in health.problems)
+        log = (setup.cluster.root / "server.log").read_text(errors="replace")
+        assert "wal-push FAILED" in log and "not writable" in log
+        assert "archive command failed with exit code 1" in log
+        assert "terminated by signal" not in log and "exit code 12" not in log
+        assert not list(setup.archive_dir.rglob("*.partial"))
+
+        setup.archive_dir.chmod(0o700)  # fixed: the archiver catches up by itself
+        setup.sql("SELECT txid_current()")
+        setup.switch_and_wait()
+        assert archive_health(setup.target).healthy
+    finally:
+        setup.close()
