@@ -388,6 +388,8 @@ def test_password_never_in_argv_logs_or_errors(
         watcher.join()
     # The watcher did see both restore tools at work.
     assert any("pg_restore" in cmd for cmd in seen) and any("psql" in cmd for cmd in seen)
+    # Custom format restores in parallel (restore_jobs, default 2).
+    assert any("pg_restore" in cmd and "--jobs=2" in cmd for cmd in seen)
     assert not [cmd for cmd in seen if DB_PASSWORD in cmd]
     assert DB_PASSWORD not in caplog.text and DB_PASSWORD not in str(caught.value)
     assert DB_PASSWORD not in report.summary()
