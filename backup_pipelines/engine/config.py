@@ -63,7 +63,8 @@ class RestoreSettings(_Strict):
         description=(
             "After a restore the replaced database is kept, renamed <db>_pre_restore_<UTC time>. "
             "Copies older than this many hours are dropped by the next restore of the target "
-            "(0: drop it right after the swap); unset keeps them until an operator drops them."
+            "or by `backup-pipelines restore-cleanup <target>` (0: drop it right after the "
+            "swap); unset keeps them until an operator drops them."
         ),
     )
     maintenance_database: str = Field(
