@@ -721,6 +721,10 @@ def prune_wal(
             if segment_number(entry.name[:24], segment_size) < keep_from_segno:
                 backend.delete(entry.name)
                 removed.append(entry.name)
+        if isinstance(backend, LocalWalBackend) and backend.root.is_dir():
+            for folder in backend.root.iterdir():
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds for folders the pruning emptied
     return sorted(set(removed))
 
 
