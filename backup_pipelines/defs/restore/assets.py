@@ -10,9 +10,10 @@ import dagster as dg
 
 from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key
+from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.drill import DrillResult, run_drill
+from backup_pipelines.engine.errors import BackupPipelinesError
 
 RESTORE_DRILL = "restore_drill"
 DRILL_PASSED_CHECK = "restore_drill_passed"
@@ -177,9 +178,12 @@ def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinit
     def restore_drill(
         context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
     ) -> dg.MaterializeResult:
-        project = backup_engine.project()
-        rto_target = project.target(name).settings.restore.rto_target_seconds
-        result = run_drill(project, name, log=context.log)
+        try:
+            project = backup_engine.project()
+            rto_target = project.target(name).settings.restore.rto_target_seconds
+            result = run_drill(project, name, log=context.log)
+        except BackupPipelinesError as exc:  # the targets file itself is broken
+            raise user_error(exc) from None
         return dg.MaterializeResult(
             metadata=drill_metadata(result, rto_target),
             check_results=drill_check_results(result, rto_target),
