@@ -96,6 +96,7 @@ def test_restore_job_round_trip(
         assert result.success
         event_log = repr(instance.all_logs(result.run_id))
         assert "Restoring" in event_log and DB_PASSWORD not in event_log
+        assert "pg_restore progress: " in event_log  # progress reaches the run's logs
         assert PASSPHRASE not in event_log
         [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
         metadata = event.step_output_data.metadata  # type: ignore[union-attr]
