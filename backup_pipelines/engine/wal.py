@@ -284,6 +284,16 @@ class LocalWalBackend(WalBackend):
                 yield chunk
 
     def entries(self) -> list[WalEntry]:
+        try:
+            return self._entries()
+        except PermissionError as exc:
+            raise WalError(
+                f"cannot read the WAL archive {self.root} as uid {os.geteuid()}: {exc.strerror}",
+                hint="run monitoring and restores as root or as the server's OS user, or give "
+                "this user read access through a shared group (chmod -R g+rX, 0750 folders)",
+            ) from None
+
+    def _entries(self) -> list[WalEntry]:
         if not self.root.is_dir():
             return []
         found = []
