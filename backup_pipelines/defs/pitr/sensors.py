@@ -63,6 +63,10 @@ def wal_archive_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             health = archive_health(config.target(name))
         except BackupPipelinesError as exc:
             health = ArchiveHealth(name, [exc.message], "(unavailable)")
+        except Exception as exc:  # an archive we cannot look at is a problem to report, not a crash
+            health = ArchiveHealth(
+                name, [f"the WAL archive could not be checked: {type(exc).__name__}: {exc}"], "?"
+            )
         events.append(
             dg.AssetObservation(asset_key=key(name, WAL_ARCHIVE), metadata=health_metadata(health))
         )
