@@ -6,10 +6,12 @@ import contextlib
 import gzip
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,24 +151,32 @@ def _plain_gpg_decrypt(
             )
 
 
-def _our_gpg_agents() -> list[str]:
+@pytest.fixture
+def gpg_tmp(monkeypatch) -> Iterator[Path]:
+    """A temp folder of this test's own for the engine's GNUPGHOMEs (short: socket paths)."""
+    folder = Path(tempfile.mkdtemp(prefix="bpt-"))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _our_gpg_agents(folder: Path) -> list[str]:
     agents = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "gpg-agent" in argv and "bp-gpg-" in argv:
+            if "gpg-agent" in argv and str(folder) in argv:
                 agents.append(argv)
     return agents
 
 
-def _gpg_homes() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bp-gpg-")}
+def _gpg_homes(folder: Path) -> list[str]:
+    return [p for p in os.listdir(folder) if p.startswith("bp-gpg-")]
 
 
 def test_passphrase_round_trip_restore_and_plain_gpg(
-    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path
+    pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, gpg_tmp: Path
 ) -> None:
-    homes_before = _gpg_homes()
     config = make_project(
         {
             "prod": {
@@ -211,8 +221,8 @@ def test_passphrase_round_trip_restore_and_plain_gpg(
     by_hand = gzip.decompress(_plain_gpg_decrypt(artifact.path, passphrase=PASS_A))
     assert by_hand == b"".join(dump_chunks(artifact))
     assert b"PostgreSQL database dump complete" in by_hand
-    assert _gpg_homes() - homes_before == set()  # temporary GNUPGHOMEs removed
-    assert not [a for a in _our_gpg_agents() if not any(h in a for h in homes_before)]
+    assert _gpg_homes(gpg_tmp) == []  # temporary GNUPGHOMEs removed
+    assert _our_gpg_agents(gpg_tmp) == []  # and their agents stopped
 
 
 def test_public_key_round_trip_custom_format(
@@ -501,3 +511,31 @@ def test_a_key_that_cannot_encrypt_is_refused_before_the_backup(gpg_keys) -> Non
     settings = EncryptionSettings(mode="public_key", public_key_files=[gpg_keys["sign_only_pub"]])
     with pytest.raises(EncryptionError, match="no usable encryption subkey"):
         encryption_stage_factory(settings)
+
+
+def test_failed_encrypted_backup_leaves_no_file_and_no_gpg_home(
+    pg: LocalCluster, sample_db: str, make_project, gpg_tmp: Path
+) -> None:
+    """pg_dump fails (no SELECT privilege) while gpg is running: everything is cleaned up."""
+    from backup_pipelines.engine.errors import BackupFailedError
+
+    role = f"nogpg_{sample_db[-6:]}"
+    pg.psql(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'limited-pw'")
+    pg.psql(f'GRANT CONNECT ON DATABASE "{sample_db}" TO {role}')
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "encryption": {"mode": "passphrase", "passphrase_env": "BP_PASS"},
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db, user=role, password="limited-pw"), "BP_PASS": PASS_A},
+    )
+    try:
+        with pytest.raises(BackupFailedError, match="permission denied"):
+            run_backup(config.target("prod"), log=log)
+        backup_dir = config.target("prod").backup_dir
+        assert [p.name for p in backup_dir.iterdir() if p.name != ".lock"] == []
+        assert _gpg_homes(gpg_tmp) == [] and _our_gpg_agents(gpg_tmp) == []
+    finally:
+        pg.psql(f'REVOKE ALL ON DATABASE "{sample_db}" FROM {role}; DROP ROLE {role}')
