@@ -11,6 +11,7 @@ import zstandard
 from backup_pipelines.engine.errors import IntegrityError
 
 CHUNK_SIZE = 1 << 20
+_ZSTD_FEED = 1024
 _GZIP_WBITS = 31  # zlib: deflate with a gzip header and CRC32 trailer
 
 
@@ -31,7 +32,8 @@ def compressor(codec: str, level: int) -> Compressor:
     if codec == "gzip":
         return zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
     if codec == "zstd":
-        return zstandard.ZstdCompressor(level=level).compressobj()
+        # The frame checksum makes zstd detect corruption on its own, as gzip does with its CRC.
+        return zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
     if codec == "none":
         return _Identity()
     raise ValueError(f"unknown compression {codec!r}")
@@ -49,13 +51,17 @@ def decompress_chunks(
         try:
             for chunk in chunks:
                 while chunk:
-                    out = decoder.decompress(chunk)
+                    # Bounded output per call: highly compressible dumps must not balloon memory.
+                    out = decoder.decompress(chunk, CHUNK_SIZE)
                     if out:
                         yield out
-                    # Concatenated gzip members are valid gzip (gunzip reads them all).
-                    chunk = decoder.unused_data if decoder.eof else b""
-                    if chunk:
-                        decoder = zlib.decompressobj(_GZIP_WBITS)
+                    if decoder.eof:
+                        # Concatenated gzip members are valid gzip (gunzip reads them all).
+                        chunk = decoder.unused_data
+                        if chunk:
+                            decoder = zlib.decompressobj(_GZIP_WBITS)
+                    else:
+                        chunk = decoder.unconsumed_tail
             tail = decoder.flush()
             if tail:
                 yield tail
@@ -74,13 +80,18 @@ def decompress_chunks(
         decoder = zstandard.ZstdDecompressor().decompressobj()
         try:
             for chunk in chunks:
-                while chunk:
-                    out = decoder.decompress(chunk)
-                    if out:
-                        yield out
-                    chunk = decoder.unused_data if decoder.eof else b""
-                    if chunk:
-                        decoder = zstandard.ZstdDecompressor().decompressobj()
+                view = memoryview(chunk)
+                # zstd's decompressobj has no output limit: feeding small slices bounds what one
+                # call can return (and keeps truncation detection, which stream readers lack).
+                for start in range(0, len(view), _ZSTD_FEED):
+                    piece = bytes(view[start : start + _ZSTD_FEED])
+                    while piece:
+                        out = decoder.decompress(piece)
+                        if out:
+                            yield out
+                        piece = decoder.unused_data if decoder.eof else b""
+                        if piece:
+                            decoder = zstandard.ZstdDecompressor().decompressobj()
         except zstandard.ZstdError as exc:
             raise IntegrityError(
                 f"{name} is corrupt: zstd data cannot be decompressed ({exc})",
