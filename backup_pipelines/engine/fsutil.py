@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,3 +64,17 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
 def write_atomic(final: Path, data: bytes) -> None:
     with atomic_writer(final) as handle:
         handle.write(data)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold an flock on ``lock_path`` or fail fast with ``busy()``; a dead holder releases it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy() from None
+        yield
+    finally:
+        os.close(fd)

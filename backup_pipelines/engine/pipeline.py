@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +38,7 @@ from backup_pipelines.engine.encryption import encryption_stage_factory
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
 from backup_pipelines.engine.fsutil import (
     ensure_private_dir,
+    exclusive_lock,
     fsync_dir,
     open_private,
     partial_path,
@@ -88,22 +87,16 @@ class DumpSource:
     ctype: str
 
 
-@contextlib.contextmanager
-def target_lock(backup_dir: Path) -> Iterator[None]:
+def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One backup per target directory at a time (a second one fails fast, it does not queue)."""
     lock_path = backup_dir / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackupFailedError(
-                f"another backup of this target is running (lock {lock_path})",
-                hint="wait for it to finish; a lock of a dead process is released automatically",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(
+        lock_path,
+        lambda: BackupFailedError(
+            f"another backup of this target is running (lock {lock_path})",
+            hint="wait for it to finish; a lock of a dead process is released automatically",
+        ),
+    )
 
 
 def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -62,7 +61,7 @@ from backup_pipelines.engine.errors import (
     IntegrityError,
     RestoreFailedError,
 )
-from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
+from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock, open_private
 from backup_pipelines.engine.offsite import offsite_storage
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import (
@@ -601,23 +600,17 @@ class RestoreReport:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _restore_lock(target: Target) -> Iterator[None]:
+def _restore_lock(target: Target) -> contextlib.AbstractContextManager[None]:
     ensure_private_dir(target.backup_dir.parent)
     ensure_private_dir(target.backup_dir)
     lock_path = target.backup_dir / ".restore.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RestoreRefusedError(
-                f"another restore or drill of target '{target.name}' is running ({lock_path})",
-                hint="wait for it to finish",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(
+        lock_path,
+        lambda: RestoreRefusedError(
+            f"another restore or drill of target '{target.name}' is running ({lock_path})",
+            hint="wait for it to finish",
+        ),
+    )
 
 
 def _stamp(moment: datetime) -> str:

@@ -49,6 +49,7 @@ from backup_pipelines.engine.config import (
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, IntegrityError
 from backup_pipelines.engine.fsutil import (
     FILE_MODE,
+    atomic_writer,
     fsync_dir,
     open_private,
     partial_path,
@@ -257,13 +258,13 @@ class LocalWalBackend(WalBackend):
         data_path.parent.mkdir(mode=0o700, exist_ok=True)
         if spool.path.parent == data_path.parent:
             os.replace(spool.path, data_path)
+            fsync_dir(data_path.parent)
         else:
             with (
                 spool.path.open("rb") as source,
-                _atomic_file(data_path) as out,
+                atomic_writer(data_path) as out,  # fsyncs the file and its folder
             ):
                 shutil.copyfileobj(source, out, CHUNK_SIZE)
-        fsync_dir(data_path.parent)
         # The record is the commit point: without it the data file is only a leftover.
         write_atomic(self._path(object_stem(record.name) + RECORD_SUFFIX), record.to_bytes())
 
@@ -380,25 +381,6 @@ class S3WalBackend(WalBackend):
         self.storage.delete(object_stem(name) + RECORD_SUFFIX)
         if record is not None:
             self.storage.delete(record.stored_name)
-
-
-@contextlib.contextmanager
-def _atomic_file(final: Path) -> Iterator[Any]:
-    tmp = partial_path(final)
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    handle = open_private(tmp)
-    try:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        os.replace(tmp, final)
-    except BaseException:
-        handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # --- the archive ------------------------------------------------------------------------------
