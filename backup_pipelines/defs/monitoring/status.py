@@ -8,19 +8,17 @@ from typing import Any
 
 import dagster as dg
 
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, target_key
+from backup_pipelines.defs.restore.assets import DRILL_PASSED_CHECK, RESTORE_DRILL
+from backup_pipelines.defs.shared import LOGICAL_BACKUP, OFFSITE_COPY, target_key
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.engine.metrics import TargetMetrics
-
-OFFSITE_COPY = "offsite_copy"
-RESTORE_DRILL = "restore_drill"
 
 # The ERROR checks that make an otherwise materialized asset "not good".
 ERROR_CHECKS: dict[str, tuple[str, ...]] = {
     LOGICAL_BACKUP: ("checksum_matches", "archive_readable"),
     OFFSITE_COPY: ("offsite_copy_matches",),
-    RESTORE_DRILL: ("restore_drill_passed",),
+    RESTORE_DRILL: (DRILL_PASSED_CHECK,),
 }
 # Metadata keys holding how long the work took, in order of preference.
 DURATION_KEYS = ("rto_seconds", "duration_seconds", "restore_seconds")

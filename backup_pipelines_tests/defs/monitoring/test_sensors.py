@@ -75,7 +75,11 @@ def setup(
         textfile = tmp_path / "textfile" / "backup_pipelines.prom"
         make_project(
             {
-                "app": {"dsn_env": "DB_APP", "max_age": "3s"},
+                "app": {
+                    "dsn_env": "DB_APP",
+                    "max_age": "3s",
+                    "restore": {"rto_target_seconds": 600.0},
+                },
                 "broken": {"dsn_env": "DB_BROKEN", "max_age": "1h"},
             },
             env={
@@ -226,6 +230,22 @@ def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
     )
     assert ("backup_pipelines_backup_last_success_timestamp_seconds", "broken") not in values
     assert ("backup_pipelines_restore_drill_success", "app") not in values
+
+    # A real restore drill of that backup: its result and measured RTO are exported too.
+    drill = setup.defs.resolve_job_def("restore_drills").execute_in_process(
+        instance=setup.instance, asset_selection=[dg.AssetKey(["app", "restore_drill"])]
+    )
+    assert drill.success
+    rto = drill.get_asset_materialization_events()[0].materialization.metadata["rto_seconds"].value
+    setup.tick("backup_metrics_sensor", None)
+    values = {
+        (s.name, s.labels.get("target")): s.value
+        for f in text_string_to_metric_families(setup.textfile.read_text())
+        for s in f.samples
+    }
+    assert values[("backup_pipelines_restore_drill_success", "app")] == 1
+    assert values[("backup_pipelines_restore_drill_duration_seconds", "app")] == rto
+    assert ("backup_pipelines_restore_drill_success", "broken") not in values
 
 
 def test_stale_sensor_waits_for_a_backup_already_running(setup: Setup) -> None:
