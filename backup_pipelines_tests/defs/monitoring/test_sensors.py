@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,11 +202,7 @@ def test_tampered_backup_fails_its_check_and_alerts_once(setup: Setup) -> None:
 
     # The metrics say so too: the newest backup is not good.
     setup.tick("backup_metrics_sensor", None)
-    values = {
-        (s.name, s.labels.get("target")): s.value
-        for f in text_string_to_metric_families(setup.textfile.read_text())
-        for s in f.samples
-    }
+    values = _metric_values(setup.textfile)
     assert values[("backup_pipelines_backup_success", "app")] == 0
 
 
@@ -213,11 +210,7 @@ def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
     assert setup.backup(APP).success
     assert not setup.backup(BROKEN).success
     setup.tick("backup_metrics_sensor", None)
-    values = {
-        (s.name, s.labels.get("target")): s.value
-        for f in text_string_to_metric_families(setup.textfile.read_text())
-        for s in f.samples
-    }
+    values = _metric_values(setup.textfile)
     materialization = setup.instance.get_latest_materialization_event(APP)
     size = materialization.asset_materialization.metadata["size_bytes"].value
     assert values[("backup_pipelines_backup_success", "app")] == 1
@@ -238,11 +231,7 @@ def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
     assert drill.success
     rto = drill.get_asset_materialization_events()[0].materialization.metadata["rto_seconds"].value
     setup.tick("backup_metrics_sensor", None)
-    values = {
-        (s.name, s.labels.get("target")): s.value
-        for f in text_string_to_metric_families(setup.textfile.read_text())
-        for s in f.samples
-    }
+    values = _metric_values(setup.textfile)
     assert values[("backup_pipelines_restore_drill_success", "app")] == 1
     assert values[("backup_pipelines_restore_drill_duration_seconds", "app")] == rto
     assert ("backup_pipelines_restore_drill_success", "broken") not in values
@@ -265,3 +254,55 @@ def test_stale_sensor_waits_for_a_backup_already_running(setup: Setup) -> None:
     setup.tick("stale_backup_sensor", first.cursor)
     (message,) = setup.smtp.wait_for(1)
     assert message["Subject"] == "[backup_pipelines] FAILED app: backup is stale"
+
+
+def test_offsite_copy_metrics_follow_the_real_s3_copy(
+    setup: Setup, aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    bucket = f"metrics-{os.getpid()}-{int(time.time())}"
+    boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("S3_BACKUP_BUCKET", bucket)
+    setup.defs = load_defs()  # offsite_copy exists for targets with a bucket
+    assert setup.backup(APP).success
+    offsite = dg.AssetKey(["app", "offsite_copy"])
+    copy = setup.defs.resolve_job_def("offsite_and_retention").execute_in_process(
+        instance=setup.instance, asset_selection=[offsite]
+    )
+    assert copy.success
+    setup.tick("backup_metrics_sensor", None)
+    values = _metric_values(setup.textfile)
+    assert values[("backup_pipelines_offsite_copy_success", "app")] == 1
+    assert (
+        abs(
+            values[("backup_pipelines_offsite_copy_last_success_timestamp_seconds", "app")]
+            - time.time()
+        )
+        < 60
+    )
+
+    # The copy disappears from S3: the ERROR check fails, and the metric says so.
+    s3 = boto3.client("s3", endpoint_url=aws_env)
+    for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=item["Key"])
+    verify = dg.define_asset_job(
+        "verify_offsite",
+        selection=dg.AssetSelection.checks(dg.AssetCheckKey(offsite, "offsite_copy_matches")),
+    )
+    job = dg.Definitions.merge(setup.defs, dg.Definitions(jobs=[verify])).resolve_job_def(
+        "verify_offsite"
+    )
+    job.execute_in_process(instance=setup.instance, raise_on_error=False)
+    setup.tick("backup_metrics_sensor", None)
+    values = _metric_values(setup.textfile)
+    assert values[("backup_pipelines_offsite_copy_success", "app")] == 0
+    assert ("backup_pipelines_offsite_copy_last_success_timestamp_seconds", "app") not in values
+
+
+def _metric_values(path: Path) -> dict[tuple[str, str | None], float]:
+    return {
+        (s.name, s.labels.get("target")): s.value
+        for f in text_string_to_metric_families(path.read_text())
+        for s in f.samples
+    }
