@@ -73,6 +73,9 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
         target = config.target(name)
         good = [a for a in list_artifacts(target.backup_dir) if a.status != "failed"]
         max_age = target.settings.max_age
+        if max_age is None:
+            print(f"{name}: not checked (max_age: off)", flush=True)
+            continue
         if not good:
             print(f"{name}: STALE - no backup at all (max_age {max_age})", flush=True)
             stale.append((name, "no backup at all"))

@@ -127,6 +127,8 @@ def looks_like_cron(value: str) -> bool:
 
 def parse_duration(value: Any) -> Any:
     """``24h``, ``90m``, ``1h30m``, ``2d``, ``1w``, ``3600s`` or a number of seconds."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in _OPT_OUT_WORDS):
+        return None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return timedelta(seconds=value)
     if isinstance(value, str):
@@ -163,7 +165,7 @@ def _normalize_cadences(value: Any) -> Any:
     )
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+OptionalDuration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
 Cadences = Annotated[tuple[str, ...], BeforeValidator(_normalize_cadences)]
 
 
@@ -578,9 +580,10 @@ class TargetSettings(_Strict):
         ),
     )
     high_traffic: bool = Field(default=False, description="Also back up every hour.")
-    max_age: Duration = Field(
+    max_age: OptionalDuration = Field(
         default=timedelta(hours=24),
-        description="Alert when the newest successful backup is older than this (e.g. 24h, 2h).",
+        description="Alert when the newest successful backup is older than this (e.g. 24h, 2h); "
+        "off: never (a target backed up elsewhere).",
     )
     db_host: str | None = Field(
         default=None,

@@ -164,3 +164,29 @@ def test_unknown_cadence_is_a_clear_config_error(make_project) -> None:
         ConfigError, match=r"target 'app'.*schedules.backup.*unknown cadence 'dayly'"
     ):
         make_project({"app": {"dsn_env": "DB_APP", "schedules": {"backup": "dayly"}}})
+
+
+def test_max_age_durations_and_opt_out(make_project) -> None:
+    from datetime import timedelta
+
+    config = make_project(
+        {
+            "default": {"dsn_env": "A"},
+            "short": {"dsn_env": "B", "max_age": "1h30m"},
+            "seconds": {"dsn_env": "C", "max_age": 90},
+            "elsewhere": {"dsn_env": "D", "max_age": "off"},
+        }
+    )
+    assert config.targets["default"].max_age == timedelta(hours=24)
+    assert config.targets["short"].max_age == timedelta(minutes=90)
+    assert config.targets["seconds"].max_age == timedelta(seconds=90)
+    assert config.targets["elsewhere"].max_age is None
+    specs = {
+        spec.key.path[0]: spec
+        for spec in load_defs().resolve_all_asset_specs()
+        if spec.key.path[-1] == "logical_backup"
+    }
+    assert specs["short"].freshness_policy.fail_window.to_timedelta() == timedelta(minutes=90)
+    assert specs["elsewhere"].freshness_policy is None
+    with pytest.raises(ConfigError, match=r"target 'bad', field 'max_age'.*not a duration"):
+        make_project({"bad": {"dsn_env": "A", "max_age": "soon"}})

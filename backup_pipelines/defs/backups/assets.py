@@ -67,7 +67,9 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         # Shows the asset as stale in the UI once the newest backup is older than max_age.
         freshness_policy=dg.FreshnessPolicy.time_window(
             fail_window=max(settings.max_age, MIN_FRESHNESS_WINDOW)
-        ),
+        )
+        if settings.max_age
+        else None,
     )
     def logical_backup(context: dg.AssetExecutionContext, backup_engine: BackupEngineResource) -> dg.MaterializeResult:
         try:

@@ -71,7 +71,7 @@ def _load_config(backup_engine: BackupEngineResource, context: Any) -> ProjectCo
 def _stale_alert(
     config: ProjectConfig, target: str, newest: float | None, first_seen: float, now: float
 ) -> Alert:
-    max_age = config.targets[target].max_age
+    max_age = config.targets[target].max_age or timedelta(0)
     key = dg.AssetKey([target, LOGICAL_BACKUP])
     if newest is None:
         since = datetime.fromtimestamp(first_seen, UTC)
@@ -130,11 +130,13 @@ def evaluate_staleness(
         previous = {}
     state: dict[str, dict[str, float]] = {}
     events = []
-    for target in config.targets:
+    for target, settings in config.targets.items():
+        if settings.max_age is None:
+            continue  # staleness alerts turned off for this target
         entry = dict(previous.get(target) or {"first_seen": now})
         newest = newest_backup_timestamp(context.instance, config, target)
         reference = newest if newest is not None else entry.get("first_seen", now)
-        stale = now - reference > config.targets[target].max_age.total_seconds()
+        stale = now - reference > settings.max_age.total_seconds()
         if stale and "alerted" not in entry and backup_in_progress(context.instance, target):
             # The scheduled backup is on its way (max_age is reached while it runs): wait for it.
             events.append(f"{target}: stale, backup in progress")
