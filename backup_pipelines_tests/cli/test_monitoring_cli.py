@@ -97,7 +97,7 @@ def test_check_freshness_exit_status_and_notify(
 ) -> None:
     with webhook_receiver() as hooks:
         make_project(
-            {"app": {"dsn_env": "DB_APP", "max_age": "2s"}},
+            {"app": {"dsn_env": "DB_APP", "max_age": "4s"}},
             env={"DB_APP": pg.dsn(sample_db)},
             notifiers=[{"type": "webhook", "url": hooks.url}],
         )
@@ -107,7 +107,7 @@ def test_check_freshness_exit_status_and_notify(
         fresh = run_cli("check-freshness", "app")
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
         assert "app: ok" in fresh.stdout
-        time.sleep(2.5)
+        time.sleep(4.5)
         stale = run_cli("check-freshness", "--notify")
         assert stale.returncode == 1 and "app: STALE - newest backup is" in stale.stdout
         bodies = hooks.bodies()

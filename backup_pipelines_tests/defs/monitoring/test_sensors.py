@@ -78,7 +78,7 @@ def setup(
             {
                 "app": {
                     "dsn_env": "DB_APP",
-                    "max_age": "3s",
+                    "max_age": "4s",
                     "restore": {"rto_target_seconds": 600.0},
                 },
                 "broken": {"dsn_env": "DB_BROKEN", "max_age": "1h"},
@@ -118,13 +118,13 @@ def test_stale_backup_alerts_once_then_resolves(setup: Setup) -> None:
     first = setup.tick("stale_backup_sensor", None)
     assert setup.smtp.messages == [] and setup.hooks.requests == []
 
-    time.sleep(3.5)
+    time.sleep(4.5)
     second = setup.tick("stale_backup_sensor", first.cursor)
     messages = setup.smtp.wait_for(1)
     assert len(messages) == 1
     assert messages[0]["Subject"] == "[backup_pipelines] FAILED app: backup is stale"
     body = messages[0].get_content()
-    assert "more than its max_age of 0:00:03" in body
+    assert "more than its max_age of 0:00:04" in body
     assert f"{UI}/assets/app/logical_backup" in body
     generic = setup.hooks.bodies("/generic")
     assert [(g["target"], g["status"], g["incident"]) for g in generic] == [
@@ -239,7 +239,7 @@ def test_metrics_sensor_exports_what_the_instance_knows(setup: Setup) -> None:
 
 def test_stale_sensor_waits_for_a_backup_already_running(setup: Setup) -> None:
     assert setup.backup(APP).success
-    time.sleep(3.5)
+    time.sleep(4.5)
     # The scheduled run has been created but not finished (max_age was reached meanwhile): wait.
     job = setup.defs.resolve_job_def("logical_backups")
     queued = setup.instance.create_run_for_job(
