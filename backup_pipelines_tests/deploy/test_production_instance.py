@@ -19,6 +19,8 @@ from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines_tests.conftest import DB_PASSWORD, REPO_ROOT, VENV_BIN
 
 DEPLOY = REPO_ROOT / "deploy"
+SCHEDULE_TAG = "dagster/schedule_name"
+EVERY_MINUTE = "cron_x_x_x_x_x_backup_schedule"
 
 
 def _wait(
@@ -59,7 +61,11 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(DEPLOY / "dagster.production.yaml", home / "dagster.yaml")
-    config = make_project({"app": {"dsn_env": "DB_APP"}}, env={"DB_APP": pg.dsn(sample_db)})
+    # Every minute, so the daemon's scheduler fires during the test (RUNNING by default).
+    config = make_project(
+        {"app": {"dsn_env": "DB_APP", "schedules": {"backup": "* * * * *"}}},
+        env={"DB_APP": pg.dsn(sample_db)},
+    )
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -118,11 +124,15 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
             assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
             terminal = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
 
-            def finished() -> list[dg.RunRecord] | None:
+            def backup_runs() -> list[dg.RunRecord]:
                 # Other areas' sensors may start runs of their own (offsite copies): ignore them.
                 records = instance.get_run_records(dg.RunsFilter(job_name="logical_backups"))
-                if len(records) == 2 and all(r.dagster_run.status in terminal for r in records):
-                    return sorted(records, key=lambda r: r.start_time or 0)
+                return sorted(records, key=lambda r: r.start_time or float("inf"))
+
+            def finished() -> list[dg.RunRecord] | None:
+                manual = [r for r in backup_runs() if SCHEDULE_TAG not in r.dagster_run.tags]
+                if len(manual) == 2 and all(r.dagster_run.status in terminal for r in manual):
+                    return manual
                 return None
 
             records = _wait(
@@ -152,6 +162,24 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
                 f"SELECT status FROM runs WHERE run_id = '{run.run_id}'", dbname=dagster_db
             )
             assert stored == "SUCCESS"
+
+            # The schedule fired by itself, with the tags the concurrency limits use.
+            def scheduled() -> dg.DagsterRun | None:
+                for record in backup_runs():
+                    run = record.dagster_run
+                    if run.tags.get(SCHEDULE_TAG) == EVERY_MINUTE and run.status in terminal:
+                        return run
+                return None
+
+            tick_run = _wait(scheduled, 180, "a run started by the schedule", daemon, daemon_log)
+            assert tick_run.status == dg.DagsterRunStatus.SUCCESS
+            assert tick_run.tags["backup_pipelines/target"] == "app"
+            assert tick_run.tags["backup_pipelines/db_host"] == f"127.0.0.1:{pg.port}"
+            # No two backups of the database ever overlapped, whoever started them.
+            done = [r for r in backup_runs() if r.end_time is not None]
+            assert len(done) >= 3
+            for earlier, later in zip(done, done[1:], strict=False):
+                assert earlier.end_time <= later.start_time
             # The daemon also evaluates the sensors against this instance.
             _wait(
                 lambda: (
