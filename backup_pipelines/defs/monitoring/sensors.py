@@ -314,12 +314,12 @@ def check_failure_alert(
     )
 
 
-def _new_check_failures(
+def _new_check_results(
     instance: dg.DagsterInstance, check_keys: list[dg.AssetCheckKey], after_id: int
 ) -> tuple[list[tuple[int, dg.AssetCheckEvaluation, str]], int]:
-    """Failed ERROR evaluations recorded after ``after_id`` (ids of the check-execution table
+    """ERROR-severity evaluations recorded after ``after_id`` (ids of the check-execution table
     grow across all runs, also with per-run SQLite storage), oldest first; and the newest id."""
-    failures = []
+    results = []
     newest = after_id
     for check_key in check_keys:
         history = instance.event_log_storage.get_asset_check_execution_history(
@@ -333,19 +333,33 @@ def _new_check_failures(
             evaluation = event.event_specific_data if event else None
             if (
                 isinstance(evaluation, dg.AssetCheckEvaluation)
-                and not evaluation.passed
                 and evaluation.severity == dg.AssetCheckSeverity.ERROR
             ):
-                failures.append((record.id, evaluation, record.run_id))
-    return sorted(failures, key=lambda item: item[0]), newest
+                results.append((record.id, evaluation, record.run_id))
+    return sorted(results, key=lambda item: item[0]), newest
+
+
+def _incident(evaluation: dg.AssetCheckEvaluation) -> str:
+    """What a failure is about: the materialization it checked, or (for checks that sensors
+    evaluate on a schedule, like the WAL archive's) the check itself until it passes again."""
+    target = evaluation.target_materialization_data
+    return f"materialization:{target.storage_id}" if target is not None else "ongoing"
+
+
+def _read_check_cursor(cursor: str) -> tuple[int, dict[str, str]]:
+    if cursor.isdigit():  # the first tick stores only the starting point
+        return int(cursor), {}
+    state = json.loads(cursor)
+    return int(state["after_id"]), dict(state.get("failing") or {})
 
 
 @dg.sensor(
     name="failed_check_alert_sensor",
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="One alert for each ERROR asset check that did not pass (tampered, truncated or "
-    "unreadable backups, offsite copies that do not match, failed drills).",
+    description="One alert when an ERROR asset check fails (tampered, truncated or unreadable "
+    "backups, offsite copies that do not match, failed drills, WAL archive gaps); repeated "
+    "failures of the same check on the same backup stay quiet until it passes again.",
 )
 def failed_check_alert_sensor(
     context: dg.SensorEvaluationContext, backup_engine: BackupEngineResource
@@ -353,18 +367,28 @@ def failed_check_alert_sensor(
     check_keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=str)
     if context.cursor is None:
         # First tick ever: start from now instead of alerting about history.
-        _, newest = _new_check_failures(context.instance, check_keys, 0)
+        _, newest = _new_check_results(context.instance, check_keys, 0)
         return dg.SensorResult(skip_reason="watching check results from now on", cursor=str(newest))
     config = _load_config(backup_engine, context)
     if config is None:
         return dg.SensorResult(skip_reason="the targets file cannot be read (see the tick log)")
-    failures, newest = _new_check_failures(context.instance, check_keys, int(context.cursor))
+    after_id, failing = _read_check_cursor(context.cursor)
+    results, newest = _new_check_results(context.instance, check_keys, after_id)
     alerted = []
-    for _, evaluation, run_id in failures:
+    for _, evaluation, run_id in results:
+        check = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        if evaluation.passed:
+            failing.pop(check, None)
+            continue
+        incident = _incident(evaluation)
+        if failing.get(check) == incident:
+            continue  # the same failure seen again (a re-run, a periodic evaluation)
+        failing[check] = incident
         send_alert(config, check_failure_alert(config, evaluation, run_id), log=context.log)
-        alerted.append(f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}")
+        alerted.append(check)
     summary = f"alerted: {', '.join(alerted)}" if alerted else "no new failed ERROR checks"
-    return dg.SensorResult(skip_reason=summary, cursor=str(newest))
+    cursor = json.dumps({"after_id": newest, "failing": failing}, sort_keys=True)
+    return dg.SensorResult(skip_reason=summary, cursor=cursor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,6 +183,9 @@ def test_tampered_backup_fails_its_check_and_alerts_once(setup: Setup) -> None:
     )
     result = job.execute_in_process(instance=setup.instance, raise_on_error=False)
     assert not result.success  # the check is blocking: the run fails too
+    # Someone re-runs the check on the same backup: still the same incident.
+    again = job.execute_in_process(instance=setup.instance, raise_on_error=False)
+    assert not again.success
 
     # The failed run is reported by the check alert alone, not twice.
     setup.run_failure_tick(result)
@@ -199,6 +202,17 @@ def test_tampered_backup_fails_its_check_and_alerts_once(setup: Setup) -> None:
     time.sleep(0.3)
     assert len(setup.smtp.messages) == 1
     assert len(setup.hooks.bodies("/generic")) == 1
+
+    # A new backup passes; when that one is damaged too, it is a new incident: a new alert.
+    assert setup.backup(APP).success
+    passed = setup.tick("failed_check_alert_sensor", after.cursor)
+    newest = setup.instance.get_latest_materialization_event(APP)
+    with Path(newest.asset_materialization.metadata["path"].value).open("r+b") as handle:
+        handle.seek(200)
+        handle.write(b"tampered")
+    assert not job.execute_in_process(instance=setup.instance, raise_on_error=False).success
+    setup.tick("failed_check_alert_sensor", passed.cursor)
+    assert len(setup.smtp.wait_for(2)) == 2
 
     # The metrics say so too: the newest backup is not good.
     setup.tick("backup_metrics_sensor", None)
@@ -306,3 +320,32 @@ def _metric_values(path: Path) -> dict[tuple[str, str | None], float]:
         for f in text_string_to_metric_families(path.read_text())
         for s in f.samples
     }
+
+
+def test_periodic_failed_evaluations_alert_once_per_incident(setup: Setup) -> None:
+    # Checks that sensors evaluate on a timer (the WAL archive's) fail on every tick while the
+    # problem lasts: one alert when it starts, another only after it passed in between.
+    key = dg.AssetCheckKey(APP, "archive_readable")
+
+    def evaluate(passed: bool) -> None:
+        setup.instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=APP,
+                check_name=key.name,
+                passed=passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"reason": "archive gap" if not passed else "ok"},
+            )
+        )
+
+    cursor = setup.tick("failed_check_alert_sensor", None).cursor
+    for passed in (False, False, False):
+        evaluate(passed)
+        cursor = setup.tick("failed_check_alert_sensor", cursor).cursor
+    time.sleep(0.3)
+    assert len(setup.smtp.messages) == 1
+    assert "archive gap" in setup.smtp.messages[0].get_content()
+    evaluate(True)
+    evaluate(False)
+    setup.tick("failed_check_alert_sensor", cursor)
+    assert len(setup.smtp.wait_for(2)) == 2
