@@ -26,6 +26,7 @@ from backup_pipelines.defs.monitoring.status import (
     collect_metrics,
     newest_backup_timestamp,
 )
+from backup_pipelines.defs.pitr.common import WAL_ARCHIVE_HEALTHY
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config
 from backup_pipelines.engine.config import ProjectConfig
@@ -36,6 +37,8 @@ from backup_pipelines.engine.notify import Alert, send_alert
 
 MAX_REASON_CHARS = 1500
 CHECK_HISTORY_PER_TICK = 50
+# Checks whose area alerts (and resolves) through the notifiers itself: no second alert here.
+SELF_ALERTING_CHECKS = {WAL_ARCHIVE_HEALTHY}
 
 
 def run_url(config: ProjectConfig, run_id: str) -> str:
@@ -364,7 +367,14 @@ def _read_check_cursor(cursor: str) -> tuple[int, dict[str, str]]:
 def failed_check_alert_sensor(
     context: dg.SensorEvaluationContext, backup_engine: BackupEngineResource
 ) -> dg.SensorResult:
-    check_keys = sorted(context.repository_def.asset_graph.asset_check_keys, key=str)
+    check_keys = sorted(
+        (
+            k
+            for k in context.repository_def.asset_graph.asset_check_keys
+            if k.name not in SELF_ALERTING_CHECKS
+        ),
+        key=str,
+    )
     if context.cursor is None:
         # First tick ever: start from now instead of alerting about history.
         _, newest = _new_check_results(context.instance, check_keys, 0)
