@@ -41,8 +41,12 @@ def timed_shell(command: str, env: dict[str, str]) -> float:
 def timed_backup(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """Wall time, peak RSS of the Python backup process (sampled), peak RSS of its process tree (wait4)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([str(VENV_BIN / "backup-pipelines"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "backup-pipelines"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     peak = [0]
 
     def sample() -> None:
@@ -67,7 +71,9 @@ def timed_backup(args: list[str], env: dict[str, str]) -> tuple[float, int, int]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--small-scale", type=int, default=10)
     args = parser.parse_args()
@@ -75,13 +81,22 @@ def main() -> int:
     try:
         with throwaway_cluster(password="bench-password") as cluster:
             pgbench = cluster.bin_dir / "pgbench"
-            env = {**os.environ, "PGPASSWORD": "bench-password", "PGHOST": "127.0.0.1", "PGPORT": str(cluster.port),
-                   "PGUSER": "postgres"}
+            env = {
+                **os.environ,
+                "PGPASSWORD": "bench-password",
+                "PGHOST": "127.0.0.1",
+                "PGPORT": str(cluster.port),
+                "PGUSER": "postgres",
+            }
             for scale in (args.small_scale, args.scale):
                 cluster.psql(f"CREATE DATABASE bench_{scale}")
                 print(f"building pgbench scale {scale} ...", flush=True)
-                subprocess.run([str(pgbench), "-i", "-q", "-s", str(scale), f"bench_{scale}"], check=True, env=env,
-                               capture_output=True)
+                subprocess.run(
+                    [str(pgbench), "-i", "-q", "-s", str(scale), f"bench_{scale}"],
+                    check=True,
+                    env=env,
+                    capture_output=True,
+                )
             size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('bench_{args.scale}'))")
             config = work / "targets.yaml"
             config.write_text(
@@ -90,8 +105,12 @@ def main() -> int:
                 f"  zst_{args.scale}: {{dsn_env: BENCH_BIG, compression: zstd}}\n"
                 f"  gz_{args.small_scale}: {{dsn_env: BENCH_SMALL}}\n"
             )
-            ours_env = {**os.environ, "BACKUP_PIPELINES_CONFIG": str(config),
-                        "BENCH_BIG": cluster.dsn(f"bench_{args.scale}"), "BENCH_SMALL": cluster.dsn(f"bench_{args.small_scale}")}
+            ours_env = {
+                **os.environ,
+                "BACKUP_PIPELINES_CONFIG": str(config),
+                "BENCH_BIG": cluster.dsn(f"bench_{args.scale}"),
+                "BENCH_SMALL": cluster.dsn(f"bench_{args.small_scale}"),
+            }
             pg_dump = cluster.bin_dir / "pg_dump"
             db = f"bench_{args.scale}"
             out = work / "shell"
@@ -102,11 +121,19 @@ def main() -> int:
                 "floor": timed_shell(f"{pg_dump} {db} > /dev/null", env),
                 "shell-gz": timed_shell(f"{pg_dump} {db} | gzip > {out}/dump.sql.gz", env),
             }
-            results["ours-gz"], rss_big, tree_big = timed_backup(["backup", f"gz_{args.scale}", "--skip-verify"], ours_env)
-            results["shell-zst"] = timed_shell(f"{pg_dump} {db} | zstd -q > {out}/dump.sql.zst", env)
-            results["ours-zst"], _, _ = timed_backup(["backup", f"zst_{args.scale}", "--skip-verify"], ours_env)
+            results["ours-gz"], rss_big, tree_big = timed_backup(
+                ["backup", f"gz_{args.scale}", "--skip-verify"], ours_env
+            )
+            results["shell-zst"] = timed_shell(
+                f"{pg_dump} {db} | zstd -q > {out}/dump.sql.zst", env
+            )
+            results["ours-zst"], _, _ = timed_backup(
+                ["backup", f"zst_{args.scale}", "--skip-verify"], ours_env
+            )
             results["ours-gz+v"], _, _ = timed_backup(["backup", f"gz_{args.scale}"], ours_env)
-            _, rss_small, tree_small = timed_backup(["backup", f"gz_{args.small_scale}", "--skip-verify"], ours_env)
+            _, rss_small, tree_small = timed_backup(
+                ["backup", f"gz_{args.small_scale}", "--skip-verify"], ours_env
+            )
 
             print(f"\npgbench scale {args.scale} ({size}), one run each, same machine, same data")
             print(f"{'variant':<11} {'seconds':>8}  ratio")
@@ -118,9 +145,11 @@ def main() -> int:
                 elif name != "floor":
                     ratio = f"{seconds / results['floor']:.2f}x floor"
                 print(f"{name:<11} {seconds:8.2f}  {ratio}")
-            print(f"\npeak RSS of the backup process: scale {args.small_scale}: {rss_small / 1024:.0f} MiB, "
-                  f"scale {args.scale}: {rss_big / 1024:.0f} MiB "
-                  f"(process tree incl. pg_dump: {tree_small / 1024:.0f} / {tree_big / 1024:.0f} MiB)")
+            print(
+                f"\npeak RSS of the backup process: scale {args.small_scale}: {rss_small / 1024:.0f} MiB, "
+                f"scale {args.scale}: {rss_big / 1024:.0f} MiB "
+                f"(process tree incl. pg_dump: {tree_small / 1024:.0f} / {tree_big / 1024:.0f} MiB)"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -28,7 +28,12 @@ def _cluster_from_state() -> LocalCluster | None:
     if not STATE_FILE.exists():
         return None
     state = json.loads(STATE_FILE.read_text())
-    return LocalCluster(root=Path(state["root"]), port=state["port"], password=state["password"], bin_dir=pg_bin_dir())
+    return LocalCluster(
+        root=Path(state["root"]),
+        port=state["port"],
+        password=state["password"],
+        bin_dir=pg_bin_dir(),
+    )
 
 
 def ensure_cluster() -> LocalCluster:
@@ -41,7 +46,9 @@ def ensure_cluster() -> LocalCluster:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(mode=0o700)
     cluster = init_cluster(DEMO_DIR / "pg", password=secrets.token_urlsafe(18))
-    STATE_FILE.write_text(json.dumps({"root": str(cluster.root), "port": cluster.port, "password": cluster.password}))
+    STATE_FILE.write_text(
+        json.dumps({"root": str(cluster.root), "port": cluster.port, "password": cluster.password})
+    )
     STATE_FILE.chmod(0o600)
     return cluster
 
@@ -70,7 +77,9 @@ def run_demo() -> int:
     from backup_pipelines.engine.config import load_config
     from backup_pipelines.engine.restore import restore_test
 
-    print(f"2/4 Materializing {TARGET}/logical_backup through Dagster, with its integrity checks ...")
+    print(
+        f"2/4 Materializing {TARGET}/logical_backup through Dagster, with its integrity checks ..."
+    )
     definitions = defs()
     instance = dg.DagsterInstance.get()
     job = definitions.resolve_job_def("logical_backups")
@@ -86,16 +95,20 @@ def run_demo() -> int:
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     path = Path(str(metadata["path"].value))
     print(f"    run {result.run_id}: {path}")
-    print(f"    {metadata['size_bytes'].value} bytes, ratio {metadata['compression_ratio'].value}x, "
-          f"{metadata['dagster/row_count'].value} rows in {metadata['table_count'].value} tables, "
-          f"{metadata['duration_seconds'].value}s")
+    print(
+        f"    {metadata['size_bytes'].value} bytes, ratio {metadata['compression_ratio'].value}x, "
+        f"{metadata['dagster/row_count'].value} rows in {metadata['table_count'].value} tables, "
+        f"{metadata['duration_seconds'].value}s"
+    )
     checks_ok = True
     for evaluation in result.get_asset_check_evaluations():
         status = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
         checks_ok = checks_ok and evaluation.passed
         print(f"    check {evaluation.check_name}: {status}")
 
-    print("3/4 Restore test: restoring the backup into a scratch database and comparing row counts ...")
+    print(
+        "3/4 Restore test: restoring the backup into a scratch database and comparing row counts ..."
+    )
     target = load_config().target(TARGET)
     outcome = restore_test(target, load_artifact(path), log=_PrintLog())
     print(f"    {outcome.summary()}")
@@ -120,8 +133,20 @@ def run_ui() -> int:
     env = {**os.environ, **demo_environment(cluster)}
     bin_dir = Path(sys.executable).parent
     os.chdir(PROJECT_ROOT)
-    os.execve(str(bin_dir / "dagster"), [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml",
-                                         "-h", "127.0.0.1", "-p", os.environ.get("DAGSTER_PORT", "3000")], env)
+    os.execve(
+        str(bin_dir / "dagster"),
+        [
+            str(bin_dir / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            os.environ.get("DAGSTER_PORT", "3000"),
+        ],
+        env,
+    )
 
 
 def stop_demo() -> int:

@@ -53,7 +53,7 @@ class RestoreSettings(_Strict):
     """How restores into a target and its restore drills behave (key ``restore:`` of a target)."""
 
     rto_target_seconds: float = Field(
-        default=3600,
+        default=3600.0,
         gt=0,
         description="Recovery time objective: a restore drill slower than this warns.",
     )
@@ -224,7 +224,8 @@ class WebhookNotifierSettings(_Strict):
     url: str | None = None
     url_env: str | None = None
     bearer_token_env: str | None = Field(
-        default=None, description="Environment variable with a token sent as 'Authorization: Bearer'."
+        default=None,
+        description="Environment variable with a token sent as 'Authorization: Bearer'.",
     )
     timeout_seconds: float = Field(default=15, gt=0, le=300)
 
@@ -316,7 +317,10 @@ class PitrSettings(_Strict):
     )
     base_backup_compression: Compression = "zstd"
     drill_port: int | None = Field(
-        default=None, ge=1024, le=65535, description="Port of the drill's scratch server; default: a free one."
+        default=None,
+        ge=1024,
+        le=65535,
+        description="Port of the drill's scratch server; default: a free one.",
     )
     drill_dir: Path | None = Field(
         default=None,
@@ -433,7 +437,9 @@ class EncryptionSettings(_Strict):
         if self.mode == "passphrase" and (self.passphrase_env is None) == (
             self.passphrase_file is None
         ):
-            raise ValueError("mode 'passphrase' needs exactly one of passphrase_env or passphrase_file")
+            raise ValueError(
+                "mode 'passphrase' needs exactly one of passphrase_env or passphrase_file"
+            )
         if self.mode == "public_key" and not self.public_key_files:
             raise ValueError("mode 'public_key' needs public_key_files (ASCII-armored public keys)")
         return self

@@ -1,6 +1,5 @@
 """``<target>/logical_backup``: one streamed, checksummed pg_dump per configured target."""
 
-
 from datetime import timedelta
 
 import dagster as dg
@@ -20,7 +19,8 @@ MIN_FRESHNESS_WINDOW = timedelta(minutes=1)
 def artifact_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | int | float | str]:
     meta = artifact.meta
     rows = [
-        dg.TableRecord({"table": table, "rows": count}) for table, count in sorted(meta.row_counts.items())
+        dg.TableRecord({"table": table, "rows": count})
+        for table, count in sorted(meta.row_counts.items())
     ]
     return {
         "path": dg.MetadataValue.path(str(artifact.path)),
@@ -33,7 +33,9 @@ def artifact_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | 
         "table_count": dg.MetadataValue.int(len(meta.row_counts)),
         "row_counts": dg.MetadataValue.table(
             rows,
-            schema=dg.TableSchema(columns=[dg.TableColumn("table", "string"), dg.TableColumn("rows", "int")]),
+            schema=dg.TableSchema(
+                columns=[dg.TableColumn("table", "string"), dg.TableColumn("rows", "int")]
+            ),
         ),
         "server_version": dg.MetadataValue.text(meta.server_version),
         "database": dg.MetadataValue.text(meta.database),
@@ -71,7 +73,9 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         if settings.max_age
         else None,
     )
-    def logical_backup(context: dg.AssetExecutionContext, backup_engine: BackupEngineResource) -> dg.MaterializeResult:
+    def logical_backup(
+        context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
+    ) -> dg.MaterializeResult:
         try:
             artifact = run_backup(backup_engine.target(name), log=context.log)
         except BackupPipelinesError as exc:
@@ -82,7 +86,9 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
 
 
 def logical_backup_assets() -> list[dg.AssetsDefinition]:
-    return [build_logical_backup(name, settings) for name, settings in project_config().targets.items()]
+    return [
+        build_logical_backup(name, settings) for name, settings in project_config().targets.items()
+    ]
 
 
 @dg.definitions

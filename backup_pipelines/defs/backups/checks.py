@@ -1,11 +1,16 @@
 """Integrity checks on each ``<target>/logical_backup``: they turn red in the UI when a backup
 file is tampered with, truncated or suspiciously small."""
 
-
 import dagster as dg
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, failure, latest_materialized_path, project_config, target_key
+from backup_pipelines.defs.shared import (
+    LOGICAL_BACKUP,
+    failure,
+    latest_materialized_path,
+    project_config,
+    target_key,
+)
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
@@ -13,19 +18,28 @@ from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum, check_readable
 
 
-def _latest_artifact(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> BackupArtifact | dg.AssetCheckResult:
+def _latest_artifact(
+    context: dg.AssetCheckExecutionContext, key: dg.AssetKey
+) -> BackupArtifact | dg.AssetCheckResult:
     path = latest_materialized_path(context, key)
     if path is None:
         return failure("no backup has been materialized yet: materialize the backup asset first")
     try:
         return load_artifact(path)
     except BackupPipelinesError as exc:
-        return failure(f"the latest backup cannot be opened: {exc.message}", path=dg.MetadataValue.path(path))
+        return failure(
+            f"the latest backup cannot be opened: {exc.message}", path=dg.MetadataValue.path(path)
+        )
 
 
-def _result(artifact: BackupArtifact, outcome: CheckOutcome, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+def _result(
+    artifact: BackupArtifact, outcome: CheckOutcome, severity: dg.AssetCheckSeverity
+) -> dg.AssetCheckResult:
     artifact.record_check(outcome.name, outcome.passed, outcome.message)
-    metadata: dict[str, object] = {"path": dg.MetadataValue.path(str(artifact.path)), "result": outcome.message}
+    metadata: dict[str, object] = {
+        "path": dg.MetadataValue.path(str(artifact.path)),
+        "result": outcome.message,
+    }
     metadata.update({k: v for k, v in outcome.details.items() if isinstance(v, int | float | str)})
     return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
 
@@ -64,25 +78,40 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
         description=f"Warns when a backup is more than {settings.size_drop_warn_ratio:.0%} smaller than "
         "the previous one: often a sign of lost data or a dump of the wrong database.",
     )
-    def size_not_anomalous(context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource) -> dg.AssetCheckResult:
+    def size_not_anomalous(
+        context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource
+    ) -> dg.AssetCheckResult:
         artifact = _latest_artifact(context, key)
         if isinstance(artifact, dg.AssetCheckResult):
             return artifact
         target = backup_engine.target(name)
-        older = [a for a in list_artifacts(target.backup_dir) if a.meta.started_at < artifact.meta.started_at]
+        older = [
+            a
+            for a in list_artifacts(target.backup_dir)
+            if a.meta.started_at < artifact.meta.started_at
+        ]
         if not older:
-            return dg.AssetCheckResult(passed=True, metadata={"result": "first backup: nothing to compare with"})
+            return dg.AssetCheckResult(
+                passed=True, metadata={"result": "first backup: nothing to compare with"}
+            )
         previous = older[0]
         current_size, previous_size = artifact.meta.size_bytes, previous.meta.size_bytes
         change = (current_size - previous_size) / previous_size if previous_size else 0.0
         passed = change >= -target.settings.size_drop_warn_ratio
-        message = (f"{human_size(current_size)} vs {human_size(previous_size)} for {previous.path.name} "
-                   f"({change:+.1%}; warning below -{target.settings.size_drop_warn_ratio:.0%})")
+        message = (
+            f"{human_size(current_size)} vs {human_size(previous_size)} for {previous.path.name} "
+            f"({change:+.1%}; warning below -{target.settings.size_drop_warn_ratio:.0%})"
+        )
         return dg.AssetCheckResult(
             passed=passed,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"result": message, "size_bytes": current_size, "previous_size_bytes": previous_size,
-                      "size_change_pct": round(change * 100, 2), "previous_backup": previous.path.name},
+            metadata={
+                "result": message,
+                "size_bytes": current_size,
+                "previous_size_bytes": previous_size,
+                "size_change_pct": round(change * 100, 2),
+                "previous_backup": previous.path.name,
+            },
         )
 
     return [checksum_matches, archive_readable, size_not_anomalous]
@@ -91,5 +120,7 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
 @dg.definitions
 def backup_checks() -> dg.Definitions:
     return dg.Definitions(
-        asset_checks=[c for name, s in project_config().targets.items() for c in build_backup_checks(name, s)]
+        asset_checks=[
+            c for name, s in project_config().targets.items() for c in build_backup_checks(name, s)
+        ]
     )

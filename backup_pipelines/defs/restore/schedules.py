@@ -1,4 +1,6 @@
-"""The weekly restore drill: Sunday 03:00 (the guide's weekly test), RUNNING by default.
+"""The weekly backup + restore drill: Sunday 03:00 (the guide's `backup-database.sh --test`
+cron line), RUNNING by default. The backup and its drill run together, so the drill always
+proves the backup just taken.
 
 Per target, ``schedules: {restore_drill: ...}`` in the targets file picks other cadences or
 turns the drill off; each tick requests one run per target.
@@ -9,7 +11,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from backup_pipelines.defs.cadences import build_cadence_schedules
 from backup_pipelines.defs.restore.assets import RESTORE_DRILL
-from backup_pipelines.defs.shared import project_config, target_key
+from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key
 
 RESTORE_DRILL_KIND = "restore_drill"
 DEFAULT_DRILL_CADENCES = ("weekly",)
@@ -19,10 +21,14 @@ def build_restore_drills_job() -> UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         name="restore_drills",
         selection=dg.AssetSelection.assets(
-            *[target_key(n, RESTORE_DRILL) for n in project_config().targets]
+            *[
+                target_key(n, name)
+                for n in project_config().targets
+                for name in (LOGICAL_BACKUP, RESTORE_DRILL)
+            ]
         ),
-        description="Restore the newest backup of each selected target into a scratch database "
-        "and check it (row counts, amcheck, RTO).",
+        description="Back up each selected target, then restore the newest backup into a scratch "
+        "database and check it (row counts, amcheck, RTO).",
     )
 
 
@@ -33,9 +39,9 @@ def restore_drill_schedules() -> dg.Definitions:
         jobs=[job],
         schedules=build_cadence_schedules(
             kind=RESTORE_DRILL_KIND,
-            asset_names=[RESTORE_DRILL],
+            asset_names=[LOGICAL_BACKUP, RESTORE_DRILL],
             default_cadences=DEFAULT_DRILL_CADENCES,
             job=job,
-            description="Restore drill of the newest backup",
+            description="Weekly backup and restore drill of that backup",
         ),
     )

@@ -187,6 +187,36 @@ def test_drill_passes_records_numeric_history_and_drops_scratch_database(
     assert fingerprint(pg, sample_db) == before_fp and databases(pg) == before_dbs
 
 
+def test_weekly_run_backs_up_then_drills_that_backup_with_default_settings(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    """The scheduled weekly run: a fresh backup and the drill of exactly that backup, with the
+    default restore settings (no rto_target_seconds configured)."""
+    make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
+    job = load_defs().resolve_job_def("restore_drills")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[
+                dg.AssetKey(["prod", "logical_backup"]),
+                dg.AssetKey(["prod", "restore_drill"]),
+            ],
+            raise_on_error=False,
+        )
+        assert result.success
+        events = {
+            e.materialization.asset_key.path[-1]: e.materialization.metadata
+            for e in result.get_asset_materialization_events()
+        }
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(events) == {"logical_backup", "restore_drill"}
+    assert events["restore_drill"]["backup"].value.endswith(
+        str(events["logical_backup"]["path"].value).rsplit("/", 1)[-1]
+    )
+    assert events["restore_drill"]["rto_target_seconds"].value == 3600.0
+    assert checks["restore_drill_passed"].passed and checks["checksum_matches"].passed
+
+
 def test_drill_against_broken_backup_fails_its_check_and_says_why(
     pg: LocalCluster, sample_db: str, make_project
 ) -> None:
@@ -250,9 +280,10 @@ def test_weekly_drill_schedule_sunday_0300_running_one_run_per_target(make_proje
             dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
         )
     requests = data.run_requests or []
+    # The weekly run takes a fresh backup and drills it, like the guide's `--test` cron line.
     assert sorted(tuple(r.asset_selection) for r in requests) == [
-        (dg.AssetKey(["prod", "restore_drill"]),),
-        (dg.AssetKey(["staging", "restore_drill"]),),
+        (dg.AssetKey(["prod", "logical_backup"]), dg.AssetKey(["prod", "restore_drill"])),
+        (dg.AssetKey(["staging", "logical_backup"]), dg.AssetKey(["staging", "restore_drill"])),
     ]
     specs = {
         (key.to_user_string(), check.name)
