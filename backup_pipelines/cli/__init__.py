@@ -8,6 +8,7 @@ Exit status: 0 success, 1 failure of the operation, 2 bad configuration or usage
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -15,29 +16,27 @@ from collections.abc import Sequence
 from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
-from backup_pipelines.cli import backups
-from backup_pipelines.cli import migrations as migration_commands
-from backup_pipelines.cli import monitoring as monitoring_commands
-from backup_pipelines.cli import offsite as offsite_commands
-from backup_pipelines.cli import pitr as pitr_commands
-from backup_pipelines.cli import restore as restore_commands
 from backup_pipelines.engine.config import CONFIG_ENV_VAR
 from backup_pipelines.engine.errors import BackupPipelinesError
 
 log = logging.getLogger("backup_pipelines")
 
-# Areas whose commands the CLI offers, in the order `--help` lists them.
-COMMAND_MODULES = [
-    backups,
-    restore_commands,
-    migration_commands,
-    pitr_commands,
-    offsite_commands,
-    monitoring_commands,
-]
+# Areas whose commands the CLI offers (modules ``cli/<name>.py``), in the order `--help` lists them.
+COMMAND_MODULES = ["backups", "restore", "migrations", "pitr", "offsite", "monitoring"]
+
+# PostgreSQL runs these once per WAL file (archive_command / restore_command): load only their
+# own area, so a recovery replaying thousands of segments does not pay for every import.
+FAST_COMMANDS = {"wal-push": "pitr", "wal-fetch": "pitr"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_modules(argv: Sequence[str]) -> list[str]:
+    for token in argv:
+        if token in FAST_COMMANDS:
+            return [FAST_COMMANDS[token]]
+    return COMMAND_MODULES
+
+
+def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backup-pipelines",
         description="PostgreSQL backups, verification and recovery (works without Dagster running).",
@@ -48,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", help="also log to this file, rotated daily, 30 days kept")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(sub)
+    for name in modules:
+        importlib.import_module(f"backup_pipelines.cli.{name}").register(sub)
     return parser
 
 
@@ -69,7 +68,8 @@ def configure_logging(verbose: bool, log_file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_modules(argv))
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.log_file)
     if args.config:

@@ -111,7 +111,8 @@ class ConnectionInfo:
         """Remove any secret this connection holds from ``text``."""
         for key in _SECRET_PARAMS:
             secret = self.params.get(key)
-            if secret:
+            # A one- or two-letter "secret" would mangle every word it occurs in and hide nothing.
+            if secret and len(secret) >= 3:
                 text = text.replace(secret, "********")
         return text
 
