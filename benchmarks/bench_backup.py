@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def main() -> int:
     )
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--small-scale", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bp-bench-"))
     try:
@@ -117,25 +119,38 @@ def main() -> int:
             out.mkdir()
             # Warm the page cache so the first measurement is not penalised.
             timed_shell(f"{pg_dump} {db} > /dev/null", env)
-            results = {
-                "floor": timed_shell(f"{pg_dump} {db} > /dev/null", env),
-                "shell-gz": timed_shell(f"{pg_dump} {db} | gzip > {out}/dump.sql.gz", env),
+            variants = {
+                "floor": lambda: timed_shell(f"{pg_dump} {db} > /dev/null", env),
+                "shell-gz": lambda: timed_shell(f"{pg_dump} {db} | gzip > {out}/dump.sql.gz", env),
+                "ours-gz": lambda: timed_backup(
+                    ["backup", f"gz_{args.scale}", "--skip-verify"], ours_env
+                )[0],
+                "shell-zst": lambda: timed_shell(
+                    f"{pg_dump} {db} | zstd -q -f -o {out}/dump.sql.zst", env
+                ),
+                "ours-zst": lambda: timed_backup(
+                    ["backup", f"zst_{args.scale}", "--skip-verify"], ours_env
+                )[0],
+                "ours-gz+v": lambda: timed_backup(["backup", f"gz_{args.scale}"], ours_env)[0],
             }
-            results["ours-gz"], rss_big, tree_big = timed_backup(
+            # Interleaved repetitions, median of each: a noisy moment hits every variant alike.
+            samples: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.repeat):
+                for name, run in variants.items():
+                    samples[name].append(run())
+                    for leftover in (work / "backups").glob("*/*.*"):
+                        leftover.unlink()
+            results = {name: statistics.median(values) for name, values in samples.items()}
+            _, rss_big, tree_big = timed_backup(
                 ["backup", f"gz_{args.scale}", "--skip-verify"], ours_env
             )
-            results["shell-zst"] = timed_shell(
-                f"{pg_dump} {db} | zstd -q > {out}/dump.sql.zst", env
-            )
-            results["ours-zst"], _, _ = timed_backup(
-                ["backup", f"zst_{args.scale}", "--skip-verify"], ours_env
-            )
-            results["ours-gz+v"], _, _ = timed_backup(["backup", f"gz_{args.scale}"], ours_env)
             _, rss_small, tree_small = timed_backup(
                 ["backup", f"gz_{args.small_scale}", "--skip-verify"], ours_env
             )
 
-            print(f"\npgbench scale {args.scale} ({size}), one run each, same machine, same data")
+            print(
+                f"\npgbench scale {args.scale} ({size}), median of {args.repeat} interleaved runs, same data"
+            )
             print(f"{'variant':<11} {'seconds':>8}  ratio")
             baseline = {"ours-gz": "shell-gz", "ours-zst": "shell-zst", "ours-gz+v": "shell-gz"}
             for name, seconds in results.items():

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +56,7 @@ from backup_pipelines.engine.postgres import (
     table_row_counts,
 )
 from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
 
 logger = logging.getLogger("backup_pipelines")
@@ -71,6 +75,55 @@ class HashingSink:
             self.digest.update(data)
             self.handle.write(data)
             self.size += len(data)
+
+
+PREFETCH_CHUNKS = 8  # at most 8 MiB in flight between pg_dump and the compressor
+_PIPE_SIZE = 1 << 20
+
+
+def prefetched_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """Read ``stream`` in a background thread while the caller compresses and writes.
+
+    Without it pg_dump stalls on a full pipe whenever we compress; zlib, zstd, hashlib and
+    file writes release the GIL, so reading and compressing overlap like a shell pipeline.
+    """
+    chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=PREFETCH_CHUNKS)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            while not stop.is_set():
+                chunk = stream.read(CHUNK_SIZE)
+                while not stop.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            with contextlib.suppress(queue.Full):
+                chunks.put(exc, timeout=1)
+
+    reader = threading.Thread(target=pump, name="pg_dump-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _grow_pipe(stream: BinaryIO) -> None:
+    # A 1 MiB pipe lets pg_dump keep writing through short pauses of the consumer (Linux only).
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -184,6 +237,8 @@ def run_backup(
             try:
                 with connect(info) as counting:
                     counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    # Counting runs beside pg_dump: parallel workers would only steal its CPU.
+                    counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
                     counting.execute(
                         sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
                     )
@@ -245,15 +300,7 @@ def _dump_to_file(
                     (lambda: None),
                     {"mode": "none"},
                 )
-            outer = (
-                "zstd"
-                if settings.compression == "zstd"
-                else (
-                    "gzip"
-                    if settings.format == "plain" and settings.compression == "gzip"
-                    else "none"
-                )
-            )
+            outer = outer_codec(settings.format, settings.compression)
             codec = compressor(outer, settings.effective_compression_level)
             proc, stderr = spawn(
                 _pg_dump_argv(source.tools, target, source.snapshot),
@@ -261,13 +308,10 @@ def _dump_to_file(
                 stdout=subprocess.PIPE,
             )
             assert proc.stdout is not None
+            _grow_pipe(proc.stdout)
             dump_bytes = 0
-            read = proc.stdout.read
             compress = codec.compress
-            while True:
-                chunk = read(CHUNK_SIZE)
-                if not chunk:
-                    break
+            for chunk in prefetched_chunks(proc.stdout):
                 dump_bytes += len(chunk)
                 write_stored(compress(chunk))
             write_stored(codec.flush())
