@@ -30,7 +30,7 @@ fi
 uv sync --frozen --all-extras --python "$PYTHON" -q
 # drizzle-orm's own migrator, so the rollback tests can prove compatibility with the real thing.
 if command -v npm >/dev/null 2>&1 && [ ! -d examples/drizzle/node_modules/drizzle-orm ]; then
-  (cd examples/drizzle && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+  (cd examples/drizzle && npm ci --no-audit --no-fund --loglevel=error >/dev/null 2>&1) \
     || echo "bootstrap: npm ci in examples/drizzle failed; the drizzle-orm compatibility test will skip" >&2
 fi
 echo "bootstrap: environment ready (.venv)"
