@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +34,16 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 TARGET_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 ENV_VAR_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _valid_env_name(value: str) -> str:
+    if not ENV_VAR_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a valid environment variable name")
+    return value
+
+
+# The name of an environment variable that holds a secret or a URL (never the value itself).
+EnvVarName = Annotated[str, AfterValidator(_valid_env_name)]
 
 DumpFormat = Literal["plain", "custom"]
 Compression = Literal["gzip", "zstd", "none"]
@@ -177,21 +188,14 @@ class EmailNotifierSettings(_Strict):
     host: str
     port: int | None = Field(default=None, description="Default: 587 (starttls), 465 (ssl), 25.")
     security: Literal["starttls", "ssl", "none"] = "starttls"
-    username_env: str | None = None
-    password_env: str | None = None
+    username_env: EnvVarName | None = None
+    password_env: EnvVarName | None = None
     sender: str = Field(description="From: address.")
     to: list[str] = Field(min_length=1)
     ca_file: Path | None = Field(
         default=None, description="PEM bundle to trust instead of the system CAs (internal relay)."
     )
     timeout_seconds: float = Field(default=15, gt=0, le=300)
-
-    @field_validator("username_env", "password_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_VAR_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        return value
 
     @property
     def effective_port(self) -> int:
@@ -205,15 +209,8 @@ class SlackNotifierSettings(_Strict):
 
     type: Literal["slack"]
     name: str = "slack"
-    webhook_url_env: str
+    webhook_url_env: EnvVarName
     timeout_seconds: float = Field(default=15, gt=0, le=300)
-
-    @field_validator("webhook_url_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_VAR_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        return value
 
 
 class WebhookNotifierSettings(_Strict):
@@ -222,19 +219,12 @@ class WebhookNotifierSettings(_Strict):
     type: Literal["webhook"]
     name: str = "webhook"
     url: str | None = None
-    url_env: str | None = None
-    bearer_token_env: str | None = Field(
+    url_env: EnvVarName | None = None
+    bearer_token_env: EnvVarName | None = Field(
         default=None,
         description="Environment variable with a token sent as 'Authorization: Bearer'.",
     )
     timeout_seconds: float = Field(default=15, gt=0, le=300)
-
-    @field_validator("url_env", "bearer_token_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_VAR_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        return value
 
     @model_validator(mode="after")
     def _one_url(self) -> WebhookNotifierSettings:
@@ -365,15 +355,13 @@ def _absolute_key_path(value: Path | None) -> Path | None:
 class PassphraseSource(_Strict):
     """Where one passphrase comes from: an environment variable or a 0600 file (never the YAML)."""
 
-    env: str | None = None
+    env: EnvVarName | None = None
     file: Path | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PassphraseSource:
         if (self.env is None) == (self.file is None):
             raise ValueError("give exactly one of 'env' or 'file'")
-        if self.env is not None and not ENV_VAR_PATTERN.match(self.env):
-            raise ValueError(f"{self.env!r} is not a valid environment variable name")
         _absolute_key_path(self.file)
         return self
 
@@ -391,7 +379,7 @@ class EncryptionSettings(_Strict):
     """
 
     mode: Literal["none", "passphrase", "public_key"] = "none"
-    passphrase_env: str | None = Field(
+    passphrase_env: EnvVarName | None = Field(
         default=None, description="Variable holding the passphrase that encrypts new backups."
     )
     passphrase_file: Path | None = Field(
@@ -411,16 +399,9 @@ class EncryptionSettings(_Strict):
             "Secret keys for restores (current and old); only needed on hosts that restore."
         ),
     )
-    secret_key_passphrase_env: str | None = Field(
+    secret_key_passphrase_env: EnvVarName | None = Field(
         default=None, description="Variable with the passphrase protecting the secret keys."
     )
-
-    @field_validator("passphrase_env", "secret_key_passphrase_env")
-    @classmethod
-    def _env(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_VAR_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        return value
 
     @field_validator("passphrase_file")
     @classmethod
@@ -533,7 +514,9 @@ class RetentionSettings(_Strict):
 class TargetSettings(_Strict):
     """How one database is backed up."""
 
-    dsn_env: str = Field(description="Environment variable holding the libpq connection URL.")
+    dsn_env: EnvVarName = Field(
+        description="Environment variable holding the libpq connection URL."
+    )
     description: str | None = None
     format: DumpFormat = "plain"
     compression: Compression = "gzip"
@@ -551,7 +534,7 @@ class TargetSettings(_Strict):
         lt=1,
         description="Warn when a backup is smaller than the previous one by more than this share.",
     )
-    scratch_dsn_env: str | None = Field(
+    scratch_dsn_env: EnvVarName | None = Field(
         default=None,
         description=(
             "Environment variable with a connection URL for restore tests (any database on the "
@@ -598,13 +581,6 @@ class TargetSettings(_Strict):
             "of the connection URL (when set at load time), else the target name."
         ),
     )
-
-    @field_validator("dsn_env", "scratch_dsn_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_VAR_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a valid environment variable name")
-        return value
 
     @model_validator(mode="after")
     def _level_in_range(self) -> TargetSettings:

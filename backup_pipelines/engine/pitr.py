@@ -36,6 +36,7 @@ from backup_pipelines.engine.basebackup import (
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major
+from backup_pipelines.engine.processes import pid_alive
 from backup_pipelines.engine.wal import (
     DEFAULT_SEGMENT_SIZE,
     WalArchive,
@@ -291,13 +292,7 @@ def _postmaster_running(data_dir: Path) -> bool:
         pid = int(pid_file.read_text().splitlines()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _parse_log_time(text: str) -> datetime | None:

@@ -72,7 +72,7 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import pid_alive, spawn, stop
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
 from backup_pipelines.engine.storage import (
     S3_SCHEME,
@@ -795,13 +795,7 @@ def mark_database(admin: ConnectionInfo, name: str, marker: str, target: Target)
 def _process_alive(host: object, pid: object) -> bool:
     if host != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def drop_leftover_databases(
