@@ -11,7 +11,6 @@ start and end, and the server version, so PITR can pick the right base backup wi
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import logging
 import os
@@ -46,9 +45,9 @@ from backup_pipelines.engine.errors import (
     ToolError,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
-from backup_pipelines.engine.pipeline import HashingSink, target_lock
+from backup_pipelines.engine.pipeline import HashingSink, discard_failed_backup, target_lock
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import spawn
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
 from backup_pipelines.engine.version import TOOL_VERSION
 from backup_pipelines.engine.wal import parse_lsn, pitr_settings, segment_of_lsn
@@ -256,21 +255,14 @@ def run_base_backup(
             os.replace(tmp, final)
             fsync_dir(folder)
         except BaseException as exc:
-            if proc is not None:
-                stop(proc)
-            for abort in abort_stages:
-                with contextlib.suppress(Exception):
-                    abort()
-            for leftover in (tmp, *sidecars):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise BackupFailedError(
-                    f"disk full while writing the base backup of '{target.name}' to {folder}; "
-                    "the partial file was removed",
-                    hint="free space or move backup_root to a larger volume",
-                ) from None
-            raise
+            raise discard_failed_backup(
+                exc,
+                what=f"the base backup of '{target.name}'",
+                folder=folder,
+                proc=proc,
+                aborts=abort_stages,
+                leftovers=[tmp, *sidecars],
+            ) from None
     log.info(
         f"Base backup complete: {final.name}, {meta.size_bytes} bytes (tar {tar_bytes} bytes), "
         f"WAL {meta.start_lsn}..{meta.end_lsn} on timeline {timeline}, "

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -169,6 +169,35 @@ def _free_space_hint(directory: Path) -> str:
         f"free space on the filesystem of {directory} ({usage.free // (1 << 20)} MiB free now), "
         "move backup_root to a larger volume, or prune old backups (`backup-pipelines prune`)"
     )
+
+
+def discard_failed_backup(
+    exc: BaseException,
+    *,
+    what: str,
+    folder: Path,
+    proc: subprocess.Popen[bytes] | None,
+    aborts: Sequence[Callable[[], object]],
+    leftovers: Sequence[Path],
+) -> BaseException:
+    """Undo a failed backup: stop the producer, abort extra stages (gpg), remove every file
+    written. Returns the error to raise, with a full disk turned into an actionable one."""
+    if proc is not None:
+        stop(proc)
+    for abort in aborts:
+        with contextlib.suppress(Exception):
+            abort()
+    for leftover in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BackupFailedError(
+            f"disk full while writing {what} to {folder}; the partial file was removed",
+            hint=_free_space_hint(folder),
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, BackupPipelinesError):
+        return BackupFailedError(f"writing {what} failed: {exc}")
+    return exc
 
 
 def _final_path(backup_dir: Path, database: str, started: datetime, extension: str) -> Path:
@@ -374,22 +403,11 @@ def _dump_to_file(
         )
         return BackupArtifact(final, meta)
     except BaseException as exc:
-        if proc is not None:
-            stop(proc)
-        if abort_stored is not None:
-            with contextlib.suppress(Exception):
-                abort_stored()
-        for leftover in (tmp, *sidecars):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise BackupFailedError(
-                f"disk full while writing the backup of '{target.name}' to {final.parent}; "
-                "the partial file was removed",
-                hint=_free_space_hint(final.parent),
-            ) from None
-        if isinstance(exc, BrokenPipeError | OSError) and not isinstance(exc, BackupPipelinesError):
-            raise BackupFailedError(
-                f"writing the backup of '{target.name}' failed: {exc}"
-            ) from None
-        raise
+        raise discard_failed_backup(
+            exc,
+            what=f"the backup of '{target.name}'",
+            folder=final.parent,
+            proc=proc,
+            aborts=[abort_stored] if abort_stored is not None else [],
+            leftovers=[tmp, *sidecars],
+        ) from None
