@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+from pathlib import Path
 
 import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
-from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint
+from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint, find_tools
+from backup_pipelines.engine.restore import create_database, drop_database, restore_into
 
 
-def full_dump(cluster: LocalCluster, dbname: str) -> str:
+def full_dump(cluster: LocalCluster, dbname: str, *options: str) -> str:
     """pg_dump's plain output without the per-run random \\restrict keys: equal text, equal database."""
     result = subprocess.run(
         [
             str(cluster.bin_dir / "pg_dump"),
+            *options,
             "-h",
             "127.0.0.1",
             "-p",
             str(cluster.port),
             "-U",
-            "postgres",
+            cluster.superuser,
             dbname,
         ],
         capture_output=True,
@@ -46,3 +50,21 @@ def assert_same_database(cluster: LocalCluster, source: str, restored: str) -> N
     assert source_fp == restored_fp
     assert len(source_fp) >= 9
     assert full_dump(cluster, source) == full_dump(cluster, restored)
+
+
+def restore_and_compare(pg: LocalCluster, source_db: str, artifact, work_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Restore ``artifact`` into a new database and assert it equals ``source_db``."""
+    restored = f"{source_db}_restored"
+    admin = ConnectionInfo.parse(pg.dsn())
+    create_database(admin, restored, artifact)
+    try:
+        restore_into(
+            artifact,
+            admin.with_dbname(restored),
+            tools=find_tools(15),
+            work_dir=work_dir,
+            log=logging.getLogger("test"),
+        )
+        assert_same_database(pg, source_db, restored)
+    finally:
+        drop_database(admin, restored)

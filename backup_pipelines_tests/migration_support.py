@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import psycopg
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.migrations import MigrationsFolder, TrackingTable, apply_migrations
 from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint
+from backup_pipelines_tests.helpers import full_dump
 
 FIXTURE_HISTORY = Path(__file__).parent / "fixtures" / "drizzle"
 HISTORY_LENGTH = 6
@@ -70,28 +70,7 @@ def copy_history(destination: Path, source: Path = FIXTURE_HISTORY) -> Path:
 
 def schema_dump(cluster: LocalCluster, dbname: str) -> str:
     """``pg_dump --schema-only`` without pg_dump's per-run random ``\\restrict`` keys."""
-    result = subprocess.run(
-        [
-            str(cluster.bin_dir / "pg_dump"),
-            "--schema-only",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(cluster.port),
-            "-U",
-            cluster.superuser,
-            dbname,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PGPASSWORD": cluster.password or ""},
-    )
-    return "\n".join(
-        line
-        for line in result.stdout.splitlines()
-        if not line.startswith(("\\restrict", "\\unrestrict"))
-    )
+    return full_dump(cluster, dbname, "--schema-only")
 
 
 def tracking_rows(

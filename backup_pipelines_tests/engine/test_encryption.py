@@ -19,11 +19,9 @@ import pytest
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.errors import EncryptionError
 from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
 from backup_pipelines.engine.reader import dump_chunks
-from backup_pipelines.engine.restore import create_database, drop_database, restore_into
 from backup_pipelines.engine.verify import verify_artifact
-from backup_pipelines_tests.helpers import assert_same_database
+from backup_pipelines_tests.helpers import restore_and_compare
 
 log = logging.getLogger("test")
 
@@ -117,23 +115,6 @@ def gpg_keys() -> dict[str, Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _restore_and_compare(pg: LocalCluster, sample_db: str, artifact, tmp_path: Path) -> None:
-    restored = f"{sample_db}_dec"
-    admin = ConnectionInfo.parse(pg.dsn())
-    create_database(admin, restored, artifact)
-    try:
-        restore_into(
-            artifact,
-            admin.with_dbname(restored),
-            tools=find_tools(15),
-            work_dir=tmp_path / "work",
-            log=log,
-        )
-        assert_same_database(pg, sample_db, restored)
-    finally:
-        drop_database(admin, restored)
-
-
 def _plain_gpg_decrypt(
     path: Path, *, passphrase: str | None = None, secret: Path | None = None
 ) -> bytes:
@@ -217,7 +198,7 @@ def test_passphrase_round_trip_restore_and_plain_gpg(
     assert PASS_A not in artifact.meta_path.read_text()
     assert all(o.passed for o in verify_artifact(artifact)), verify_artifact(artifact)
 
-    _restore_and_compare(pg, sample_db, artifact, tmp_path)
+    restore_and_compare(pg, sample_db, artifact, tmp_path / "work")
     by_hand = gzip.decompress(_plain_gpg_decrypt(artifact.path, passphrase=PASS_A))
     assert by_hand == b"".join(dump_chunks(artifact))
     assert b"PostgreSQL database dump complete" in by_hand
@@ -251,7 +232,7 @@ def test_public_key_round_trip_custom_format(
     assert enc["user_ids"] == ["Backup one <one@example.test>"]
     assert all(o.passed for o in verify_artifact(artifact))
     # pg_restore -j needs a seekable file: the restore path decrypts into a temporary one.
-    _restore_and_compare(pg, sample_db, artifact, tmp_path)
+    restore_and_compare(pg, sample_db, artifact, tmp_path / "work")
     archive = _plain_gpg_decrypt(artifact.path, secret=gpg_keys["one_sec"])
     assert archive.startswith(b"PGDMP")
 
@@ -290,7 +271,7 @@ def test_rotation_new_backups_use_new_key_old_ones_stay_restorable(
         _plain_gpg_decrypt(new.path, passphrase=PASS_A)
     for artifact in (old, new):
         assert all(o.passed for o in verify_artifact(artifact))
-    _restore_and_compare(pg, sample_db, old, tmp_path)
+    restore_and_compare(pg, sample_db, old, tmp_path / "work")
 
     # Public keys rotate the same way: key one, then key two; both secret keys restore.
     # Switching from a passphrase to public keys keeps the passphrases for older backups.

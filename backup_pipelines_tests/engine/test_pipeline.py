@@ -22,13 +22,10 @@ from backup_pipelines.engine.errors import BackupFailedError, DatabaseUnreachabl
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
 from backup_pipelines.engine.restore import (
-    create_database,
-    drop_database,
-    restore_into,
     restore_test,
 )
 from backup_pipelines_tests.conftest import DB_PASSWORD
-from backup_pipelines_tests.helpers import assert_same_database
+from backup_pipelines_tests.helpers import assert_same_database, restore_and_compare
 
 log = logging.getLogger("test")
 
@@ -57,20 +54,7 @@ def test_round_trip_restores_identical_data(
     target = config.target("prod")
     artifact = run_backup(target, log=log)
 
-    restored = f"{sample_db}_restored"
-    admin = ConnectionInfo.parse(pg.dsn())
-    create_database(admin, restored, artifact)
-    try:
-        restore_into(
-            artifact,
-            admin.with_dbname(restored),
-            tools=find_tools(15),
-            work_dir=tmp_path / "work",
-            log=log,
-        )
-        assert_same_database(pg, sample_db, restored)
-    finally:
-        drop_database(admin, restored)
+    restore_and_compare(pg, sample_db, artifact, tmp_path / "work")
 
 
 def test_backup_files_layout_permissions_and_metadata(
