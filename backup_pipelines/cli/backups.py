@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
+from backup_pipelines.cli.output import log, say
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.encryption import prepare_encryption
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
@@ -15,23 +15,17 @@ from backup_pipelines.engine.restore import restore_test
 from backup_pipelines.engine.storage import open_backup
 from backup_pipelines.engine.verify import verify_artifact
 
-log = logging.getLogger("backup_pipelines")
-
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
-
 
 def cmd_backup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     target = config.target(args.target)
     artifact = run_backup(target, log=log, purpose="manual")
-    _print(f"backup: {artifact.path}")
-    _print(
+    say(f"backup: {artifact.path}")
+    say(
         f"  size {human_size(artifact.meta.size_bytes)} (dump {human_size(artifact.meta.dump_bytes)}), "
         f"sha256 {artifact.meta.sha256}"
     )
-    _print(
+    say(
         f"  {len(artifact.meta.row_counts)} tables, {artifact.meta.total_rows} rows, "
         f"{artifact.meta.duration_seconds:.1f}s"
     )
@@ -39,16 +33,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return 0
     passed = True
     for outcome in verify_artifact(artifact):
-        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+        say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
         artifact.record_check(outcome.name, outcome.passed, outcome.message)
         passed = passed and outcome.passed
     if passed and args.test:
         result = restore_test(target, artifact, log=log)
-        _print(f"  {result.summary()}")
+        say(f"  {result.summary()}")
         artifact.record_check("restore_test", result.passed, result.summary())
         passed = result.passed
     if not passed:
-        _print("backup FAILED verification: do not rely on it")
+        say("backup FAILED verification: do not rely on it")
         return 1
     return 0
 
@@ -56,21 +50,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     artifact = open_backup(args.backup)
     meta = artifact.meta
-    _print(f"{artifact.location}")
-    _print(
+    say(f"{artifact.location}")
+    say(
         f"  target {meta.target}, database {meta.database}, {meta.format}/{meta.compression}, "
         f"encryption {describe_encryption(meta.encryption)}, taken {meta.started_at.isoformat()}"
     )
     outcomes = verify_artifact(artifact)
     for outcome in outcomes:
-        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+        say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
     if not all(o.passed for o in outcomes):
         failed = next(o for o in outcomes if not o.passed)
         raise IntegrityError(
             f"verification failed: {failed.message}",
             hint="do not restore from this file; use an older backup or the offsite copy",
         )
-    _print("OK")
+    say("OK")
     return 0
 
 
@@ -85,7 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     target = config.target(args.target)
     listing = list_backups(target)
     if args.json:
-        _print(
+        say(
             json.dumps(
                 [
                     {
@@ -103,17 +97,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         return 0
     if not listing.artifacts:
-        _print(f"no backups for target '{target.name}' in {target.backup_dir}")
+        say(f"no backups for target '{target.name}' in {target.backup_dir}")
     else:
-        _print(f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'STATUS':<10} KEY")
+        say(f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'STATUS':<10} KEY")
         for a in listing.artifacts:
-            _print(
+            say(
                 f"{a.path.name:<48} {a.meta.started_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
                 f"{human_age(a.meta.started_at):>8} {human_size(a.meta.size_bytes):>10}  {a.status:<10} "
                 f"{describe_encryption(a.meta.encryption)}"
             )
     if listing.partial_leftovers:
-        _print(
+        say(
             f"({listing.partial_leftovers} .partial leftover(s) of interrupted backups; not backups)"
         )
     return 0
@@ -134,11 +128,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             prepare_encryption(target.settings.encryption)
         except BackupPipelinesError as exc:
             problems.append(f"target '{target.name}': {exc.message}")
-    _print(
+    say(
         f"{config.source_path}: {len(config.targets)} target(s), backups in {config.resolved_backup_root}"
     )
     for problem in problems:
-        _print(f"  {problem}")
+        say(f"  {problem}")
     return 2 if problems else 0
 
 

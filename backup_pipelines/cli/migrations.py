@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from backup_pipelines.cli.output import log, say
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.migrations import execute_rollback, plan_rollback
-
-log = logging.getLogger("backup_pipelines")
-
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def _steps(value: str) -> int:
@@ -26,12 +20,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     target = config.target(args.target)
     plan = plan_rollback(target, args.steps)
-    _print(plan.describe())
+    say(plan.describe())
     if args.dry_run:
-        _print("dry run: nothing was changed")
+        say("dry run: nothing was changed")
         return 0
     result = execute_rollback(target, plan, confirm=args.confirm, log=log)
-    _print(result.summary())
+    say(result.summary())
     return 0
 
 

@@ -11,19 +11,17 @@ rotated daily with 30 days kept, an email on failure, non-zero exit status on fa
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from datetime import UTC, datetime
 
 from backup_pipelines.cli import backups
+from backup_pipelines.cli.output import log
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import MetricsSettings, ProjectConfig, load_config
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
 from backup_pipelines.engine.listing import human_age
 from backup_pipelines.engine.metrics import collect_from_disk, export
 from backup_pipelines.engine.notify import Alert, send_alert
-
-log = logging.getLogger("backup_pipelines")
 
 
 def _export_metrics(config: ProjectConfig) -> None:

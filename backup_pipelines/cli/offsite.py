@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
+from backup_pipelines.cli.output import log, say
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
 from backup_pipelines.engine.listing import human_size
@@ -18,12 +18,6 @@ from backup_pipelines.engine.offsite import (
 )
 from backup_pipelines.engine.retention import prune_target
 
-log = logging.getLogger("backup_pipelines")
-
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
-
 
 def cmd_prune(args: argparse.Namespace) -> int:
     config = load_config(args.config)
@@ -31,17 +25,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
     report = prune_target(target, timezone=config.timezone, storage=storage, dry_run=args.dry_run)
     r = target.settings.retention
-    _print(
+    say(
         f"retention for '{target.name}': daily {r.daily}, weekly {r.weekly}, monthly {r.monthly} "
         f"({config.timezone}); local {target.backup_dir}"
         + (f", offsite {storage.url()}" if storage else ", no offsite copies configured")
     )
     if report.plan.held:
-        _print(f"ON HOLD: {report.plan.hold_reason}")
+        say(f"ON HOLD: {report.plan.hold_reason}")
     if not report.entries:
-        _print("no backups found")
+        say("no backups found")
     else:
-        _print(
+        say(
             f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'WHERE':<9} {'SIZE':>10}  {'STATUS':<10} "
             f"{'CLASS':<15} ACTION"
         )
@@ -54,15 +48,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
             action = "would prune"
         else:
             action = "pruned (" + "+".join(entry.deleted_from) + ")"
-        _print(
+        say(
             f"{entry.name:<48} {entry.started_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
             f"{entry.locations:<9} {human_size(entry.size_bytes):>10}  {entry.status:<10} "
             f"{decision.retention_class:<15} {action}"
         )
     verb = "would remove" if args.dry_run else "removed"
     for leftover in report.leftovers_removed:
-        _print(f"{verb} leftover {leftover}")
-    _print(
+        say(f"{verb} leftover {leftover}")
+    say(
         f"{len(report.pruned)} backup(s) {'to prune' if args.dry_run else 'pruned'}, "
         f"{len(report.entries) - len(report.pruned)} kept"
     )
@@ -78,9 +72,9 @@ def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
     for warning in lifecycle_warnings(target):
         log.warning(warning)
     if not args.apply:
-        _print(json.dumps({"Rules": rules}, indent=2))
+        say(json.dumps({"Rules": rules}, indent=2))
         bucket = target.settings.offsite.resolved_bucket() or "BUCKET"
-        _print(
+        say(
             f"# apply with: backup-pipelines s3-lifecycle {target.name} --apply "
             f"(keeps the bucket's other rules), or aws s3api put-bucket-lifecycle-configuration "
             f"--bucket {bucket} --lifecycle-configuration file://lifecycle.json"
@@ -88,8 +82,8 @@ def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
         return 0
     storage = offsite_storage(target)
     all_rules = apply_lifecycle(target, storage)
-    _print(json.dumps({"Rules": all_rules}, indent=2))
-    _print(
+    say(json.dumps({"Rules": all_rules}, indent=2))
+    say(
         f"lifecycle configuration of s3://{storage.bucket} updated: {len(rules)} rule(s) for "
         f"'{target.name}', {len(all_rules) - len(rules)} other rule(s) kept"
     )
@@ -108,9 +102,9 @@ def cmd_offsite_sync(args: argparse.Namespace) -> int:
     report = sync_offsite(target, storage, log=log)
     for outcome in report.outcomes:
         state = "uploaded" if outcome.uploaded else "already there"
-        _print(f"{outcome.url}: {state} ({human_size(outcome.info.size)})")
+        say(f"{outcome.url}: {state} ({human_size(outcome.info.size)})")
     for name in report.skipped_failed:
-        _print(f"{name}: not uploaded (failed verification)")
+        say(f"{name}: not uploaded (failed verification)")
     if report.error is not None:
         raise BackupPipelinesError(
             f"offsite copy stopped: {report.error.message}; local backups are kept, still to "

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
+from backup_pipelines.cli.output import log, say
 from backup_pipelines.engine.config import load_config
-
-log = logging.getLogger("backup_pipelines")
 
 EXIT_NOT_IN_ARCHIVE = 1
 EXIT_REFUSED = 2
-
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def cmd_wal_push(args: argparse.Namespace) -> int:
@@ -89,17 +83,17 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
     assert settings is not None
     if settings.archive_dir is not None:
         setup_archive_dir(settings.archive_dir, settings.server_os_user)
-        _print(
+        say(
             f"WAL archive folder ready: {settings.archive_dir} (owner {settings.server_os_user}, 0700)"
         )
     if settings.archive_s3:
-        _print(
+        say(
             f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)"
         )
-    _print("\nAdd to postgresql.conf (then restart PostgreSQL: archive_mode needs a restart):\n")
+    say("\nAdd to postgresql.conf (then restart PostgreSQL: archive_mode needs a restart):\n")
     for line in postgresql_conf_lines(config, target, args.archive_timeout):
-        _print(line)
-    _print(
+        say(line)
+    say(
         "\nThe server's OS user must be able to run that command and read "
         f"{config.source_path}. Check with: SELECT * FROM pg_stat_archiver;"
     )
@@ -116,23 +110,23 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
     health = archive_health(target, archive=archive)
     window = recovery_window(target, archive)
     if args.json:
-        _print(
+        say(
             json.dumps(
                 {**health.as_dict(), "recoverable": window.describe(config.timezone)}, indent=2
             )
         )
     else:
-        _print(health.summary())
-        _print(f"  archive: {health.archive}")
-        _print(f"  recoverable range: {window.describe(config.timezone)}")
+        say(health.summary())
+        say(f"  archive: {health.archive}")
+        say(f"  recoverable range: {window.describe(config.timezone)}")
         if health.archiver:
-            _print(
+            say(
                 f"  pg_stat_archiver: last archived {health.archiver.get('last_archived_wal')}, "
                 f"{health.archiver.get('failed_count')} failures, last failed "
                 f"{health.archiver.get('last_failed_wal')}"
             )
         if health.server_error:
-            _print(f"  server: {health.server_error}")
+            say(f"  server: {health.server_error}")
     return 0 if health.healthy else 1
 
 
@@ -143,8 +137,8 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
     target = config.target(args.target)
     artifact = run_base_backup(target, log=log, purpose="manual")
     meta = artifact.meta
-    _print(f"base backup: {artifact.path}")
-    _print(
+    say(f"base backup: {artifact.path}")
+    say(
         f"  {meta.size_bytes} bytes, sha256 {meta.sha256}, WAL {getattr(meta, 'start_lsn', '?')}.."
         f"{getattr(meta, 'end_lsn', '?')} timeline {getattr(meta, 'timeline', '?')}, "
         f"first segment {getattr(meta, 'first_wal_segment', '?')}"
@@ -153,18 +147,18 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
         return 0
     passed = True
     for outcome in verify_base_backup(artifact, target):
-        _print(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
+        say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
         artifact = artifact.record_check(outcome.name, outcome.passed, outcome.message)
         passed = passed and outcome.passed
     if not passed:
-        _print("base backup FAILED verification: do not rely on it (not copied offsite)")
+        say("base backup FAILED verification: do not rely on it (not copied offsite)")
         return 1
     if target.settings.offsite.is_enabled:
         from backup_pipelines.engine.offsite import upload_backup
         from backup_pipelines.engine.pitr import base_backup_offsite_storage
 
         outcome = upload_backup(artifact, base_backup_offsite_storage(target), log=log)
-        _print(f"  offsite: {outcome.url}")
+        say(f"  offsite: {outcome.url}")
     return 0
 
 
@@ -184,16 +178,16 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
         keep_archiving=args.keep_archiving,
         log=log,
     )
-    _print(result.summary())
+    say(result.summary())
     for warning in result.warnings:
-        _print(f"  warning: {warning}")
+        say(f"  warning: {warning}")
     if not args.start:
-        _print(
+        say(
             f"  start it with: pg_ctl -D {result.data_dir} -l {result.log_path} start  "
             "(as the server's OS user); it replays WAL up to the target, then promotes"
         )
     if not args.keep_archiving:
-        _print(
+        say(
             "  archive_mode is off in the restored cluster (so it cannot write a new timeline into "
             "the production archive); turn it on if this cluster becomes the new primary"
         )
@@ -205,9 +199,9 @@ def cmd_pitr_drill(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = pitr_drill(config, config.target(args.target), log=log)
-    _print(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
+    say(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
     if result.rto_seconds is not None:
-        _print(f"  RTO {result.rto_seconds:.1f}s, RPO {result.rpo_seconds}s")
+        say(f"  RTO {result.rto_seconds:.1f}s, RPO {result.rpo_seconds}s")
     return 0 if result.passed else 1
 
 

@@ -4,8 +4,8 @@ restore-cleanup (drop databases earlier restores replaced, after their grace per
 from __future__ import annotations
 
 import argparse
-import logging
 
+from backup_pipelines.cli.output import log, say
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.drill import run_drill
 from backup_pipelines.engine.postgres import connect
@@ -16,12 +16,6 @@ from backup_pipelines.engine.restore import (
     previous_copies,
     restore_database,
 )
-
-log = logging.getLogger("backup_pipelines")
-
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -35,7 +29,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         allow_other_database=args.allow_other_database,
         progress_interval=args.progress_interval,
     )
-    _print(report.summary())
+    say(report.summary())
     return 0
 
 
@@ -48,11 +42,11 @@ def cmd_drill(args: argparse.Namespace) -> int:
         backup=args.backup,
         progress_interval=args.progress_interval,
     )
-    _print(result.summary())
+    say(result.summary())
     if result.rto_seconds is not None:
         rto_target = config.target(args.target).settings.restore.rto_target_seconds
         verdict = "within" if result.rto_seconds <= rto_target else "OVER"
-        _print(f"  RTO {result.rto_seconds:.1f}s, {verdict} the target of {rto_target:g}s")
+        say(f"  RTO {result.rto_seconds:.1f}s, {verdict} the target of {rto_target:g}s")
     return 0 if result.passed else 1
 
 
@@ -61,14 +55,14 @@ def cmd_restore_cleanup(args: argparse.Namespace) -> int:
     target = config.target(args.target)
     dropped = drop_expired_previous_copies(target, log=log)
     for name in dropped:
-        _print(f"dropped {name}")
+        say(f"dropped {name}")
     with connect(maintenance_connection(target), autocommit=True) as conn:
         kept = previous_copies(conn, target)
     grace = target.settings.restore.drop_previous_after_hours
     for name, replaced_at in kept:
-        _print(f"kept {name} (replaced {replaced_at.isoformat()})")
+        say(f"kept {name} (replaced {replaced_at.isoformat()})")
     if grace is None:
-        _print(
+        say(
             "restore.drop_previous_after_hours is not set: replaced databases are kept until "
             "dropped by hand (DROP DATABASE name)"
         )
