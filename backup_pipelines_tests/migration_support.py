@@ -17,7 +17,7 @@ import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.migrations import MigrationsFolder, TrackingTable, apply_migrations
-from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint
+from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines_tests.helpers import full_dump
 
 FIXTURE_HISTORY = Path(__file__).parent / "fixtures" / "drizzle"
@@ -85,11 +85,6 @@ def tracking_rows(
         ]
 
 
-def fingerprint(cluster: LocalCluster, dbname: str) -> dict[str, str]:
-    with psycopg.connect(conninfo(cluster, dbname)) as conn:
-        return content_fingerprint(conn)
-
-
 def query(cluster: LocalCluster, dbname: str, statement: str) -> list[tuple]:
     with psycopg.connect(conninfo(cluster, dbname)) as conn:
         return list(conn.execute(statement))
@@ -118,6 +113,29 @@ def realistic_database(cluster: LocalCluster, dbname: str, folder: Path = FIXTUR
     with psycopg.connect(conninfo(cluster, dbname)) as conn:
         conn.execute(APP_DATA_SQL)
     migrate(cluster, dbname, folder)
+
+
+@contextlib.contextmanager
+def realistic_app_database(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh database with the whole fixture history applied and application data in it."""
+    with database(cluster) as name:
+        realistic_database(cluster, name)
+        yield name
+
+
+def app_project(
+    make_project,
+    cluster: LocalCluster,
+    dbname: str,
+    dsn_env: str,
+    folder: Path = FIXTURE_HISTORY,
+    **migrations,
+):  # type: ignore[no-untyped-def]
+    """A targets file with one target ``app`` whose migrations live in ``folder``."""
+    return make_project(
+        {"app": {"dsn_env": dsn_env, "migrations": {"folder": str(folder), **migrations}}},
+        env={dsn_env: cluster.dsn(dbname)},
+    )
 
 
 def history_dumps(cluster: LocalCluster, folder: Path = FIXTURE_HISTORY) -> list[str]:

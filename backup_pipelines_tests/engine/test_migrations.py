@@ -28,18 +28,19 @@ from backup_pipelines.engine.migrations import (
     plan_rollback,
     split_statements,
 )
+from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.migration_support import (
     FIXTURE_HISTORY,
     HISTORY_LENGTH,
+    app_project,
     conninfo,
     copy_history,
     create_database,
     drop_database,
-    fingerprint,
     history_dumps,
     migrate,
     query,
-    realistic_database,
+    realistic_app_database,
     schema_dump,
     tracking_rows,
 )
@@ -55,17 +56,12 @@ def history(pg: LocalCluster) -> list[str]:
 
 @pytest.fixture
 def app_db(pg: LocalCluster):
-    name = create_database(pg)
-    realistic_database(pg, name)
-    yield name
-    drop_database(pg, name)
+    with realistic_app_database(pg) as name:
+        yield name
 
 
 def project_for(make_project, pg: LocalCluster, dbname: str, folder: Path, **migrations):
-    return make_project(
-        {"app": {"dsn_env": DSN_ENV, "migrations": {"folder": str(folder), **migrations}}},
-        env={DSN_ENV: pg.dsn(dbname)},
-    )
+    return app_project(make_project, pg, dbname, DSN_ENV, folder, **migrations)
 
 
 def backups_of(target: Target) -> list[Path]:

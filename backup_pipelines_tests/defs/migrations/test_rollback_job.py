@@ -9,14 +9,13 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines_tests.conftest import DB_PASSWORD
+from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.migration_support import (
     FIXTURE_HISTORY,
     HISTORY_LENGTH,
+    app_project,
     copy_history,
-    create_database,
-    drop_database,
-    fingerprint,
-    realistic_database,
+    realistic_app_database,
     schema_dump,
     tracking_rows,
 )
@@ -32,17 +31,12 @@ def load_defs() -> dg.Definitions:
 
 @pytest.fixture
 def app_db(pg: LocalCluster):
-    name = create_database(pg)
-    realistic_database(pg, name)
-    yield name
-    drop_database(pg, name)
+    with realistic_app_database(pg) as name:
+        yield name
 
 
 def configure(make_project, pg: LocalCluster, dbname: str, folder: Path = FIXTURE_HISTORY):
-    return make_project(
-        {"app": {"dsn_env": DSN_ENV, "migrations": {"folder": str(folder)}}},
-        env={DSN_ENV: pg.dsn(dbname)},
-    ).target("app")
+    return app_project(make_project, pg, dbname, DSN_ENV, folder).target("app")
 
 
 def launch(**config: object) -> dg.ExecuteInProcessResult:
