@@ -590,7 +590,11 @@ def test_dockerfile_has_every_postgres_client_gnupg_zstd_and_the_locked_project(
     runs = [args for instruction, args in instructions if instruction == "RUN"]
     packages = " ".join(runs)
     for major in range(13, 18):
-        assert f"postgresql-client-{major}" in packages
+        # Clients for dumps and restores; the server package for PITR drills (pg_ctl) and
+        # pg_verifybackup's WAL check (pg_waldump).
+        assert f"postgresql-client-{major} postgresql-{major}" in packages
+    # ... without a cluster of their own in the image.
+    assert 'grep -qx "create_main_cluster = false"' in packages
     for package in ("gnupg", "zstd", "tini"):
         assert re.search(rf"apt-get install [^;&]*\b{package}\b", packages), package
     assert "apt.postgresql.org/pub/repos/apt bookworm-pgdg main" in packages
