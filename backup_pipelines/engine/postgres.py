@@ -250,35 +250,83 @@ ORDER BY 1, 2
 """
 
 
-def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Exact row counts of every table with data, keyed ``schema.table``."""
-    counts: dict[str, int] = {}
+def _without_row_security(cur: psycopg.Cursor) -> None:
+    # pg_dump turns row_security off: it dumps every row, or fails when a policy would hide
+    # some. Counting and fingerprinting must see the same rows, or fail the same way, never
+    # quietly count only what a policy shows this role.
+    cur.execute("SELECT set_config('row_security', 'off', false)")
+
+
+def tables_with_data(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """``(schema, table)`` of every table whose rows pg_dump writes (see TABLES_WITH_DATA_SQL)."""
     with conn.cursor() as cur:
         cur.execute(TABLES_WITH_DATA_SQL)
-        tables = cur.fetchall()
-        for schema, table in tables:
+        return [(str(schema), str(table)) for schema, table in cur.fetchall()]
+
+
+def _table(schema: str, table: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def table_row_counts(conn: psycopg.Connection, *, lock_first: bool = False) -> dict[str, int]:
+    """Exact row counts of every table with data, keyed ``schema.table``: each table's own rows
+    (``ONLY``: an inheritance parent without its children's), exactly the rows the dump holds.
+
+    Partitioned tables hold no rows themselves and are not listed; their leaf partitions are.
+    Row-level security is turned off for the session, as pg_dump does: a role a policy would
+    hide rows from gets an error instead of a short count.
+
+    ``lock_first`` takes ACCESS SHARE locks on every table before counting, like pg_dump does,
+    so a schema change arriving mid-backup waits for the backup instead of changing a table
+    under the count; how long the lock may be waited for is the session's ``lock_timeout``.
+    """
+    counts: dict[str, int] = {}
+    tables = tables_with_data(conn)
+    with conn.cursor() as cur:
+        _without_row_security(cur)
+        if lock_first and tables:
             cur.execute(
-                sql.SQL("SELECT count(*) FROM {}.{}").format(
-                    sql.Identifier(schema), sql.Identifier(table)
+                sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                    sql.SQL(", ").join(sql.SQL("ONLY ") + _table(s, t) for s, t in tables)
                 )
             )
+        for schema, table in tables:
+            cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(_table(schema, table)))
             row = cur.fetchone()
             counts[f"{schema}.{table}"] = int(row[0]) if row else 0
     return counts
 
 
+# Every large object with its owner, privileges, comment and content, in one value.
+_LARGE_OBJECTS_SQL = """
+SELECT count(*), md5(coalesce(string_agg(
+    m.oid::text || ' ' || pg_get_userbyid(m.lomowner) || ' ' || coalesce(m.lomacl::text, '-')
+    || ' ' || coalesce(obj_description(m.oid, 'pg_largeobject'), '-') || ' ' || md5(lo_get(m.oid)),
+    E'\\n' ORDER BY m.oid), ''))
+FROM pg_largeobject_metadata m
+"""
+LARGE_OBJECTS_KEY = "<large objects>"
+
+
 def content_fingerprint(conn: psycopg.Connection) -> dict[str, str]:
-    """An md5 of every table's full content, in a stable order: equal fingerprints, equal data."""
+    """An md5 of every table's own rows, in a stable order, and of the large objects (content,
+    owner, privileges, comment): equal fingerprints, equal data. For tests and checks on
+    modest databases: each table's rows are sorted on the server."""
     result: dict[str, str] = {}
+    tables = tables_with_data(conn)
     with conn.cursor() as cur:
-        cur.execute(TABLES_WITH_DATA_SQL)
-        for schema, table in cur.fetchall():
-            ident = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        _without_row_security(cur)
+        for schema, table in tables:
             cur.execute(
                 sql.SQL(
-                    "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {} t"
-                ).format(ident)
+                    "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) "
+                    "FROM ONLY {} t"
+                ).format(_table(schema, table))
             )
             row = cur.fetchone()
             result[f"{schema}.{table}"] = str(row[0]) if row else ""
+        cur.execute(_LARGE_OBJECTS_SQL)
+        row = cur.fetchone()
+        if row and row[0]:
+            result[LARGE_OBJECTS_KEY] = f"{row[0]} objects, md5 {row[1]}"
     return result
