@@ -315,7 +315,9 @@ def _verify_restore_check(
         result.restore_seconds = round(time.monotonic() - restore_clock, 3)
         try:
             with connect(admin.with_dbname(name), autocommit=True) as conn:
-                restored = table_row_counts(conn)
+                restored = table_row_counts(
+                    conn, with_children=artifact.meta.row_counts_with_children
+                )
                 result.rto_seconds = round(time.monotonic() - clock, 3)
                 result.tables, result.rows = len(restored), sum(restored.values())
                 result.mismatches = compare_counts(artifact.meta.row_counts, restored)

@@ -439,7 +439,7 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
                 hint="the backup cannot be restored as is; keep the previous backups and investigate",
             ) from None
         with connect(scratch) as conn:
-            restored = table_row_counts(conn)
+            restored = table_row_counts(conn, with_children=artifact.meta.row_counts_with_children)
     finally:
         drop_database(admin, name)
     mismatches = compare_counts(artifact.meta.row_counts, restored)
@@ -1079,7 +1079,7 @@ def restore_database(
             clock = time.monotonic()
             try:
                 with connect(admin.with_dbname(restoring)) as conn:
-                    restored = table_row_counts(conn)
+                    restored = table_row_counts(conn, with_children=meta.row_counts_with_children)
             except (BackupPipelinesError, psycopg.Error) as exc:
                 raise fail("check", exc) from None
             mismatches = compare_counts(meta.row_counts, restored)

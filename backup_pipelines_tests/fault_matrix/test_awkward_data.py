@@ -10,6 +10,7 @@ backup holds every row, restores to an equal database, and the drill tells the t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
-from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
 from backup_pipelines.engine.drill import run_amcheck, run_drill
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import table_row_counts
@@ -162,6 +163,31 @@ def test_row_counts_count_each_table_s_own_rows_as_the_dump_holds_them(
         drill = run_drill(config, "prod", log=log)
         assert drill.passed, drill.reason
         assert drill.rows == backup.meta.total_rows
+
+
+def test_backups_taken_before_own_row_counts_still_restore_and_drill(
+    pg: LocalCluster, make_project
+) -> None:
+    """A .meta written before ``row_counts_scope`` holds counts with inheritance children; its
+    restore check counts the same way instead of reporting a false mismatch."""
+    with database_with(pg, INHERITANCE_SQL) as db:
+        config = _project(make_project, pg, db)
+        backup = run_backup(config.target("prod"), log=log)
+        assert backup.meta.row_counts_scope == "own"
+        with connect_to(pg, db) as conn:
+            old_style = table_row_counts(conn, with_children=True)
+        assert old_style == {"public.parent": 6, "public.child": 4, "public.grandchild": 3}
+        document = json.loads(backup.meta_path.read_text())
+        del document["row_counts_scope"]
+        document["row_counts"] = old_style
+        backup.meta_path.write_text(json.dumps(document))
+        old = load_artifact(backup.path)
+        assert old.meta.row_counts_scope == "with_children"
+
+        result = restore_test(config.target("prod"), old, log=log)
+        assert result.passed, result.summary()
+        drill = run_drill(config, "prod", log=log)
+        assert drill.passed, drill.reason
 
 
 RLS_SQL = """
