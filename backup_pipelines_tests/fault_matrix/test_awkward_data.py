@@ -21,14 +21,17 @@ import psycopg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
-from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
+from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.drill import run_amcheck, run_drill
+from backup_pipelines.engine.errors import BackupFailedError
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.restore import restore_test
 from backup_pipelines_tests.conftest import DB_PASSWORD
+from backup_pipelines_tests.helpers import restore_and_compare
 from backup_pipelines_tests.restore_helpers import (
+    backup_files,
     connect_to,
     databases,
     forge_plain_backup,
@@ -299,3 +302,137 @@ def test_an_index_that_does_not_match_its_table_still_fails_the_drill(
         assert not result.passed and result.failed_step == "amcheck", result.reason
         assert result.amcheck is not None and list(result.amcheck.failures) == ["t_f"]
         assert "t_f" in (result.reason or "") and result.scratch_dropped
+
+
+# --- the sample database (demo, tests, benchmarks) is awkward on purpose ---------------------
+
+
+def test_the_sample_database_holds_every_awkward_object(pg: LocalCluster, sample_db: str) -> None:
+    with connect_to(pg, sample_db) as conn:
+
+        def one(query: str) -> object:
+            row = conn.execute(query).fetchone()
+            assert row is not None
+            return row[0]
+
+        assert one("SELECT count(*) FROM pg_class WHERE relkind = 'I'") >= 4
+        assert (
+            one(
+                "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE c.relkind = 'p'"
+            )
+            >= 1
+        )  # a sub-partitioned partition
+        assert (
+            one("SELECT count(*) FROM pg_class WHERE relrowsecurity AND relforcerowsecurity") >= 1
+        )
+        assert one("SELECT count(*) FROM pg_largeobject_metadata") >= 3
+        assert (
+            one(
+                "SELECT count(*) FROM pg_largeobject_metadata m JOIN pg_roles r ON r.oid = m.lomowner "
+                "WHERE NOT r.rolsuper AND m.lomacl IS NOT NULL"
+            )
+            >= 1
+        )
+        assert (
+            one(
+                "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
+                "WHERE NOT r.rolsuper AND c.relkind IN ('r', 'p')"
+            )
+            >= 2
+        )
+        assert one("SELECT count(*) FROM pg_default_acl") >= 2
+        assert (
+            one(
+                "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+                "WHERE r.rolname LIKE 'shiftmanager%'"
+            )
+            >= 2
+        )
+        assert one("SELECT count(*) FROM pg_namespace WHERE nspname ~ '[^\\x01-\\x7f]'") >= 1
+        assert one("SELECT count(*) FROM pg_class WHERE relname LIKE '%\"%' AND relkind = 'r'") >= 1
+        assert one("SELECT count(*) FROM pg_attribute WHERE attname ~ '[^\\x01-\\x7f]'") >= 2
+        assert (
+            one(
+                "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+                "WHERE c.relkind = 'm'"
+            )
+            >= 2
+        )
+        assert one("SELECT count(*) FROM pg_class WHERE relkind = 'm' AND NOT relispopulated") >= 1
+        extensions = {r[0] for r in conn.execute("SELECT extname FROM pg_extension")}
+        assert {"citext", "pg_trgm", "amcheck"} <= extensions
+        assert (
+            one(
+                "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent "
+                "WHERE c.relkind = 'r'"
+            )
+            >= 2
+        )
+        assert (
+            one("SELECT count(*) FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r'") >= 1
+        )
+
+
+@pytest.mark.parametrize(("dump_format", "compression"), [("plain", "gzip"), ("custom", "zstd")])
+def test_the_awkward_sample_database_round_trips_and_drills(
+    pg: LocalCluster, sample_db: str, make_project, tmp_path, dump_format: str, compression: str
+) -> None:
+    config = _project(make_project, pg, sample_db, format=dump_format, compression=compression)
+    backup = run_backup(config.target("prod"), log=log)
+
+    counts = backup.meta.row_counts
+    assert counts["scheduling.note"] == 7  # its own rows, not its children's 33 besides
+    assert counts["scheduling.shift_note"] == 20 and counts["scheduling.employee_note"] == 13
+    assert counts["payroll.salary_note"] == 60  # every row, not what the policy shows
+    assert counts['Buchhaltung ü.Lohn "Zettel" Ä'] == 30
+    assert counts["scheduling.session_cache"] == 25  # unlogged tables are dumped too
+    assert "scheduling.clock_event" not in counts and "scheduling.clock_event_2025" not in counts
+    if dump_format == "plain":
+        assert rows_in_dump(backup) == counts
+
+    # Equal content, large objects with their owners, grants and comments included.
+    restore_and_compare(pg, sample_db, backup, tmp_path / "work")
+
+    drill = run_drill(config, "prod", log=log)
+    assert drill.passed, drill.reason
+    assert drill.rows == backup.meta.total_rows and drill.tables == len(counts)
+    assert drill.amcheck is not None and drill.amcheck.available
+    assert drill.amcheck.indexes_checked >= 30 and not drill.amcheck.failures
+
+
+def test_a_backup_role_row_level_security_would_restrict_fails_clearly(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    """pg_dump refuses to dump a table a policy would filter for its role; the message says
+    how to fix it, and nothing that looks like a backup is left."""
+    role = f"backup_{secrets.token_hex(3)}"
+    pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{DB_PASSWORD}' IN ROLE pg_read_all_data")
+    try:
+        pg.psql(
+            "DO $$ DECLARE o oid; BEGIN FOR o IN SELECT oid FROM pg_largeobject_metadata LOOP "
+            f"EXECUTE format('GRANT SELECT ON LARGE OBJECT %s TO {role}', o); END LOOP; END $$",
+            sample_db,
+        )
+        config = make_project(
+            {"prod": {"dsn_env": "DB_PROD", "scratch_dsn_env": "DB_SCRATCH"}},
+            env={
+                "DB_PROD": pg.dsn(sample_db, user=role, password=DB_PASSWORD),
+                "DB_SCRATCH": pg.dsn(),
+            },
+        )
+        with pytest.raises(BackupFailedError) as info:
+            run_backup(config.target("prod"), log=log)
+        assert "row-level security" in info.value.message and "salary_note" in info.value.message
+        assert "BYPASSRLS" in (info.value.hint or "")
+        folder = config.target("prod").backup_dir
+        assert not list_artifacts(folder) and backup_files(folder) == []
+
+        pg.psql(f"ALTER ROLE {role} BYPASSRLS")
+        backup = run_backup(config.target("prod"), log=log)
+        assert backup.meta.row_counts["payroll.salary_note"] == 60
+        result = restore_test(config.target("prod"), backup, log=log)
+        assert result.passed, result.summary()
+    finally:
+        pg.psql(f"DROP OWNED BY {role}", sample_db)
+        pg.psql(f"DROP ROLE IF EXISTS {role}")
