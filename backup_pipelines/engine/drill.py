@@ -311,7 +311,7 @@ def _verify_restore_check(
                 progress_interval=progress_interval,
             )
         except BackupPipelinesError as exc:
-            return failed("restore", exc.message)
+            return failed("restore", f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
         result.restore_seconds = round(time.monotonic() - restore_clock, 3)
         try:
             with connect(admin.with_dbname(name), autocommit=True) as conn:

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
+from backup_pipelines.devtools.sample_data import create_sample_roles
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.drill import run_amcheck, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
@@ -399,6 +400,30 @@ def test_the_awkward_sample_database_round_trips_and_drills(
     assert drill.rows == backup.meta.total_rows and drill.tables == len(counts)
     assert drill.amcheck is not None and drill.amcheck.available
     assert drill.amcheck.indexes_checked >= 30 and not drill.amcheck.failures
+
+
+def test_a_drill_server_without_the_source_roles_says_what_is_missing(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    """pg_dump does not carry roles: on a drill server without them the restore fails, and
+    the drill says which role is missing and how to bring the roles over."""
+    with throwaway_cluster(password=DB_PASSWORD) as drill_server:
+        config = make_project(
+            {"prod": {"dsn_env": "DB_PROD", "scratch_dsn_env": "DB_DRILL"}},
+            env={"DB_PROD": pg.dsn(sample_db), "DB_DRILL": drill_server.dsn()},
+        )
+        run_backup(config.target("prod"), log=log)
+        before = databases(drill_server)
+
+        missing = run_drill(config, "prod", log=log)
+        assert not missing.passed and missing.failed_step == "restore"
+        assert re.search(r'role "shiftmanager[^"]*" does not exist', missing.reason or "")
+        assert "pg_dumpall --roles-only" in (missing.reason or "")
+        assert missing.scratch_dropped and databases(drill_server) == before
+
+        create_sample_roles(drill_server.dsn())
+        present = run_drill(config, "prod", log=log)
+        assert present.passed, present.reason
 
 
 def test_a_backup_role_row_level_security_would_restrict_fails_clearly(
