@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -21,7 +22,12 @@ import psycopg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
-from backup_pipelines.devtools.sample_data import create_sample_roles
+from backup_pipelines.devtools.sample_data import (
+    SAMPLE_MEMBERSHIPS,
+    SAMPLE_ROLES,
+    create_sample_database,
+    create_sample_roles,
+)
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.drill import run_amcheck, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
@@ -306,6 +312,35 @@ def test_an_index_that_does_not_match_its_table_still_fails_the_drill(
 
 
 # --- the sample database (demo, tests, benchmarks) is awkward on purpose ---------------------
+
+
+def test_sample_roles_are_created_once_even_by_concurrent_processes() -> None:
+    """Roles belong to the cluster: several sample databases created at once, or one after
+    another, share them without a "role already exists" failure."""
+    with throwaway_cluster(password=DB_PASSWORD) as cluster:
+        errors: list[BaseException] = []
+
+        def create(index: int) -> None:
+            try:
+                create_sample_database(cluster.dsn(), f"sample_{index}", employees=20, shifts=50)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        create_sample_roles(cluster.dsn())
+        create_sample_database(cluster.dsn(), "sample_0", employees=20, shifts=50)
+        roles = cluster.psql("SELECT rolname FROM pg_roles WHERE rolname LIKE 'shiftmanager%'")
+        assert sorted(roles.splitlines()) == sorted(SAMPLE_ROLES)
+        members = cluster.psql(
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+            "WHERE r.rolname LIKE 'shiftmanager%'"
+        )
+        assert members == str(len(SAMPLE_MEMBERSHIPS))
 
 
 def test_the_sample_database_holds_every_awkward_object(pg: LocalCluster, sample_db: str) -> None:
