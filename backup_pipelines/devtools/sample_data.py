@@ -337,7 +337,7 @@ INSERT INTO hr.employee_document (employee_id, title, contract, scan_text)
 SELECT g, 'Arbeitsvertrag Nr. ' || g,
        lo_from_bytea(0, convert_to('Vertrag für Mitarbeiter #' || g || E' — gültig ab 2025\n', 'UTF8')
                         || decode(repeat(md5(g::text), 200), 'hex')),
-       CASE WHEN g % 2 = 0 THEN (SELECT string_agg(md5(g::text || i), ' ') FROM generate_series(1, 150) i) END
+       CASE WHEN g % 4 = 0 THEN (SELECT string_agg(md5(g::text || i), ' ') FROM generate_series(1, 100) i) END
 FROM generate_series(1, 12) AS g;
 INSERT INTO hr.employee_document (employee_id, title, contract)
 VALUES (13, 'leer (empty large object)', lo_create(0));

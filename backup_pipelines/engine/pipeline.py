@@ -181,9 +181,6 @@ _PG_DUMP_LOCK_TIMEOUT = re.compile(
 )
 
 
-_BLOCKERS_SHOWN = 5
-
-
 def _pg_dump_hint(stderr_text: str) -> str:
     if "row-level security" in stderr_text:
         return (
@@ -195,6 +192,9 @@ def _pg_dump_hint(stderr_text: str) -> str:
         "read the pg_dump error above; common causes are missing privileges "
         "(the backup role needs SELECT on every table) or a dropped connection"
     )
+
+
+_BLOCKERS_SHOWN = 5
 
 
 def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError:

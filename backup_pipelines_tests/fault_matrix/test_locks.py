@@ -17,12 +17,13 @@ import dagster as dg
 import psycopg
 import pytest
 
-from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import DEFAULT_LOCK_WAIT_TIMEOUT, TargetSettings
 from backup_pipelines.engine.errors import BackupFailedError
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import ConnectionInfo
+from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.fault_matrix.test_awkward_data import database_with
 from backup_pipelines_tests.restore_helpers import backup_files
 
@@ -106,6 +107,28 @@ def test_a_migration_queued_behind_a_long_transaction_is_named_with_what_it_wait
         assert "queued for an ACCESS EXCLUSIVE lock on public.other behind pid " in message
         assert f"pid {reader_pid} (user 'postgres', application 'nightly-report'" in message
         assert not list_artifacts(config.target("prod").backup_dir)
+
+
+def test_a_forgotten_prepared_transaction_holding_the_lock_is_named(make_project) -> None:
+    """Two-phase commit leftovers hold their locks with no session at all."""
+    with throwaway_cluster(
+        password=DB_PASSWORD, extra_conf={"max_prepared_transactions": "5"}
+    ) as cluster:
+        cluster.psql("CREATE DATABASE app")
+        cluster.psql(TABLES_SQL, "app")
+        cluster.psql(
+            "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; PREPARE TRANSACTION 'stuck_2pc'", "app"
+        )
+        try:
+            config = _project(make_project, cluster, "app", lock_wait_timeout="1s")
+            with pytest.raises(BackupFailedError) as info:
+                run_backup(config.target("prod"), log=log)
+            message = info.value.message
+            assert "a prepared transaction (virtual transaction " in message
+            assert "holding an ACCESS EXCLUSIVE lock on public.t; see pg_prepared_xacts" in message
+            assert not list_artifacts(config.target("prod").backup_dir)
+        finally:
+            cluster.psql("ROLLBACK PREPARED 'stuck_2pc'", "app")
 
 
 def test_a_blocked_backup_fails_the_dagster_run_with_the_same_message(
