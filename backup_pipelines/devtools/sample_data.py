@@ -1,9 +1,25 @@
 """A realistic sample database in the guide's domain (ShiftManager: staff, shifts, payroll).
 
 It deliberately holds what breaks naive backup tools: several schemas, sequences with gaps,
-views and a materialized view, foreign keys and check constraints, an enum type, non-ASCII
-text, bytea, jsonb, arrays, timestamps with time zones, NULLs, a partitioned table, and an
-identity column.
+views, foreign keys and check constraints, an enum type, non-ASCII text, bytea, jsonb, arrays,
+timestamps with time zones, NULLs, an identity column, and:
+
+- indexed partitioned tables (a partitioned primary key, secondary and partial indexes, a
+  sub-partitioned partition, a default partition);
+- objects owned by non-superuser roles, GRANTs (also on columns), ALTER DEFAULT PRIVILEGES
+  and role memberships;
+- a table with row-level security ENABLEd and FORCEd, whose owner sees only some rows;
+- large objects (multi-page, empty, one owned by a non-superuser role with a grant and a
+  comment);
+- unicode identifiers with spaces and quotes (schema, table, column, index, role names);
+- materialized views with indexes, one never populated;
+- extensions from postgresql-contrib (citext, pg_trgm, and amcheck in its own schema);
+- table inheritance (a parent with rows of its own and two children) and an unlogged table.
+
+Roles belong to the whole cluster, not to the database: :func:`create_sample_roles` creates
+them if missing (tolerating another process creating them at the same moment) and leaves them
+in place when a sample database is dropped. A server that restores a backup of the sample
+database needs them too, as it needs any database's roles.
 """
 
 from __future__ import annotations
@@ -113,7 +129,139 @@ END $$;
 CREATE TRIGGER employee_touch BEFORE INSERT ON hr.employee FOR EACH ROW EXECUTE FUNCTION hr.touch_notes();
 
 COMMENT ON TABLE hr.employee IS 'Staff members — one row per person (Mitarbeiter, employé)';
+
+-- Extensions from postgresql-contrib; amcheck in a schema of its own, off the search_path.
+CREATE EXTENSION IF NOT EXISTS citext;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE SCHEMA maintenance;
+CREATE EXTENSION IF NOT EXISTS amcheck SCHEMA maintenance;
+
+CREATE TABLE hr.employee_login (
+    employee_id bigint PRIMARY KEY REFERENCES hr.employee(id),
+    login       citext NOT NULL UNIQUE
+);
+CREATE INDEX employee_name_trgm ON hr.employee USING gin (full_name gin_trgm_ops);
+CREATE INDEX employee_lower_email_idx ON hr.employee (lower(email));
+CREATE INDEX location_name_hash ON scheduling.location USING hash (name);
+CREATE INDEX shift_no_break_idx ON scheduling.shift (starts_at) WHERE break_minutes = 0;
+
+-- Indexed partitioned tables: a partitioned primary key, secondary and partial indexes,
+-- a sub-partitioned partition and a default partition.
+CREATE TABLE scheduling.clock_event (
+    id          bigserial,
+    employee_id bigint NOT NULL REFERENCES hr.employee(id),
+    occurred_at timestamptz NOT NULL,
+    kind        text NOT NULL CHECK (kind IN ('in', 'out', 'break')),
+    device      text,
+    PRIMARY KEY (id, occurred_at)
+) PARTITION BY RANGE (occurred_at);
+CREATE TABLE scheduling.clock_event_2025 PARTITION OF scheduling.clock_event
+    FOR VALUES FROM ('2025-01-01') TO ('2026-01-01') PARTITION BY RANGE (occurred_at);
+CREATE TABLE scheduling.clock_event_2025_h1 PARTITION OF scheduling.clock_event_2025
+    FOR VALUES FROM ('2025-01-01') TO ('2025-07-01');
+CREATE TABLE scheduling.clock_event_2025_h2 PARTITION OF scheduling.clock_event_2025
+    FOR VALUES FROM ('2025-07-01') TO ('2026-01-01');
+CREATE TABLE scheduling.clock_event_2026 PARTITION OF scheduling.clock_event
+    FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE TABLE scheduling.clock_event_other PARTITION OF scheduling.clock_event DEFAULT;
+CREATE INDEX clock_event_employee_idx ON scheduling.clock_event (employee_id, occurred_at);
+CREATE INDEX clock_event_not_break_idx ON scheduling.clock_event (kind) WHERE kind <> 'break';
+CREATE INDEX audit_log_actor_idx ON payroll.audit_log (actor, logged_at);
+
+-- Table inheritance: the parent holds rows of its own besides its children's.
+CREATE TABLE scheduling.note (
+    id         serial PRIMARY KEY,
+    body       text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT '2025-01-01 00:00+00'
+);
+CREATE TABLE scheduling.shift_note (shift_id bigint NOT NULL) INHERITS (scheduling.note);
+CREATE TABLE scheduling.employee_note (employee_id bigint NOT NULL) INHERITS (scheduling.note);
+ALTER TABLE scheduling.shift_note ADD PRIMARY KEY (id);
+
+CREATE UNLOGGED TABLE scheduling.session_cache (
+    token       text PRIMARY KEY,
+    employee_id bigint,
+    payload     jsonb,
+    expires_at  timestamptz
+);
+
+-- Large objects, referenced from a table.
+CREATE TABLE hr.employee_document (
+    id          serial PRIMARY KEY,
+    employee_id bigint NOT NULL REFERENCES hr.employee(id),
+    title       text NOT NULL,
+    contract    oid NOT NULL,
+    scan_text   text
+);
+
+-- Materialized views with indexes; one was never populated.
+CREATE UNIQUE INDEX department_cost_name_idx ON payroll.department_cost (name);
+CREATE MATERIALIZED VIEW scheduling.location_load AS
+SELECT location_id, count(*) AS shifts FROM scheduling.shift GROUP BY location_id WITH NO DATA;
+CREATE INDEX location_load_idx ON scheduling.location_load (location_id);
+
+-- Row-level security, FORCEd: even the owner sees only the rows a policy lets through.
+CREATE TABLE payroll.salary_note (
+    id          serial PRIMARY KEY,
+    employee_id bigint NOT NULL REFERENCES hr.employee(id),
+    visible_to  text NOT NULL,
+    note        text NOT NULL
+);
+ALTER TABLE payroll.salary_note OWNER TO shiftmanager_owner;
+ALTER TABLE payroll.salary_note ENABLE ROW LEVEL SECURITY;
+ALTER TABLE payroll.salary_note FORCE ROW LEVEL SECURITY;
+CREATE POLICY salary_note_visible ON payroll.salary_note FOR SELECT USING (visible_to = current_user);
+CREATE POLICY salary_note_app ON payroll.salary_note FOR ALL TO shiftmanager_app
+    USING (visible_to <> 'hr') WITH CHECK (visible_to <> 'hr');
+
+-- Grants, column grants, default privileges; objects owned by a non-superuser role.
+GRANT USAGE ON SCHEMA hr, scheduling, payroll TO shiftmanager_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA hr, scheduling TO shiftmanager_reader;
+GRANT SELECT, INSERT, UPDATE, DELETE ON scheduling.shift, scheduling.clock_event TO shiftmanager_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA scheduling TO shiftmanager_app;
+GRANT SELECT, INSERT ON payroll.salary_note TO shiftmanager_app;
+GRANT SELECT (id, full_name, department_id) ON hr.employee TO "shiftmanager Prüfer ü";
+ALTER TABLE payroll.payslip OWNER TO shiftmanager_owner;
+CREATE SCHEMA "Buchhaltung ü" AUTHORIZATION shiftmanager_owner;
+ALTER DEFAULT PRIVILEGES FOR ROLE shiftmanager_owner IN SCHEMA "Buchhaltung ü"
+    GRANT SELECT ON TABLES TO shiftmanager_reader;
+ALTER DEFAULT PRIVILEGES FOR ROLE shiftmanager_owner
+    GRANT EXECUTE ON FUNCTIONS TO shiftmanager_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA payroll REVOKE ALL ON TABLES FROM "shiftmanager Prüfer ü";
+GRANT USAGE ON SCHEMA "Buchhaltung ü" TO "shiftmanager Prüfer ü";
+
+-- Unicode identifiers with spaces and quotes, created by the schema's (non-superuser) owner.
+SET ROLE shiftmanager_owner;
+CREATE TABLE "Buchhaltung ü"."Lohn ""Zettel"" Ä" (
+    id                       serial PRIMARY KEY,
+    "Straße"                 text NOT NULL,
+    "Betrag €"               numeric(10,2) NOT NULL,
+    "naïve ""quoted"" column" text,
+    "Ölstand"                integer
+);
+CREATE INDEX "Lohn Straße idx" ON "Buchhaltung ü"."Lohn ""Zettel"" Ä" ("Straße", "Betrag €");
+CREATE VIEW "Buchhaltung ü"."Übersicht je Straße" AS
+SELECT "Straße", sum("Betrag €") AS "Summe €" FROM "Buchhaltung ü"."Lohn ""Zettel"" Ä" GROUP BY 1;
+CREATE FUNCTION "Buchhaltung ü"."Gesamt"() RETURNS numeric LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog
+    AS $$ SELECT coalesce(sum("Betrag €"), 0) FROM "Buchhaltung ü"."Lohn ""Zettel"" Ä" $$;
+RESET ROLE;
+GRANT SELECT ("Straße") ON "Buchhaltung ü"."Lohn ""Zettel"" Ä" TO "shiftmanager Prüfer ü";
 """
+
+# Cluster-wide roles the sample database's objects belong to. Created by
+# create_sample_roles, never dropped with a sample database (others may still use them).
+SAMPLE_ROLES = (
+    "shiftmanager_owner",
+    "shiftmanager_reader",
+    "shiftmanager_app",
+    "shiftmanager Prüfer ü",
+)
+# (role, member): the member gets the role's privileges.
+SAMPLE_MEMBERSHIPS = (
+    ("shiftmanager_reader", "shiftmanager_app"),
+    ("shiftmanager_reader", "shiftmanager Prüfer ü"),
+)
 
 DATA_SQL = r"""
 INSERT INTO hr.department (name, cost_center) VALUES
@@ -167,16 +315,91 @@ SELECT TIMESTAMPTZ '2025-06-01 00:00:00+00' + (g % 1500) * INTERVAL '1 day' / 3,
        (ARRAY['approve','reject','edit'])[1 + g % 3], jsonb_build_object('n', g, 'ok', g % 2 = 0)
 FROM generate_series(1, %(employees)s) AS g;
 
+INSERT INTO hr.employee_login (employee_id, login)
+SELECT id, 'Employee' || id || '@Example.COM' FROM hr.employee WHERE id % 3 <> 0;
+
+INSERT INTO scheduling.clock_event (employee_id, occurred_at, kind, device)
+SELECT 1 + (g % %(employees)s), TIMESTAMPTZ '2025-01-02 07:00+00' + g * INTERVAL '97 minutes',
+       (ARRAY['in', 'out', 'break'])[1 + g % 3], CASE WHEN g % 5 = 0 THEN NULL ELSE 'Terminal ' || g % 4 END
+FROM generate_series(1, %(employees)s * 4) AS g;
+
+INSERT INTO scheduling.note (body) SELECT 'Allgemeiner Hinweis ' || g FROM generate_series(1, 7) g;
+INSERT INTO scheduling.shift_note (body, shift_id)
+SELECT 'Schichtnotiz ' || g || ' — bitte prüfen', g FROM generate_series(1, 20) g;
+INSERT INTO scheduling.employee_note (body, employee_id)
+SELECT E'Notiz für Mitarbeiter ' || g || E'\nzweite Zeile', g FROM generate_series(1, 13) g;
+
+INSERT INTO scheduling.session_cache (token, employee_id, payload, expires_at)
+SELECT md5('session' || g), g, jsonb_build_object('ua', 'Mozilla/5.0 ü'), TIMESTAMPTZ '2025-02-01 00:00+00' + g * INTERVAL '1 hour'
+FROM generate_series(1, 25) g;
+
+INSERT INTO hr.employee_document (employee_id, title, contract, scan_text)
+SELECT g, 'Arbeitsvertrag Nr. ' || g,
+       lo_from_bytea(0, convert_to('Vertrag für Mitarbeiter #' || g || E' — gültig ab 2025\n', 'UTF8')
+                        || decode(repeat(md5(g::text), 200), 'hex')),
+       CASE WHEN g % 4 = 0 THEN (SELECT string_agg(md5(g::text || i), ' ') FROM generate_series(1, 100) i) END
+FROM generate_series(1, 12) AS g;
+INSERT INTO hr.employee_document (employee_id, title, contract)
+VALUES (13, 'leer (empty large object)', lo_create(0));
+DO $$
+DECLARE
+    first_contract oid := (SELECT contract FROM hr.employee_document ORDER BY id LIMIT 1);
+BEGIN
+    EXECUTE format('ALTER LARGE OBJECT %s OWNER TO shiftmanager_owner', first_contract);
+    EXECUTE format('GRANT SELECT ON LARGE OBJECT %s TO shiftmanager_reader', first_contract);
+    EXECUTE format('COMMENT ON LARGE OBJECT %s IS %L', first_contract, 'unterschrieben — scan');
+END $$;
+
+INSERT INTO payroll.salary_note (employee_id, visible_to, note)
+SELECT 1 + g % %(employees)s, (ARRAY['hr', 'payroll', 'shiftmanager_owner'])[1 + g % 3],
+       'Gehaltsnotiz ' || g
+FROM generate_series(1, 60) AS g;
+
+INSERT INTO "Buchhaltung ü"."Lohn ""Zettel"" Ä" ("Straße", "Betrag €", "naïve ""quoted"" column", "Ölstand")
+SELECT (ARRAY['Hauptstraße 1', 'Königsallee 2', 'Rue de l''Église 3'])[1 + g % 3],
+       round((g * 13.37)::numeric, 2), CASE WHEN g % 4 = 0 THEN NULL ELSE 'a "quoted" value ' || g END, g
+FROM generate_series(1, 30) AS g;
+
 SELECT setval('payroll.invoice_number', 4242);
 REFRESH MATERIALIZED VIEW payroll.department_cost;
 ANALYZE;
 """
 
 
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def create_sample_roles(admin_dsn: str) -> None:
+    """Create the sample database's roles on the cluster of ``admin_dsn`` unless they exist.
+
+    Safe to run again, and concurrently with another process doing the same (a role that
+    appears between the check and the CREATE is fine).
+    """
+    statements = [f"CREATE ROLE {_quote_ident(role)} NOLOGIN" for role in SAMPLE_ROLES] + [
+        f"GRANT {_quote_ident(role)} TO {_quote_ident(member)}"
+        for role, member in SAMPLE_MEMBERSHIPS
+    ]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(
+                "DO $$ BEGIN EXECUTE " + _literal(statement) + "; "
+                "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def create_sample_database(
     admin_dsn: str, dbname: str, *, employees: int = 500, shifts: int = 5000
 ) -> None:
-    """Create ``dbname`` (dropping an old one) and fill it with the sample schema and data."""
+    """Create ``dbname`` (dropping an old one) and fill it with the sample schema and data.
+
+    Creates the sample roles first if the cluster lacks them (see :func:`create_sample_roles`).
+    """
+    create_sample_roles(admin_dsn)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         conn.execute(f"CREATE DATABASE \"{dbname}\" TEMPLATE template0 ENCODING 'UTF8'")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,7 +81,15 @@ class BackupMeta(BaseModel):
     database_collate: str | None = None
     database_ctype: str | None = None
     row_counts: dict[str, int] = Field(default_factory=dict)
+    # "own": each table's own rows, as the dump holds them. Backups written before this field
+    # existed counted an inheritance parent with its children's rows ("with_children"); their
+    # restores are checked the same way.
+    row_counts_scope: Literal["own", "with_children"] = "with_children"
     verification: dict[str, Any] | None = None
+
+    @property
+    def row_counts_with_children(self) -> bool:
+        return self.row_counts_scope == "with_children"
 
     @property
     def total_rows(self) -> int:

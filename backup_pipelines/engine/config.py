@@ -177,6 +177,9 @@ def _normalize_cadences(value: Any) -> Any:
 
 
 OptionalDuration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
+DEFAULT_LOCK_WAIT_TIMEOUT = timedelta(minutes=5)
+MIN_LOCK_WAIT_TIMEOUT = timedelta(seconds=1)
+MAX_LOCK_WAIT_TIMEOUT = timedelta(hours=24)
 Cadences = Annotated[tuple[str, ...], BeforeValidator(_normalize_cadences)]
 
 
@@ -574,6 +577,12 @@ class TargetSettings(_Strict):
         description="Alert when the newest successful backup is older than this (e.g. 24h, 2h); "
         "off: never (a target backed up elsewhere).",
     )
+    lock_wait_timeout: OptionalDuration = Field(
+        default=DEFAULT_LOCK_WAIT_TIMEOUT,
+        description="How long a backup waits for a table lock another session holds (e.g. a "
+        "stuck migration) before it fails, naming that session (pg_dump --lock-wait-timeout); "
+        "off: wait as long as it takes.",
+    )
     db_host: str | None = Field(
         default=None,
         description=(
@@ -581,6 +590,15 @@ class TargetSettings(_Strict):
             "of the connection URL (when set at load time), else the target name."
         ),
     )
+
+    @field_validator("lock_wait_timeout")
+    @classmethod
+    def _lock_wait_in_range(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and not MIN_LOCK_WAIT_TIMEOUT <= value <= MAX_LOCK_WAIT_TIMEOUT:
+            raise ValueError(
+                "lock_wait_timeout must be between 1s and 24h (or off to wait without limit)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _level_in_range(self) -> TargetSettings:

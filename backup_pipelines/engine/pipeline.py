@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -25,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import psycopg
 from psycopg import sql
 
 from backup_pipelines.engine.artifacts import (
@@ -52,6 +54,7 @@ from backup_pipelines.engine.postgres import (
     PgTools,
     connect,
     find_tools,
+    lock_blockers,
     server_major,
     table_row_counts,
 )
@@ -152,15 +155,76 @@ def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
     )
 
 
+def _lock_wait_ms(target: Target) -> int | None:
+    timeout = target.settings.lock_wait_timeout
+    return None if timeout is None else max(1, int(timeout.total_seconds() * 1000))
+
+
 def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
     settings = target.settings
     argv = [tools.path("pg_dump"), "--no-password", f"--snapshot={snapshot}"]
+    lock_wait = _lock_wait_ms(target)
+    if lock_wait is not None:
+        argv.append(f"--lock-wait-timeout={lock_wait}")
     if settings.format == "custom":
         internal = settings.effective_compression_level if settings.compression == "gzip" else 0
         argv += ["--format=custom", f"--compress={internal}"]
     else:
         argv += ["--format=plain"]
     return argv
+
+
+# pg_dump --lock-wait-timeout cancels its LOCK TABLE with a statement timeout (PG 15) or a
+# lock timeout.
+_PG_DUMP_LOCK_TIMEOUT = re.compile(
+    r"canceling statement due to (statement|lock) timeout.*\n.*LOCK TABLE", re.DOTALL
+)
+
+
+def _pg_dump_hint(stderr_text: str) -> str:
+    if "row-level security" in stderr_text:
+        return (
+            "a row-level security policy would hide rows from the backup role, and a backup "
+            "must hold every row: give the role BYPASSRLS (ALTER ROLE ... BYPASSRLS) or back up "
+            "as a superuser"
+        )
+    return (
+        "read the pg_dump error above; common causes are missing privileges "
+        "(the backup role needs SELECT on every table) or a dropped connection"
+    )
+
+
+_BLOCKERS_SHOWN = 5
+
+
+def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError:
+    """The error for a backup that waited ``lock_wait_timeout`` for a table lock: names the
+    sessions holding (or queueing for) the blocking locks, looked up on a new connection."""
+    timeout = target.settings.lock_wait_timeout
+    waited = f"{timeout.total_seconds():g}s" if timeout is not None else "too long"
+    end_them = "SELECT pg_terminate_backend(PID)"
+    try:
+        with connect(info, autocommit=True) as conn:
+            blockers = lock_blockers(conn)
+        if blockers:
+            shown = [line for _, line in blockers[:_BLOCKERS_SHOWN]]
+            if len(blockers) > _BLOCKERS_SHOWN:
+                shown.append(f"and {len(blockers) - _BLOCKERS_SHOWN} more")
+            culprit = "blocked by " + "; ".join(shown)
+            pids = [str(pid) for pid, _ in blockers if pid is not None]
+            if pids:
+                end_them = f"SELECT pg_terminate_backend({pids[0]})"
+        else:
+            culprit = "the session that held it had released it by the time we looked"
+    except (BackupPipelinesError, psycopg.Error) as exc:
+        reason = exc.message if isinstance(exc, BackupPipelinesError) else str(exc).strip()
+        culprit = f"the blocking session could not be looked up ({info.redact(reason)})"
+    return BackupFailedError(
+        f"backup of target '{target.name}' ({info.describe()}) gave up after waiting {waited} "
+        f"(lock_wait_timeout) for a table lock: {culprit}",
+        hint=f"let that session finish or end it ({end_them}), then run the backup again; "
+        "if such long locks are expected, raise lock_wait_timeout for the target",
+    )
 
 
 def _free_space_hint(directory: Path) -> str:
@@ -268,10 +332,17 @@ def run_backup(
                     counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     # Counting runs beside pg_dump: parallel workers would only steal its CPU.
                     counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                    lock_wait = _lock_wait_ms(target)
+                    if lock_wait is not None:
+                        counting.execute(
+                            sql.SQL("SET LOCAL lock_timeout = {}").format(
+                                sql.Literal(f"{lock_wait}ms")
+                            )
+                        )
                     counting.execute(
                         sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
                     )
-                    counts.update(table_row_counts(counting))
+                    counts.update(table_row_counts(counting, lock_first=True))
             except BaseException as exc:  # reported after pg_dump finishes
                 count_errors.append(exc)
 
@@ -346,11 +417,13 @@ def _dump_to_file(
             write_stored(codec.flush())
             returncode = proc.wait()
             if returncode != 0:
-                detail = source.info.redact(stderr.text()) or f"exit status {returncode}"
+                text = stderr.text()
+                if _PG_DUMP_LOCK_TIMEOUT.search(text):
+                    raise lock_wait_failure(target, source.info)
+                detail = source.info.redact(text) or f"exit status {returncode}"
                 raise BackupFailedError(
                     f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
-                    hint="read the pg_dump error above; common causes are missing privileges "
-                    "(the backup role needs SELECT on every table) or a dropped connection",
+                    hint=_pg_dump_hint(text),
                 )
             warnings = stderr.text()
             if warnings:
@@ -360,6 +433,8 @@ def _dump_to_file(
             os.fsync(handle.fileno())
 
         counter.join()
+        if count_errors and isinstance(count_errors[0], psycopg.errors.LockNotAvailable):
+            raise lock_wait_failure(target, source.info)
         if count_errors:
             raise BackupFailedError(
                 f"counting rows in the dump's snapshot failed: {source.info.redact(str(count_errors[0]))}"
@@ -390,6 +465,7 @@ def _dump_to_file(
             database_encoding=source.encoding,
             database_collate=source.collate,
             database_ctype=source.ctype,
+            row_counts_scope="own",
         )
         write_atomic(sidecars[0], sha256_line(meta.sha256, final.name).encode())
         write_meta(sidecars[1], meta)

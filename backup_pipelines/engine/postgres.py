@@ -14,7 +14,9 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -250,35 +252,168 @@ ORDER BY 1, 2
 """
 
 
-def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Exact row counts of every table with data, keyed ``schema.table``."""
-    counts: dict[str, int] = {}
+def _without_row_security(cur: psycopg.Cursor) -> None:
+    # pg_dump turns row_security off: it dumps every row, or fails when a policy would hide
+    # some. Counting and fingerprinting must see the same rows, or fail the same way, never
+    # quietly count only what a policy shows this role.
+    cur.execute("SELECT set_config('row_security', 'off', false)")
+
+
+def tables_with_data(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """``(schema, table)`` of every table whose rows pg_dump writes (see TABLES_WITH_DATA_SQL)."""
     with conn.cursor() as cur:
         cur.execute(TABLES_WITH_DATA_SQL)
-        tables = cur.fetchall()
-        for schema, table in tables:
+        return [(str(schema), str(table)) for schema, table in cur.fetchall()]
+
+
+def _table(schema: str, table: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def table_row_counts(
+    conn: psycopg.Connection, *, lock_first: bool = False, with_children: bool = False
+) -> dict[str, int]:
+    """Exact row counts of every table with data, keyed ``schema.table``: each table's own rows
+    (``ONLY``: an inheritance parent without its children's), exactly the rows the dump holds.
+    ``with_children`` counts the way backups before ``row_counts_scope`` did (a parent with its
+    inheritance children's rows), to check a restore of such a backup like with like.
+
+    Partitioned tables hold no rows themselves and are not listed; their leaf partitions are.
+    Row-level security is turned off for the session, as pg_dump does: a role a policy would
+    hide rows from gets an error instead of a short count.
+
+    ``lock_first`` takes ACCESS SHARE locks on every table before counting, like pg_dump does,
+    so a schema change arriving mid-backup waits for the backup instead of changing a table
+    under the count; how long the lock may be waited for is the session's ``lock_timeout``.
+    """
+    counts: dict[str, int] = {}
+    tables = tables_with_data(conn)
+    with conn.cursor() as cur:
+        _without_row_security(cur)
+        if lock_first and tables:
             cur.execute(
-                sql.SQL("SELECT count(*) FROM {}.{}").format(
-                    sql.Identifier(schema), sql.Identifier(table)
+                sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                    sql.SQL(", ").join(sql.SQL("ONLY ") + _table(s, t) for s, t in tables)
                 )
             )
+        for schema, table in tables:
+            only = sql.SQL("") if with_children else sql.SQL("ONLY ")
+            cur.execute(sql.SQL("SELECT count(*) FROM {}{}").format(only, _table(schema, table)))
             row = cur.fetchone()
             counts[f"{schema}.{table}"] = int(row[0]) if row else 0
     return counts
 
 
+# Every large object with its owner, privileges, comment and content, in one value.
+_LARGE_OBJECTS_SQL = """
+SELECT count(*), md5(coalesce(string_agg(
+    m.oid::text || ' ' || pg_get_userbyid(m.lomowner) || ' ' || coalesce(m.lomacl::text, '-')
+    || ' ' || coalesce(obj_description(m.oid, 'pg_largeobject'), '-') || ' ' || md5(lo_get(m.oid)),
+    E'\\n' ORDER BY m.oid), ''))
+FROM pg_largeobject_metadata m
+"""
+LARGE_OBJECTS_KEY = "<large objects>"
+
+
 def content_fingerprint(conn: psycopg.Connection) -> dict[str, str]:
-    """An md5 of every table's full content, in a stable order: equal fingerprints, equal data."""
+    """An md5 of every table's own rows, in a stable order, and of the large objects (content,
+    owner, privileges, comment): equal fingerprints, equal data. For tests and checks on
+    modest databases: each table's rows are sorted on the server."""
     result: dict[str, str] = {}
+    tables = tables_with_data(conn)
     with conn.cursor() as cur:
-        cur.execute(TABLES_WITH_DATA_SQL)
-        for schema, table in cur.fetchall():
-            ident = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        _without_row_security(cur)
+        for schema, table in tables:
             cur.execute(
                 sql.SQL(
-                    "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {} t"
-                ).format(ident)
+                    "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) "
+                    "FROM ONLY {} t"
+                ).format(_table(schema, table))
             )
             row = cur.fetchone()
             result[f"{schema}.{table}"] = str(row[0]) if row else ""
+        cur.execute(_LARGE_OBJECTS_SQL)
+        row = cur.fetchone()
+        if row and row[0]:
+            result[LARGE_OBJECTS_KEY] = f"{row[0]} objects, md5 {row[1]}"
     return result
+
+
+# Sessions that hold, or queue for, an ACCESS EXCLUSIVE lock on a table of this database: the
+# only lock mode that blocks the ACCESS SHARE locks pg_dump and the row count take on every
+# table (a queued request blocks later ones too). Temporary tables are never dumped.
+LOCK_BLOCKERS_SQL = """
+SELECT l.pid, a.usename, a.application_name, host(a.client_addr), a.state, l.granted,
+       CASE WHEN l.granted THEN a.xact_start ELSE l.waitstart END,
+       coalesce(quote_ident(n.nspname) || '.' || quote_ident(c.relname), l.relation::text),
+       l.virtualtransaction,
+       CASE WHEN l.granted THEN '{}'::int[] ELSE pg_blocking_pids(l.pid) END
+FROM pg_locks l
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+LEFT JOIN pg_class c ON c.oid = l.relation
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE l.locktype = 'relation'
+  AND l.mode = 'AccessExclusiveLock'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.pid IS DISTINCT FROM pg_backend_pid()
+  AND coalesce(c.relpersistence, 'p') <> 't'
+ORDER BY l.granted DESC, 7, l.pid
+"""
+
+SESSIONS_SQL = """
+SELECT pid, usename, application_name, host(client_addr), state, xact_start
+FROM pg_stat_activity WHERE pid = ANY(%s) ORDER BY pid
+"""
+
+
+def _describe_session(
+    pid: int | None,
+    user: str | None,
+    application: str | None,
+    client: str | None,
+    state: str | None,
+    since: Any,
+    since_what: str,
+) -> str:
+    parts = [f"user '{user}'" if user else "user unknown"]
+    parts.append(f"application '{application}'" if application else "no application_name")
+    if client:
+        parts.append(f"from {client}")
+    if since is not None:
+        parts.append(f"{since_what} {since.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}")
+    if state:
+        parts.append(state)
+    return f"pid {pid} ({', '.join(parts)})"
+
+
+def lock_blockers(conn: psycopg.Connection) -> list[tuple[int | None, str]]:
+    """``(pid, description)`` of each session that blocks ACCESS SHARE locks on this
+    database's tables: who (pid, user, application, client), since when, which table, and, for
+    a request still queued, the sessions it waits behind. Needs no privilege beyond connecting."""
+    rows = conn.execute(LOCK_BLOCKERS_SQL).fetchall()
+    lines: list[tuple[int | None, str]] = []
+    for pid, user, app, client, state, granted, since, relation, vxid, blocked_by in rows:
+        if pid is None:
+            lines.append(
+                (
+                    None,
+                    f"a prepared transaction (virtual transaction {vxid}) holding an ACCESS "
+                    f"EXCLUSIVE lock on {relation}; see pg_prepared_xacts (COMMIT PREPARED or "
+                    "ROLLBACK PREPARED)",
+                )
+            )
+            continue
+        if granted:
+            who = _describe_session(pid, user, app, client, state, since, "in a transaction since")
+            lines.append((pid, f"{who} holding an ACCESS EXCLUSIVE lock on {relation}"))
+            continue
+        who = _describe_session(pid, user, app, client, state, since, "waiting since")
+        line = f"{who} queued for an ACCESS EXCLUSIVE lock on {relation}"
+        if blocked_by:
+            ahead = [
+                _describe_session(*row, "in a transaction since")
+                for row in conn.execute(SESSIONS_SQL, (list(blocked_by),)).fetchall()
+            ]
+            line += " behind " + "; ".join(ahead or [f"pid(s) {list(blocked_by)}"])
+        lines.append((pid, line))
+    return lines

@@ -314,6 +314,21 @@ def _toc_entries(tools: PgTools, archive: Path) -> int | None:
     return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
 
 
+_MISSING_ROLE = re.compile(r'role "((?:[^"]|"")+)" does not exist')
+
+
+def restore_error_hint(error_text: str) -> str | None:
+    """What to do about a restore error we recognise (None: the error speaks for itself)."""
+    missing = _MISSING_ROLE.search(error_text)
+    if missing:
+        return (
+            f"the backup's objects belong to roles this server does not have (role "
+            f"{missing.group(1)!r}): pg_dump does not carry roles, so create them here first, "
+            "e.g. `pg_dumpall --roles-only` on the source server piped into psql on this one"
+        )
+    return None
+
+
 def restore_into(
     artifact: BackupArtifact,
     database: ConnectionInfo,
@@ -362,9 +377,11 @@ def restore_into(
                 stop(proc)
                 raise
             if returncode != 0:
+                detail = database.redact(output.text())
                 raise RestoreFailedError(
                     f"pg_restore failed restoring {name} into {database.describe()}: "
-                    f"{database.redact(output.text()) or f'exit status {returncode}'}"
+                    f"{detail or f'exit status {returncode}'}",
+                    hint=restore_error_hint(detail),
                 )
             output.text()
             progress.finish()
@@ -394,9 +411,11 @@ def restore_into(
         stop(proc)
         raise
     if proc.wait() != 0:
+        detail = database.redact(stderr.text())
         raise RestoreFailedError(
             f"psql failed restoring {name} into {database.describe()} "
-            f"(nothing was committed): {database.redact(stderr.text())}"
+            f"(nothing was committed): {detail}",
+            hint=restore_error_hint(detail),
         )
     progress.finish()
 
@@ -436,10 +455,11 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
         except BackupPipelinesError as exc:
             raise RestoreFailedError(
                 f"restore test of {Path(artifact.location).name} failed: {exc.message}",
-                hint="the backup cannot be restored as is; keep the previous backups and investigate",
+                hint=exc.hint
+                or "the backup cannot be restored as is; keep the previous backups and investigate",
             ) from None
         with connect(scratch) as conn:
-            restored = table_row_counts(conn)
+            restored = table_row_counts(conn, with_children=artifact.meta.row_counts_with_children)
     finally:
         drop_database(admin, name)
     mismatches = compare_counts(artifact.meta.row_counts, restored)
@@ -1079,7 +1099,7 @@ def restore_database(
             clock = time.monotonic()
             try:
                 with connect(admin.with_dbname(restoring)) as conn:
-                    restored = table_row_counts(conn)
+                    restored = table_row_counts(conn, with_children=meta.row_counts_with_children)
             except (BackupPipelinesError, psycopg.Error) as exc:
                 raise fail("check", exc) from None
             mismatches = compare_counts(meta.row_counts, restored)

@@ -6,6 +6,7 @@ import logging
 import secrets
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
+from backup_pipelines.devtools.sample_data import create_sample_roles
 from backup_pipelines.engine.drill import run_amcheck, run_drill
 from backup_pipelines.engine.offsite import upload_backup
 from backup_pipelines.engine.pipeline import run_backup
@@ -22,6 +23,8 @@ def test_drill_on_separate_drill_server_never_touches_production(
     pg: LocalCluster, sample_db: str, make_project
 ) -> None:
     with throwaway_cluster(password=DB_PASSWORD) as drill_server:
+        # Like any server a backup is restored on, the drill server has the source's roles.
+        create_sample_roles(drill_server.dsn())
         config = make_project(
             {"prod": {"dsn_env": "DB_PROD", "scratch_dsn_env": "DB_DRILL"}},
             env={"DB_PROD": pg.dsn(sample_db), "DB_DRILL": drill_server.dsn()},

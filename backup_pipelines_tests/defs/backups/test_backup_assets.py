@@ -124,7 +124,10 @@ def test_truncated_backup_fails_checks(project) -> None:
 def test_shrunken_backup_warns(project, pg: LocalCluster, sample_db: str) -> None:
     with dg.instance_for_test() as instance:
         assert materialize_backup(instance).success
-        pg.psql("TRUNCATE scheduling.shift, payroll.payslip, payroll.audit_log", sample_db)
+        pg.psql(
+            "TRUNCATE scheduling.shift, payroll.payslip, payroll.audit_log, scheduling.clock_event",
+            sample_db,
+        )
         time.sleep(1.1)
         result = materialize_backup(instance)
         evaluation = check_results(result)["size_not_anomalous"]
