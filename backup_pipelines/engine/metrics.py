@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to
 
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
-from backup_pipelines.engine.fsutil import fsync_dir
+from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir
 
 PREFIX = "backup_pipelines"
 TEXTFILE_MODE = 0o644  # node_exporter runs as another user; the file holds no secrets
@@ -135,7 +135,8 @@ def write_textfile(
     never reads a half-written file."""
     data = render(metrics, generated_at)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # node_exporter runs as another user: a folder made here must stay readable by it.
+    ensure_private_dir(path.parent, what="metrics textfile folder", mode=0o755, warn_shared=False)
     # node_exporter's textfile collector only reads *.prom, so the temp name never gets scraped.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, TEXTFILE_MODE)

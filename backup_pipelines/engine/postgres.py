@@ -66,6 +66,12 @@ class ConnectionInfo:
                 f"{source} is not a valid libpq connection string",
                 hint="use the form postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME",
             ) from None
+        for port in str(params.get("port") or "").split(","):
+            if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(
+                    f"{source} has an invalid port {port.strip()!r}",
+                    hint="use a port number between 1 and 65535, e.g. postgresql://USER@HOST:5432/DBNAME",
+                )
         return cls({k: str(v) for k, v in params.items() if v is not None})
 
     @property
