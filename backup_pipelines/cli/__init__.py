@@ -125,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # A bug, not an operator error: still one line (the traceback is there with -v).
         log.debug("details", exc_info=True)
+        detail = " ".join(str(exc).split())
         log.error(
-            f"{args.command} failed with an unexpected error ({type(exc).__name__}: {exc}). "
+            f"{args.command} failed with an unexpected error ({type(exc).__name__}: {detail}). "
             "What to do: rerun with -v for the traceback and report it"
         )
         return EXIT_FAILED

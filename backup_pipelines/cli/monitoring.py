@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from backup_pipelines.cli import backups
 from backup_pipelines.cli.output import load_project, log
@@ -110,7 +111,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     settings = config.metrics
     if args.textfile or args.pushgateway:
         settings = MetricsSettings(
-            textfile=args.textfile or settings.textfile,
+            # A path on the command line is relative to where the command runs.
+            textfile=Path(args.textfile).expanduser().resolve()
+            if args.textfile
+            else settings.textfile,
             pushgateway_url=args.pushgateway or settings.pushgateway_url,
             pushgateway_job=settings.pushgateway_job,
         )
