@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to_gateway
 
 from backup_pipelines.engine.artifacts import list_artifacts
-from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
+from backup_pipelines.engine.config import TARGET_NAME_PATTERN, MetricsSettings, ProjectConfig
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir
 
 PREFIX = "backup_pipelines"
@@ -205,6 +205,32 @@ def collect_from_disk(config: ProjectConfig) -> list[TargetMetrics]:
                 backup_last_success_timestamp=best.meta.finished_at.timestamp() if best else None,
                 backup_size_bytes=best.meta.size_bytes if best else None,
                 backup_duration_seconds=best.meta.duration_seconds if best else None,
+            )
+        )
+    return results + invalid_target_metrics(config)
+
+
+def invalid_target_metrics(config: ProjectConfig) -> list[TargetMetrics]:
+    """Targets whose settings are invalid are not backed up: report them as failing (with their
+    last backup on disk, if any) instead of dropping their series, which would quietly resolve
+    the alerts on them."""
+    results = []
+    for name in config.broken_targets:
+        newest = None
+        if TARGET_NAME_PATTERN.match(name):
+            good = [
+                a
+                for a in list_artifacts(config.resolved_backup_root / name)
+                if a.status != "failed"
+            ]
+            newest = good[0] if good else None
+        results.append(
+            TargetMetrics(
+                target=name,
+                backup_success=False,
+                backup_last_success_timestamp=newest.meta.finished_at.timestamp()
+                if newest
+                else None,
             )
         )
     return results

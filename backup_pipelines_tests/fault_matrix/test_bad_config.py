@@ -402,6 +402,17 @@ def test_cli_backs_up_the_good_target_beside_a_broken_one(
     assert not (tmp_path / "backups" / "bad").exists()
 
 
+def test_metrics_keep_reporting_a_broken_target_as_failing(tmp_path: Path, run_cli) -> None:
+    """Dropping its series would quietly resolve the Prometheus alerts on it."""
+    textfile = tmp_path / "prom" / "backup_pipelines.prom"
+    path = two_targets(tmp_path, "postgresql://u@127.0.0.1:1/db")
+    result = run_cli("--config", str(path), "metrics", "--textfile", str(textfile))
+    assert result.returncode == 0, result.stderr
+    text = textfile.read_text()
+    assert 'backup_pipelines_backup_success{target="bad"} 0.0' in text
+    assert 'backup_pipelines_backup_success{target="my-db"} 0.0' in text
+
+
 @pytest.fixture
 def broken_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     from backup_pipelines.defs.shared import project_config
