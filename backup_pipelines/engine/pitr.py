@@ -448,6 +448,8 @@ def pitr_restore(
             for key, value in lines.items():
                 conf.write(f"{key} = {value}\n")
         chown_tree(data_dir, settings.server_os_user)
+        # The one folder whose mode we set even when the operator made it (empty): it is now a
+        # data directory, and PostgreSQL refuses to start on one other users can read.
         data_dir.chmod(0o700)
     except BaseException:
         if created:

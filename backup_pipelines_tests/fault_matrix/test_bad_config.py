@@ -317,8 +317,19 @@ def test_what_passes_us_passes_dagster(fields: list[str]) -> None:
         (f"postgresql://app:{DB_PASSWORD}@db:99999/app", "invalid port '99999'"),
         (f"postgres//app:{DB_PASSWORD}@db/app", "not a valid libpq connection string"),
         (f"mysql://app:{DB_PASSWORD}@db/app", "not a valid libpq connection string"),
+        (f"postgresql://app:{DB_PASSWORD}@db/app?sslmode=bogus", "invalid sslmode 'bogus'"),
+        (f"postgresql://app:{DB_PASSWORD}@db/app?connect_timeout=x", "invalid connect_timeout"),
+        (f"postgresql://app:{DB_PASSWORD}@db/app?nosuch=1", "not a valid libpq connection"),
     ],
-    ids=["port-word", "port-range", "no-scheme-colon", "other-scheme"],
+    ids=[
+        "port-word",
+        "port-range",
+        "no-scheme-colon",
+        "other-scheme",
+        "sslmode",
+        "connect-timeout",
+        "unknown-option",
+    ],
 )
 def test_malformed_connection_url(tmp_path: Path, run_cli, url: str, phrase: str) -> None:
     path = write(tmp_path, document(tmp_path))
