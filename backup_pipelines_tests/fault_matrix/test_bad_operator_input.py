@@ -242,5 +242,4 @@ def test_restore_of_a_path_outside_the_backup_root(tmp_path: Path, run_cli) -> N
         "prod",
         env={"DB_PROD": "postgresql://u@127.0.0.1:1/db"},
     )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert_clear_error(result, 2, "is outside the backup root", "What to do")
