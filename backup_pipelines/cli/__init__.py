@@ -2,7 +2,9 @@
 
 Everything an operator needs while Dagster is down works from here. Each area registers its
 commands in its own module (``cli/<area>.py`` with a ``register(subparsers)`` function).
-Exit status: 0 success, 1 failure of the operation, 2 bad configuration or usage.
+Exit status: 0 success, 1 failure of the operation, 2 bad configuration, usage or a refusal
+(the mapping from errors to statuses lives in ``engine/errors.py``). Every failure is one line on
+stderr saying what is wrong and what to do; a Python traceback only with ``-v``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
 from backup_pipelines.engine.config import CONFIG_ENV_VAR
-from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.errors import (
+    EXIT_FAILED,
+    BackupPipelinesError,
+    ConfigError,
+    exit_code_for,
+)
+from backup_pipelines.engine.fsutil import ensure_private_dir
 
 log = logging.getLogger("backup_pipelines")
 
@@ -52,13 +60,27 @@ def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.Ar
     return parser
 
 
+def _log_file_handler(log_file: str) -> logging.Handler:
+    path = Path(log_file).expanduser()
+    if not path.name or path.is_dir():
+        raise ConfigError(
+            f"--log-file {log_file} is a folder",
+            hint="name a file, e.g. /var/log/backup-pipelines/cron.log",
+        )
+    ensure_private_dir(path.parent, what="--log-file folder", warn_shared=False)
+    try:
+        return TimedRotatingFileHandler(path, when="midnight", backupCount=30, utc=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--log-file {path} cannot be opened for writing: {exc.strerror or exc}",
+            hint="choose a file this user can write, or fix its owner and mode",
+        ) from None
+
+
 def configure_logging(verbose: bool, log_file: str | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        Path(log_file).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            TimedRotatingFileHandler(log_file, when="midnight", backupCount=30, utc=True)
-        )
+        handlers.append(_log_file_handler(log_file))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -71,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_modules(argv))
     args = parser.parse_args(argv)
-    configure_logging(args.verbose, args.log_file)
+    try:
+        configure_logging(args.verbose, args.log_file)
+    except BackupPipelinesError as exc:
+        print(f"backup-pipelines: {exc.one_line()}", file=sys.stderr, flush=True)
+        return exit_code_for(exc)
     if args.config:
         # Code that finds settings on its own (e.g. decryption keys for a backup's target)
         # must read the same targets file as the command.
@@ -79,11 +105,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BackupPipelinesError as exc:
-        log.error(str(exc))
-        return exc.exit_code
+        log.debug("details", exc_info=True)
+        log.error(exc.one_line())
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         log.error("interrupted; nothing half-written was kept")
         return 130
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        # A file or folder the command needed (not one the engine already explained).
+        log.debug("details", exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        log.error(
+            f"{args.command} failed: {exc.strerror or exc}{where}. What to do: check that the "
+            "path exists and this user may use it; rerun with -v for details"
+        )
+        return EXIT_FAILED
+    except Exception as exc:
+        # A bug, not an operator error: still one line (the traceback is there with -v).
+        log.debug("details", exc_info=True)
+        detail = " ".join(str(exc).split())
+        log.error(
+            f"{args.command} failed with an unexpected error ({type(exc).__name__}: {detail}). "
+            "What to do: rerun with -v for the traceback and report it"
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

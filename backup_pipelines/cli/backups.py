@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from backup_pipelines.cli.output import log, say
+from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.config import load_config
-from backup_pipelines.engine.encryption import prepare_encryption
-from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.errors import EXIT_REFUSED, IntegrityError
 from backup_pipelines.engine.listing import human_age, human_size, list_backups
 from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.preflight import project_problems
 from backup_pipelines.engine.restore import restore_test
 from backup_pipelines.engine.storage import open_backup
 from backup_pipelines.engine.verify import verify_artifact
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     artifact = run_backup(target, log=log, purpose="manual")
     say(f"backup: {artifact.path}")
@@ -75,7 +75,7 @@ def describe_encryption(encryption: dict) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     listing = list_backups(target)
     if args.json:
@@ -114,26 +114,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    problems = []
-    for target in config.all_targets():
-        try:
-            target.dsn()
-            if target.settings.scratch_dsn_env:
-                target.scratch_dsn()
-        except BackupPipelinesError as exc:
-            problems.append(exc.message)
-        try:
-            # A configured key that cannot be loaded would stop the next backup.
-            prepare_encryption(target.settings.encryption)
-        except BackupPipelinesError as exc:
-            problems.append(f"target '{target.name}': {exc.message}")
-    say(
-        f"{config.source_path}: {len(config.targets)} target(s), backups in {config.resolved_backup_root}"
-    )
+    # Not load_project: broken targets are listed below with everything else, not as warnings.
+    config = load_config(args.config, isolate_targets=True)
+    problems = project_problems(config)
+    count = len(config.targets) + len(config.broken_targets)
+    say(f"{config.source_path}: {count} target(s), backups in {config.resolved_backup_root}")
     for problem in problems:
         say(f"  {problem}")
-    return 2 if problems else 0
+    return EXIT_REFUSED if problems else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from backup_pipelines.cli.output import log, say
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.migrations import execute_rollback, plan_rollback
 
 
@@ -17,7 +16,7 @@ def _steps(value: str) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     plan = plan_rollback(target, args.steps)
     say(plan.describe())

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from backup_pipelines.cli import backups
-from backup_pipelines.cli.output import log
+from backup_pipelines.cli.output import load_project, log
 from backup_pipelines.engine.artifacts import list_artifacts
-from backup_pipelines.engine.config import MetricsSettings, ProjectConfig, load_config
+from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
 from backup_pipelines.engine.listing import human_age
 from backup_pipelines.engine.metrics import collect_from_disk, export
@@ -30,7 +31,7 @@ def _export_metrics(config: ProjectConfig) -> None:
 
 
 def cmd_cron_backup(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     config.target(args.target)  # unknown target: a usage error, no alert
     backup_args = argparse.Namespace(
         config=args.config, target=args.target, test=args.test, skip_verify=False
@@ -40,7 +41,7 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
         status = backups.cmd_backup(backup_args)
         reason = None if status == 0 else "the new backup failed verification: do not rely on it"
     except BackupPipelinesError as exc:
-        status, reason = exc.exit_code, str(exc)
+        status, reason = exc.exit_code, exc.one_line()
     elapsed = time.monotonic() - started
     _export_metrics(config)
     if status == 0:
@@ -63,7 +64,7 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_check_freshness(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     names = args.targets or list(config.targets)
     now = datetime.now(UTC)
     stale = []
@@ -106,11 +107,14 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     settings = config.metrics
     if args.textfile or args.pushgateway:
         settings = MetricsSettings(
-            textfile=args.textfile or settings.textfile,
+            # A path on the command line is relative to where the command runs.
+            textfile=Path(args.textfile).expanduser().resolve()
+            if args.textfile
+            else settings.textfile,
             pushgateway_url=args.pushgateway or settings.pushgateway_url,
             pushgateway_job=settings.pushgateway_job,
         )
@@ -129,7 +133,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_test_notifiers(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     if not config.notifiers:
         raise ConfigError(
             "no notifiers configured", hint="add a 'notifiers:' list to the targets file"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from backup_pipelines.cli.output import log, say
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
 from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.offsite import (
@@ -20,7 +19,7 @@ from backup_pipelines.engine.retention import prune_target
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
     report = prune_target(target, timezone=config.timezone, storage=storage, dry_run=args.dry_run)
@@ -66,7 +65,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     rules = lifecycle_rules(target)
     for warning in lifecycle_warnings(target):
@@ -91,7 +90,7 @@ def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
 
 
 def cmd_offsite_sync(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     if not target.settings.offsite.is_enabled:
         raise ConfigError(

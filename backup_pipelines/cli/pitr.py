@@ -13,8 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from backup_pipelines.cli.output import log, say
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.cli.output import load_project, log, say
 
 EXIT_NOT_IN_ARCHIVE = 1
 EXIT_REFUSED = 2
@@ -25,7 +24,7 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
     try:
         from backup_pipelines.engine.wal import resolve_pitr_target, wal_archive_for, wal_push
 
-        target = resolve_pitr_target(load_config(args.config), args.target)
+        target = resolve_pitr_target(load_project(args.config), args.target)
         source = Path(args.path)
         outcome = wal_push(wal_archive_for(target), source, args.name)
         if outcome.stored:
@@ -54,7 +53,7 @@ def cmd_wal_fetch(args: argparse.Namespace) -> int:
             wal_fetch,
         )
 
-        target = resolve_pitr_target(load_config(args.config), args.target)
+        target = resolve_pitr_target(load_project(args.config), args.target)
         try:
             outcome = wal_fetch(wal_archive_for(target), args.name, Path(args.path))
         except WalNotFoundError as exc:
@@ -70,6 +69,15 @@ def cmd_wal_fetch(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
 
 
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def cmd_wal_setup(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.wal import (
         postgresql_conf_lines,
@@ -77,14 +85,16 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
         setup_archive_dir,
     )
 
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = resolve_pitr_target(config, args.target)
     settings = target.settings.pitr
     assert settings is not None
     if settings.archive_dir is not None:
-        setup_archive_dir(settings.archive_dir, settings.server_os_user)
+        folder = setup_archive_dir(settings.archive_dir, settings.server_os_user)
+        info = folder.stat()
         say(
-            f"WAL archive folder ready: {settings.archive_dir} (owner {settings.server_os_user}, 0700)"
+            f"WAL archive folder ready: {folder} (owner {_owner(info.st_uid)}, "
+            f"mode {info.st_mode & 0o7777:04o})"
         )
     if settings.archive_s3:
         say(
@@ -104,7 +114,7 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.pitr import archive_health, recovery_window
     from backup_pipelines.engine.wal import wal_archive_for
 
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     archive = wal_archive_for(target)
     health = archive_health(target, archive=archive)
@@ -133,7 +143,7 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
 def cmd_base_backup(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.basebackup import run_base_backup, verify_base_backup
 
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     artifact = run_base_backup(target, log=log, purpose="manual")
     meta = artifact.meta
@@ -165,7 +175,7 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
 def cmd_pitr_restore(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
 
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     to = parse_target_time(args.to, config.timezone)
     result = pitr_restore(
@@ -197,7 +207,7 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
 def cmd_pitr_drill(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.pitr import pitr_drill
 
-    config = load_config(args.config)
+    config = load_project(args.config)
     result = pitr_drill(config, config.target(args.target), log=log)
     say(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
     if result.rto_seconds is not None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from backup_pipelines.cli.output import log, say
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.drill import run_drill
 from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.restore import (
@@ -19,7 +18,7 @@ from backup_pipelines.engine.restore import (
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     report = restore_database(
         config,
         args.target,
@@ -34,7 +33,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     result = run_drill(
         config,
         args.target,
@@ -51,7 +50,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def cmd_restore_cleanup(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_project(args.config)
     target = config.target(args.target)
     dropped = drop_expired_previous_copies(target, log=log)
     for name in dropped:

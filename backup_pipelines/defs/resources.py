@@ -11,7 +11,8 @@ class BackupEngineResource(dg.ConfigurableResource):
     config_path: str | None = None
 
     def project(self) -> ProjectConfig:
-        return load_config(self.config_path)
+        # A target with invalid settings fails only its own runs (see project_config).
+        return load_config(self.config_path, isolate_targets=True)
 
     def target(self, name: str) -> Target:
         return self.project().target(name)

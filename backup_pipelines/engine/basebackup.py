@@ -45,7 +45,12 @@ from backup_pipelines.engine.errors import (
     ToolError,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
-from backup_pipelines.engine.pipeline import HashingSink, discard_failed_backup, target_lock
+from backup_pipelines.engine.pipeline import (
+    HashingSink,
+    discard_failed_backup,
+    ensure_target_dirs,
+    target_lock,
+)
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
 from backup_pipelines.engine.processes import spawn
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
@@ -146,8 +151,8 @@ def run_base_backup(
         target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
     )
     folder = base_backup_dir(target)
-    for path in (target.backup_dir.parent, target.backup_dir, folder):
-        ensure_private_dir(path)
+    ensure_target_dirs(target, log=log)
+    ensure_private_dir(folder, what=f"base backup folder of target '{target.name}'", log=log)
     with target_lock(folder):
         facts = _server_facts(info)
         if facts["archive_mode"] == "off" or facts["wal_level"] == "minimal":

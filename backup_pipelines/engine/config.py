@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -57,7 +58,8 @@ COMPRESSION_LEVEL_RANGE: dict[str, tuple[int, int]] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf / .nan in YAML would pass every "gt=0" bound and break time arithmetic later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RestoreSettings(_Strict):
@@ -71,6 +73,7 @@ class RestoreSettings(_Strict):
     drop_previous_after_hours: float | None = Field(
         default=None,
         ge=0,
+        le=87_600,
         description=(
             "After a restore the replaced database is kept, renamed <db>_pre_restore_<UTC time>. "
             "Copies older than this many hours are dropped by the next restore of the target "
@@ -125,33 +128,117 @@ BUILTIN_CADENCES: dict[str, str] = {
 }
 CADENCE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 _CRON_FIELD_PATTERN = re.compile(r"^[0-9A-Za-z*/,\-]+$")
+# Field names and what each accepts, for messages (cron's own ranges, as croniter checks them).
+_CRON_FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 or sun-sat"),
+)
+_DAYS_IN_MONTH = {
+    1: 31,
+    2: 29,
+    3: 31,
+    4: 30,
+    5: 31,
+    6: 30,
+    7: 31,
+    8: 31,
+    9: 30,
+    10: 31,
+    11: 30,
+    12: 31,
+}
 _OPT_OUT_WORDS = {"off", "none", "never", "disabled"}
 _DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = timedelta(days=3660)
 
 
 def looks_like_cron(value: str) -> bool:
-    """Five whitespace-separated cron fields (minute hour day-of-month month day-of-week)."""
+    """Several whitespace-separated fields: meant as a cron string (valid or not), never a
+    cadence name (names have no spaces)."""
+    return len(value.split()) > 1
+
+
+def cron_problem(value: str) -> str | None:
+    """Why ``value`` is not a cron string the schedules accept; None when it is.
+
+    The same parser Dagster's schedules use (croniter) checks every field's range, names, lists,
+    ranges and steps, plus Dagster's own rules (exactly five fields; no 30th or 31st of
+    February). Only digits, names and ``* / , -`` are allowed, and a day that no listed month
+    has is refused: such a schedule would never fire.
+    """
+    # Imported here: most runs (wal-push once per WAL segment) never check a cron string.
+    from croniter import croniter
+
     fields = value.split()
-    return len(fields) == 5 and all(_CRON_FIELD_PATTERN.match(f) for f in fields)
+    if len(fields) != 5:
+        return (
+            f"{value!r} has {len(fields)} field(s); a cron string has 5: minute hour "
+            "day-of-month month day-of-week, e.g. '30 1 * * *'"
+        )
+    for index, (field, (label, allowed)) in enumerate(zip(fields, _CRON_FIELDS, strict=True)):
+        if not _CRON_FIELD_PATTERN.match(field):
+            return (
+                f"{value!r}: the {label} field {field!r} may only use digits, names, "
+                "'*', '/', ',' and '-'"
+            )
+        alone = " ".join(field if i == index else "*" for i in range(5))
+        if not croniter.is_valid(alone):
+            return (
+                f"{value!r}: the {label} field {field!r} is not valid (values {allowed}; "
+                "lists a,b; ranges a-b; steps */n or a-b/n)"
+            )
+    if not croniter.is_valid(value):
+        return f"{value!r} is not a valid cron string"
+    expanded, *_ = croniter.expand(value)
+    if len(expanded) != 5:
+        return f"{value!r} is not a five-field cron string"
+    days, months, weekdays = expanded[2], expanded[3], expanded[4]
+    if months == [2] and len(days) == 1 and days[0] in (30, 31):
+        return f"{value!r}: February has no day {days[0]} (Dagster refuses this schedule)"
+    numeric_days = [d for d in days if isinstance(d, int)]
+    # With day-of-week unrestricted, the day must exist in one of the months.
+    if (
+        weekdays == ["*"]
+        and months != ["*"]
+        and numeric_days
+        and len(numeric_days) == len(days)
+        and min(numeric_days) > max(_DAYS_IN_MONTH[int(m)] for m in months)
+    ):
+        return f"{value!r} never fires: none of its months has that day"
+    return None
 
 
 def parse_duration(value: Any) -> Any:
     """``24h``, ``90m``, ``1h30m``, ``2d``, ``1w``, ``3600s`` or a number of seconds."""
     if value is False or (isinstance(value, str) and value.strip().lower() in _OPT_OUT_WORDS):
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return timedelta(seconds=float(text))
-        parts = _DURATION_PATTERN.findall(text)
-        if not parts or _DURATION_PATTERN.sub("", text).strip():
-            raise ValueError(
-                f"{value!r} is not a duration: use e.g. 24h, 90m, 1h30m, 2d, 1w or seconds"
-            )
-        return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return timedelta(seconds=value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if re.fullmatch(r"\d+(\.\d+)?", text):
+                return timedelta(seconds=float(text))
+            parts = _DURATION_PATTERN.findall(text)
+            if not parts or _DURATION_PATTERN.sub("", text).strip():
+                raise ValueError(
+                    f"{value!r} is not a duration: use e.g. 24h, 90m, 1h30m, 2d, 1w or seconds"
+                )
+            return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    except (OverflowError, ArithmeticError):
+        raise ValueError(f"{value!r} is far too long a duration (at most 3660d)") from None
+    return value
+
+
+def _sensible_duration(value: timedelta | None) -> timedelta | None:
+    if value is not None and not timedelta(0) < value <= MAX_DURATION:
+        raise ValueError(
+            f"{value} is not a sensible duration: more than 0 and at most 3660d (10 years)"
+        )
     return value
 
 
@@ -176,11 +263,28 @@ def _normalize_cadences(value: Any) -> Any:
     )
 
 
-OptionalDuration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
 DEFAULT_LOCK_WAIT_TIMEOUT = timedelta(minutes=5)
 MIN_LOCK_WAIT_TIMEOUT = timedelta(seconds=1)
 MAX_LOCK_WAIT_TIMEOUT = timedelta(hours=24)
-Cadences = Annotated[tuple[str, ...], BeforeValidator(_normalize_cadences)]
+# The kinds of scheduled work a target's ``schedules:`` may set (README "Running in production").
+SCHEDULE_KINDS = ("backup", "restore_drill", "base_backup", "pitr_drill")
+
+
+def _valid_crons(value: tuple[str, ...]) -> tuple[str, ...]:
+    for cadence in value:
+        problem = cron_problem(cadence) if looks_like_cron(cadence) else None
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+OptionalDuration = Annotated[
+    timedelta | None, BeforeValidator(parse_duration), AfterValidator(_sensible_duration)
+]
+# Named cadences are checked against the file's `cadences:` by ProjectConfig; cron strings here.
+Cadences = Annotated[
+    tuple[str, ...], BeforeValidator(_normalize_cadences), AfterValidator(_valid_crons)
+]
 
 
 class EmailNotifierSettings(_Strict):
@@ -189,7 +293,9 @@ class EmailNotifierSettings(_Strict):
     type: Literal["email"]
     name: str = "email"
     host: str
-    port: int | None = Field(default=None, description="Default: 587 (starttls), 465 (ssl), 25.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Default: 587 (starttls), 465 (ssl), 25."
+    )
     security: Literal["starttls", "ssl", "none"] = "starttls"
     username_env: EnvVarName | None = None
     password_env: EnvVarName | None = None
@@ -199,6 +305,11 @@ class EmailNotifierSettings(_Strict):
         default=None, description="PEM bundle to trust instead of the system CAs (internal relay)."
     )
     timeout_seconds: float = Field(default=15, gt=0, le=300)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _absolute_ca_file(cls, value: Path | None) -> Path | None:
+        return _absolute_path(value, "ca_file")
 
     @property
     def effective_port(self) -> int:
@@ -268,6 +379,11 @@ class MetricsSettings(_Strict):
     pushgateway_job: str = "backup_pipelines"
     interval_seconds: int = Field(default=60, ge=15, le=86400)
 
+    @field_validator("textfile")
+    @classmethod
+    def _absolute_textfile(cls, value: Path | None) -> Path | None:
+        return _absolute_path(value, "metrics.textfile")
+
 
 WAL_S3_URL_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
 
@@ -303,6 +419,7 @@ class PitrSettings(_Strict):
     archive_lag_limit_minutes: float = Field(
         default=30,
         gt=0,
+        le=525_600,
         description=(
             "Alert when finished WAL segments wait longer than this to be archived, or (server "
             "unreachable) the newest archived segment is older than this. Keep it above archive_timeout."
@@ -319,7 +436,7 @@ class PitrSettings(_Strict):
         default=None,
         description="Folder for the drill's scratch data directory; default: the system temp dir.",
     )
-    drill_timeout_minutes: float = Field(default=30, gt=0)
+    drill_timeout_minutes: float = Field(default=30, gt=0, le=10_080)
     archive_check_interval_seconds: int = Field(default=120, ge=30, le=86400)
 
     @field_validator("archive_dir", "drill_dir")
@@ -344,6 +461,19 @@ class PitrSettings(_Strict):
         if self.archive_dir is None and self.archive_s3 is None:
             raise ValueError("set archive_dir and/or archive_s3: the WAL archive needs a place")
         return self
+
+
+def _absolute_path(value: Path | None, key: str) -> Path | None:
+    """``~`` expanded; relative paths are refused: they would depend on the working directory
+    of whoever runs the tool (cron, Dagster, PostgreSQL's archive_command)."""
+    if value is None:
+        return None
+    path = value.expanduser()
+    if str(value).strip() in {"", "."}:  # YAML '' arrives as Path('.')
+        raise ValueError(f"{key} is empty: give an absolute path or leave the key out")
+    if not path.is_absolute():
+        raise ValueError(f"{key} must be an absolute path (or ~/...), not {str(value)!r}")
+    return path
 
 
 def _absolute_key_path(value: Path | None) -> Path | None:
@@ -450,10 +580,10 @@ StorageClass = Literal[
 class LifecycleSettings(_Strict):
     """The bucket lifecycle rule `backup-pipelines s3-lifecycle` prints or applies (0 = off)."""
 
-    glacier_after_days: int = Field(default=30, ge=0)
-    deep_archive_after_days: int = Field(default=90, ge=0)
-    expire_after_days: int = Field(default=365, ge=0)
-    abort_incomplete_uploads_after_days: int = Field(default=7, ge=0)
+    glacier_after_days: int = Field(default=30, ge=0, le=36_500)
+    deep_archive_after_days: int = Field(default=90, ge=0, le=36_500)
+    expire_after_days: int = Field(default=365, ge=0, le=36_500)
+    abort_incomplete_uploads_after_days: int = Field(default=7, ge=0, le=36_500)
 
     @model_validator(mode="after")
     def _ordered(self) -> LifecycleSettings:
@@ -500,16 +630,22 @@ class OffsiteSettings(_Strict):
         return self.resolved_bucket() is not None
 
 
+MAX_RETENTION = {"daily": 3660, "weekly": 520, "monthly": 1200}
+
+
 class RetentionSettings(_Strict):
     """Calendar retention (key ``retention:`` of a target): keep the newest backup of each of the
     last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months."""
 
-    daily: int = Field(default=7, ge=0)
-    weekly: int = Field(default=4, ge=0)
-    monthly: int = Field(default=12, ge=0)
+    # Upper bounds: 10 years of days and weeks, 100 years of months. Larger numbers are typos
+    # (and would make retention enumerate millions of periods).
+    daily: int = Field(default=7, ge=0, le=MAX_RETENTION["daily"])
+    weekly: int = Field(default=4, ge=0, le=MAX_RETENTION["weekly"])
+    monthly: int = Field(default=12, ge=0, le=MAX_RETENTION["monthly"])
     partial_max_age_hours: float = Field(
         default=24,
         gt=0,
+        le=8760,
         description="`.partial` leftovers of crashed runs older than this are removed.",
     )
 
@@ -600,6 +736,21 @@ class TargetSettings(_Strict):
             )
         return value
 
+    @field_validator("pg_bin_dir")
+    @classmethod
+    def _absolute_bin_dir(cls, value: Path | None) -> Path | None:
+        return _absolute_path(value, "pg_bin_dir")
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_kinds(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for kind in value:
+            if kind not in SCHEDULE_KINDS:
+                raise ValueError(
+                    f"unknown kind of scheduled work {kind!r} (use {', '.join(SCHEDULE_KINDS)})"
+                )
+        return value
+
     @model_validator(mode="after")
     def _level_in_range(self) -> TargetSettings:
         if self.compression_level is not None:
@@ -651,6 +802,30 @@ def _read_env(target: str, field: str, variable: str) -> str:
     return value
 
 
+def target_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a target name (it becomes a Dagster asset key prefix)."""
+    if isinstance(name, str) and TARGET_NAME_PATTERN.match(name):
+        return None
+    return (
+        f"target name {name!r} must start with a letter or underscore and contain only "
+        "letters, digits and underscores (it becomes a Dagster asset key prefix)"
+    )
+
+
+def unknown_cadences(settings: TargetSettings, named: dict[str, str]) -> list[str]:
+    """``field 'schedules.<kind>': ...`` for each cadence that is neither named nor cron."""
+    problems = []
+    for kind, cadences in settings.schedules.items():
+        for cadence in cadences:
+            if cadence not in named and not looks_like_cron(cadence):
+                known = ", ".join(sorted(named))
+                problems.append(
+                    f"field 'schedules.{kind}': unknown cadence {cadence!r} (use one of {known}, "
+                    "a cron string like '30 1 * * *', or off)"
+                )
+    return problems
+
+
 class ProjectConfig(_Strict):
     """The whole targets file."""
 
@@ -666,6 +841,9 @@ class ProjectConfig(_Strict):
     notifiers: list[NotifierSettings] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     source_path: Path | None = Field(default=None, exclude=True)
+    # Targets whose own settings are invalid (name -> the problems, one per line). They are left
+    # out of ``targets`` so every other target keeps working; see ``load_config``.
+    broken_targets: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -682,15 +860,23 @@ class ProjectConfig(_Strict):
             }
         return data
 
+    @field_validator("backup_root", mode="before")
+    @classmethod
+    def _backup_root_given(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(
+                "backup_root is empty: set it to the folder that holds the backups (absolute, "
+                "or relative to the targets file), e.g. /var/backups/postgres"
+            )
+        return value
+
     @field_validator("targets")
     @classmethod
     def _target_names(cls, value: dict[str, TargetSettings]) -> dict[str, TargetSettings]:
         for name in value:
-            if not TARGET_NAME_PATTERN.match(name):
-                raise ValueError(
-                    f"target name {name!r} must start with a letter or underscore and contain only "
-                    "letters, digits and underscores (it becomes a Dagster asset key prefix)"
-                )
+            problem = target_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("timezone")
@@ -718,21 +904,16 @@ class ProjectConfig(_Strict):
         for name, cron in value.items():
             if not CADENCE_NAME_PATTERN.match(name):
                 raise ValueError(f"cadence name {name!r}: use lower-case letters, digits and _")
-            if not looks_like_cron(cron):
-                raise ValueError(f"cadence {name!r}: {cron!r} is not a 5-field cron string")
+            problem = cron_problem(cron)
+            if problem:
+                raise ValueError(f"cadence {name!r}: {problem}")
         return value
 
     @model_validator(mode="after")
     def _known_cadences(self) -> ProjectConfig:
         for target, settings in self.targets.items():
-            for kind, cadences in settings.schedules.items():
-                for cadence in cadences:
-                    if cadence not in self.named_cadences and not looks_like_cron(cadence):
-                        known = ", ".join(sorted(self.named_cadences))
-                        raise ValueError(
-                            f"target '{target}', schedules.{kind}: unknown cadence {cadence!r} "
-                            f"(use one of {known}, a cron string like '30 1 * * *', or off)"
-                        )
+            for problem in unknown_cadences(settings, self.named_cadences):
+                raise ValueError(f"target '{target}', {problem}")
         return self
 
     @property
@@ -748,6 +929,16 @@ class ProjectConfig(_Strict):
         return self.resolve_path(self.backup_root)
 
     def target(self, name: str) -> Target:
+        if name in self.broken_targets:
+            problems = [
+                line.removeprefix(f"target '{name}', ").removeprefix(f"target '{name}': ")
+                for line in self.broken_targets[name].splitlines()
+            ]
+            raise ConfigError(
+                f"target '{name}' cannot be used, its settings are invalid: " + "; ".join(problems),
+                hint=f"fix it in {self.source_path} (`backup-pipelines check-config` lists every "
+                "problem); the other targets are not affected",
+            )
         if name not in self.targets:
             known = ", ".join(sorted(self.targets)) or "(none)"
             raise ConfigError(
@@ -789,12 +980,12 @@ def default_config_path() -> Path:
     return PROJECT_ROOT / DEFAULT_CONFIG_NAME
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """Turn pydantic's error list into lines naming the target and the field."""
     lines = []
     for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        message = error["msg"]
+        loc = [*prefix, *(str(part) for part in error["loc"])]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see README 'Configuration')"
         if len(loc) >= 2 and loc[0] == "targets":
@@ -805,25 +996,177 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> ProjectConfig:
-    """Read and validate the targets file. Raises ConfigError with every problem listed."""
-    config_path = Path(path).expanduser().resolve() if path else default_config_path()
+# A targets file is a small hand-written document; anything this big is the wrong file.
+MAX_CONFIG_BYTES = 16 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML keeps the last of two equal keys: a second ``production:`` target would silently
+    replace the first one.
+    """
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> Any:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults` merges are meant to be overridden
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: PyYAML reports it itself
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                f"{first.start_mark.line + 1}): a key may appear only once in a mapping; remove "
+                "or rename one of them",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong, where."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        where = ""
+        if exc.problem_mark is not None:
+            where = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: "
+        problem = exc.problem
+        if exc.context and exc.context_mark is not None and "duplicate key" not in problem:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        return where + problem
+    return " ".join(str(exc).split())
+
+
+def read_targets_file(config_path: Path) -> Any:
+    """The parsed YAML document, or ConfigError saying in one line why it cannot be read."""
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        info = config_path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(
+                f"targets file {config_path} is a folder, not a file",
+                hint=f"point --config (or {CONFIG_ENV_VAR}) at the YAML file itself, e.g. "
+                f"{config_path / DEFAULT_CONFIG_NAME}",
+            )
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(
+                f"targets file {config_path} is not a regular file",
+                hint=f"point --config (or {CONFIG_ENV_VAR}) at the YAML file",
+            )
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"targets file {config_path} is {info.st_size >> 20} MiB: far too big for a "
+                "targets file",
+                hint=f"check that --config (or {CONFIG_ENV_VAR}) names the right file",
+            )
+        data = config_path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"targets file not found: {config_path}",
             hint=f"create it (see backup_targets.yaml in the project) or set {CONFIG_ENV_VAR}",
         ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"targets file {config_path} cannot be read by uid {os.geteuid()}: permission denied",
+            hint="let every user that runs backup-pipelines read it (cron, the Dagster daemon "
+            "and PostgreSQL's archive_command may each run as another user): chmod/chown it",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"targets file {config_path} cannot be read: {exc.strerror or exc}"
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"targets file {config_path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on "
+            f"line {line})",
+            hint="save it as UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`)",
+        ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"targets file {config_path} is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"targets file {config_path} is not valid YAML: {_yaml_error_line(exc)}"
+        ) from None
+
+
+def _set_aside_broken_targets(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate each target on its own: ``raw`` with only the healthy targets (validated), and
+    the problems of every other one by name."""
+    targets = raw.get("targets")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(targets, dict) or not isinstance(defaults, dict):
+        return raw, {}  # a top-level problem: reported for the whole file
+    named = dict(BUILTIN_CADENCES)
+    if isinstance(raw.get("cadences"), dict):
+        named.update({str(k): v for k, v in raw["cadences"].items()})
+    healthy: dict[str, Any] = {}
+    broken: dict[str, str] = {}
+    for name, spec in targets.items():
+        label = str(name)
+        problems = []
+        name_problem = target_name_problem(name)
+        if name_problem:
+            problems.append(f"target '{label}': {name_problem}")
+        merged = _deep_merge(defaults, spec) if isinstance(spec, dict) else spec
+        try:
+            settings = TargetSettings.model_validate(merged)
+        except ValidationError as exc:
+            problems.append(format_validation_error(exc, prefix=("targets", label)))
+        else:
+            problems += [f"target '{label}', {p}" for p in unknown_cadences(settings, named)]
+        if problems:
+            broken[label] = "\n".join(problems)
+        else:
+            healthy[name] = settings
+    return {**raw, "targets": healthy}, broken
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, isolate_targets: bool = False
+) -> ProjectConfig:
+    """Read and validate the targets file. Raises ConfigError with every problem listed.
+
+    A problem in the file as a whole (unreadable, not YAML, a bad top-level key) always raises.
+    A problem in one target's own settings raises too, unless ``isolate_targets``: then that
+    target is left out of ``targets`` and its problems are kept in ``broken_targets`` (using it
+    raises them), so one target's typo never stops the backups of the others. Everything that
+    runs work (the command line, Dagster) loads the file that way; tests and tools that must
+    see every problem at once load it strictly.
+    """
+    config_path = Path(path).expanduser().resolve() if path else default_config_path()
+    raw = read_targets_file(config_path)
+    if raw is None:
+        raise ConfigError(
+            f"targets file {config_path} is empty",
+            hint="it needs at least 'backup_root' and 'targets' (see backup_targets.yaml in the "
+            "project)",
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"targets file {config_path} must be a mapping with 'backup_root' and 'targets'"
         )
+    raw, broken = _set_aside_broken_targets(raw)
     try:
-        return ProjectConfig.model_validate({**raw, "source_path": config_path})
+        config = ProjectConfig.model_validate(
+            {**raw, "source_path": config_path, "broken_targets": broken}
+        )
     except ValidationError as exc:
-        raise ConfigError(
-            f"invalid targets file {config_path}:\n{format_validation_error(exc)}"
-        ) from None
+        lines = [format_validation_error(exc), *broken.values()]
+        raise ConfigError(f"invalid targets file {config_path}:\n" + "\n".join(lines)) from None
+    if broken and not isolate_targets:
+        raise ConfigError(f"invalid targets file {config_path}:\n" + "\n".join(broken.values()))
+    return config

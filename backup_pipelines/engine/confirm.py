@@ -5,13 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.errors import RefusedError
 
 
-class ConfirmationError(BackupPipelinesError):
+class ConfirmationError(RefusedError):
     """The operator did not confirm (or confirmed the wrong target): nothing was touched."""
-
-    exit_code = 2
 
 
 def require_confirmation(

@@ -37,7 +37,7 @@ from typing import Any
 
 from backup_pipelines.engine.compression import CHUNK_SIZE
 from backup_pipelines.engine.config import EncryptionSettings, PassphraseSource
-from backup_pipelines.engine.errors import EncryptionError, IntegrityError
+from backup_pipelines.engine.errors import EncryptionError, EncryptionKeyError, IntegrityError
 from backup_pipelines.engine.processes import StderrCollector
 
 CIPHER = "AES256"
@@ -47,7 +47,7 @@ _FINGERPRINT_SALT = b"backup_pipelines passphrase fingerprint v1"
 def gpg_binary() -> str:
     path = shutil.which("gpg")
     if path is None:
-        raise EncryptionError(
+        raise EncryptionKeyError(
             "gpg is not installed, but this target's backups are encrypted",
             hint="install GnuPG 2 (Debian: apt-get install gnupg)",
         )
@@ -59,7 +59,7 @@ def load_passphrase(source: PassphraseSource) -> bytes:
     if source.env:
         value = os.environ.get(source.env, "")
         if not value.strip():
-            raise EncryptionError(
+            raise EncryptionKeyError(
                 f"encryption passphrase not available: environment variable {source.env} is not set",
                 hint=f"export {source.env} (or use passphrase_file); refusing to write an "
                 "unencrypted backup",
@@ -70,22 +70,22 @@ def load_passphrase(source: PassphraseSource) -> bytes:
     try:
         info = path.stat()
     except OSError as exc:
-        raise EncryptionError(
+        raise EncryptionKeyError(
             f"encryption passphrase file {path} cannot be read: {exc.strerror}",
             hint="create it with the passphrase on its first line and chmod 600 it",
         ) from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise EncryptionError(
+        raise EncryptionKeyError(
             f"passphrase file {path} is readable by other users (mode {info.st_mode & 0o777:o})",
             hint=f"chmod 600 {path}",
         )
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise EncryptionError(f"passphrase file {path} cannot be read: {exc.strerror}") from None
+        raise EncryptionKeyError(f"passphrase file {path} cannot be read: {exc.strerror}") from None
     first = text.splitlines()[0] if text.strip() else b""
     if not first:
-        raise EncryptionError(f"passphrase file {path} is empty")
+        raise EncryptionKeyError(f"passphrase file {path} is empty")
     return first
 
 
@@ -144,13 +144,13 @@ class GpgHome:
     def import_keys(self, files: Iterable[Path], *, what: str) -> None:
         for path in files:
             if not path.is_file():
-                raise EncryptionError(
+                raise EncryptionKeyError(
                     f"{what} {path} does not exist",
                     hint="fix the path under 'encryption:' in the targets file",
                 )
             result = self.run("--import", str(path))
             if result.returncode != 0:
-                raise EncryptionError(
+                raise EncryptionKeyError(
                     f"{what} {path} cannot be imported by gpg: "
                     f"{result.stderr.decode('utf-8', 'replace').strip()}",
                     hint="export it with `gpg --armor --export KEYID` (public) or "
@@ -259,13 +259,13 @@ def prepare_encryption(settings: EncryptionSettings) -> EncryptionPlan | None:
         keys = home.key_fingerprints()
         unusable = home.unusable_for_encryption()
     if unusable:
-        raise EncryptionError(
+        raise EncryptionKeyError(
             "cannot encrypt to the configured public key(s): " + "; ".join(unusable),
             hint="configure a current key with an encryption subkey (gpg --quick-add-key FPR "
             "cv25519 encr) and export it again; refusing to write an unencrypted backup",
         )
     if not keys:
-        raise EncryptionError(
+        raise EncryptionKeyError(
             "the public key files hold no key: "
             + ", ".join(str(p) for p in settings.public_key_files),
             hint="export the recipient's key with `gpg --armor --export KEYID > FILE`",
@@ -426,7 +426,7 @@ def settings_for_decryption(target: str) -> list[EncryptionSettings]:
     from backup_pipelines.engine.errors import ConfigError
 
     try:
-        config = load_config()
+        config = load_config(isolate_targets=True)
     except ConfigError:
         return []
     ordered = [config.targets[target]] if target in config.targets else []
@@ -456,7 +456,7 @@ def _find_passphrase(
             return passphrase
         tried.append(f"{source.describe()} is {passphrase_key_id(fingerprint)}")
     detail = "; ".join(tried + problems) or "no passphrase is configured"
-    raise EncryptionError(
+    raise EncryptionKeyError(
         f"{name} is encrypted with {describe_key(encryption)}, and no configured passphrase "
         f"matches it ({detail})",
         hint="add the passphrase used when this backup was taken under "
@@ -498,7 +498,7 @@ def decrypt_chunks(
             }
             needed = set(encryption.get("recipients") or []) | set(encryption.get("subkeys") or [])
             if needed and not (held & needed):
-                raise EncryptionError(
+                raise EncryptionKeyError(
                     f"{name} is encrypted to {describe_key(encryption)}, and none of the "
                     f"configured secret keys ({len(files)} file(s)) is that key",
                     hint="list the secret key that was current when the backup was taken under "
@@ -579,7 +579,7 @@ def _gpg_decrypt(
         if returncode != 0:
             text = stderr.text()
             if "No secret key" in text or "Bad session key" in text or "decryption failed" in text:
-                raise EncryptionError(
+                raise EncryptionKeyError(
                     f"{name} cannot be decrypted with the configured key: it needs "
                     f"{describe_key(encryption)} (gpg: {text})",
                     hint="configure the key or passphrase used when the backup was taken "

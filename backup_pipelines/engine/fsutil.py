@@ -1,25 +1,172 @@
-"""Durable, private file writes: temporary name, fsync, rename, fsync the folder."""
+"""Durable, private file writes: temporary name, fsync, rename, fsync the folder.
+
+Folders: :func:`ensure_private_dir` is the one way the tool makes or reuses a folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from backup_pipelines.engine.errors import BackupPipelinesError, FolderError
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
+logger = logging.getLogger("backup_pipelines")
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) as 0700; tighten it if it already exists."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    if (path.stat().st_mode & 0o777) != DIR_MODE:
-        path.chmod(DIR_MODE)
+# Errors that no retry fixes: the operator must change the path, its permissions or the mount.
+_SETUP_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ELOOP,
+}
+
+
+def ensure_private_dir(
+    path: Path,
+    *,
+    what: str = "folder",
+    mode: int = DIR_MODE,
+    parent_mode: int | None = None,
+    warn_shared: bool = True,
+    log: Any = None,
+) -> Path:
+    """Make sure ``path`` is a folder this process can write, and return it.
+
+    Folders that do not exist yet are created with ``mode`` (0700 unless a caller needs another
+    user to read them); missing parents get ``parent_mode`` (default: ``mode``; 0711 when
+    another OS user must reach ``path`` through them). A folder that already exists is used
+    as it is: its mode and owner were chosen by whoever made it (a shared 1777 or NFS folder
+    must stay shared), so it is never chmodded; when other users may list or change its content
+    a warning is logged (``warn_shared``). Raises :class:`FolderError` (exit status 2) naming
+    ``what`` when the path is a file, cannot be created, or is not writable.
+    """
+    path = Path(path)
+    created = _create_missing(path, what, mode, mode if parent_mode is None else parent_mode)
+    if not created and warn_shared:
+        _warn_if_shared(path, what, log or logger)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FolderError(
+            f"{what} {path} is not writable by {_whoami()}"
+            + (" (read-only file system)" if _read_only_mount(path) else ""),
+            hint=f"give {_whoami()} write access to {path} (owner, group or ACL), remount it "
+            "read-write, or point the setting at a writable folder",
+        )
     return path
+
+
+def folder_problem(path: Path, what: str = "folder") -> str | None:
+    """Why :func:`ensure_private_dir` would fail for ``path``, without creating anything."""
+    probe = Path(path)
+    while True:
+        try:
+            info = probe.stat()
+        except (FileNotFoundError, NotADirectoryError):  # a file may sit higher up
+            if probe.parent == probe:
+                return f"{what} {path}: no existing parent folder"
+            probe = probe.parent
+            continue
+        except OSError as exc:
+            return f"{what} {path} cannot be checked: {exc.strerror or exc}"
+        break
+    if not stat.S_ISDIR(info.st_mode):
+        blocker = "" if probe == path else f" ({probe} is a file)"
+        return f"{what} {path} is not a folder{blocker}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        verb = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        read_only = " (read-only file system)" if _read_only_mount(probe) else ""
+        return f"{what} {path} {verb} by {_whoami()}{read_only}"
+    return None
+
+
+def _create_missing(path: Path, what: str, mode: int, parent_mode: int) -> bool:
+    """Create ``path`` (``mode``) and its missing parents; True when ``path`` was created."""
+    missing: list[Path] = []
+    probe = path
+    while True:
+        try:
+            info = probe.stat()
+        except (FileNotFoundError, NotADirectoryError):  # a file may sit higher up
+            missing.append(probe)
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+            continue
+        except OSError as exc:
+            raise _folder_error(path, what, exc) from None
+        if not stat.S_ISDIR(info.st_mode):
+            blocker = "" if probe == path else f" ({probe} is a file)"
+            raise FolderError(
+                f"{what} {path} is not a folder{blocker}",
+                hint=f"move the file {probe} away or point the setting at a folder",
+            )
+        break
+    for folder in reversed(missing):
+        wanted = mode if folder == path else parent_mode
+        try:
+            folder.mkdir(mode=wanted)
+        except FileExistsError:
+            continue  # made by a concurrent run in the meantime
+        except OSError as exc:
+            raise _folder_error(path, what, exc) from None
+        # mkdir's mode is filtered by the umask: set exactly what was asked for.
+        folder.chmod(wanted)
+    return bool(missing)
+
+
+def _folder_error(path: Path, what: str, exc: OSError) -> BackupPipelinesError:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    if exc.errno in _SETUP_ERRNOS:
+        return FolderError(
+            f"cannot create {what} {path}: {reason}{where}",
+            hint=f"create it by hand with the right owner (mkdir -m 700 {path}; chown it to "
+            f"{_whoami()}), or point the setting at a folder {_whoami()} can write",
+        )
+    return BackupPipelinesError(f"cannot create {what} {path}: {reason}{where}")
+
+
+def _warn_if_shared(path: Path, what: str, log: Any) -> None:
+    try:
+        perms = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if perms & (stat.S_IROTH | stat.S_IWOTH):
+        access = "read and write" if perms & stat.S_IWOTH else "list"
+        log.warning(
+            f"{what} {path} (mode {perms:04o}) lets other users {access} its content; it is "
+            "left as it is (backup files are 0600 and new folders 0700): chmod o-rwx it if it "
+            "is not meant to be shared"
+        )
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _whoami() -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
 
 
 def fsync_dir(path: Path) -> None:

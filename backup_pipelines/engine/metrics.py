@@ -35,8 +35,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to_gateway
 
 from backup_pipelines.engine.artifacts import list_artifacts
-from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
-from backup_pipelines.engine.fsutil import fsync_dir
+from backup_pipelines.engine.config import TARGET_NAME_PATTERN, MetricsSettings, ProjectConfig
+from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir
 
 PREFIX = "backup_pipelines"
 TEXTFILE_MODE = 0o644  # node_exporter runs as another user; the file holds no secrets
@@ -135,7 +135,8 @@ def write_textfile(
     never reads a half-written file."""
     data = render(metrics, generated_at)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # node_exporter runs as another user: a folder made here must stay readable by it.
+    ensure_private_dir(path.parent, what="metrics textfile folder", mode=0o755, warn_shared=False)
     # node_exporter's textfile collector only reads *.prom, so the temp name never gets scraped.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, TEXTFILE_MODE)
@@ -204,6 +205,32 @@ def collect_from_disk(config: ProjectConfig) -> list[TargetMetrics]:
                 backup_last_success_timestamp=best.meta.finished_at.timestamp() if best else None,
                 backup_size_bytes=best.meta.size_bytes if best else None,
                 backup_duration_seconds=best.meta.duration_seconds if best else None,
+            )
+        )
+    return results + invalid_target_metrics(config)
+
+
+def invalid_target_metrics(config: ProjectConfig) -> list[TargetMetrics]:
+    """Targets whose settings are invalid are not backed up: report them as failing (with their
+    last backup on disk, if any) instead of dropping their series, which would quietly resolve
+    the alerts on them."""
+    results = []
+    for name in config.broken_targets:
+        newest = None
+        if TARGET_NAME_PATTERN.match(name):
+            good = [
+                a
+                for a in list_artifacts(config.resolved_backup_root / name)
+                if a.status != "failed"
+            ]
+            newest = good[0] if good else None
+        results.append(
+            TargetMetrics(
+                target=name,
+                backup_success=False,
+                backup_last_success_timestamp=newest.meta.finished_at.timestamp()
+                if newest
+                else None,
             )
         )
     return results

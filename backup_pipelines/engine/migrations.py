@@ -37,7 +37,7 @@ from psycopg import sql
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.confirm import require_confirmation
-from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RefusedError
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import ConnectionInfo, connect
 
@@ -60,10 +60,8 @@ class MigrationError(BackupPipelinesError):
     """A migrations folder or tracking table problem."""
 
 
-class RollbackRefusedError(MigrationError):
+class RollbackRefusedError(MigrationError, RefusedError):
     """The rollback was refused before anything was changed (bad input or an unsafe plan)."""
-
-    exit_code = 2
 
 
 class RollbackFailedError(MigrationError):

@@ -40,7 +40,7 @@ from backup_pipelines.engine.artifacts import (
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
-from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
+from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError, TargetBusyError
 from backup_pipelines.engine.fsutil import (
     ensure_private_dir,
     exclusive_lock,
@@ -143,12 +143,20 @@ class DumpSource:
     ctype: str
 
 
+def ensure_target_dirs(target: Target, *, log: Any = None) -> Path:
+    """``backup_root`` and the target's folder in it, ready to write (new folders are 0700)."""
+    ensure_private_dir(target.backup_dir.parent, what="backup_root", log=log)
+    return ensure_private_dir(
+        target.backup_dir, what=f"backup folder of target '{target.name}'", log=log
+    )
+
+
 def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One backup per target directory at a time (a second one fails fast, it does not queue)."""
     lock_path = backup_dir / ".lock"
     return exclusive_lock(
         lock_path,
-        lambda: BackupFailedError(
+        lambda: TargetBusyError(
             f"another backup of this target is running (lock {lock_path})",
             hint="wait for it to finish; a lock of a dead process is released automatically",
         ),
@@ -295,8 +303,7 @@ def run_backup(
     if stage_factory is None:
         stage_factory = encryption_stage_factory(settings.encryption)
     info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")
-    ensure_private_dir(target.backup_dir.parent)
-    ensure_private_dir(target.backup_dir)
+    ensure_target_dirs(target, log=log)
     with target_lock(target.backup_dir), connect(info) as conn:
         started = datetime.now(UTC)
         clock = time.monotonic()

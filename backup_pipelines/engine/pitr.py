@@ -34,7 +34,13 @@ from backup_pipelines.engine.basebackup import (
     list_base_backups,
 )
 from backup_pipelines.engine.config import ProjectConfig, Target
-from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RestoreFailedError
+from backup_pipelines.engine.errors import (
+    BackupPipelinesError,
+    ConfigError,
+    RefusedError,
+    RestoreFailedError,
+)
+from backup_pipelines.engine.fsutil import ensure_private_dir
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major
 from backup_pipelines.engine.processes import pid_alive
 from backup_pipelines.engine.wal import (
@@ -66,10 +72,8 @@ _LAST_TX_RE = re.compile(r"last completed transaction was at log time (.+)")
 _TIMELINE_RE = re.compile(r"selected new timeline ID: (\d+)")
 
 
-class PitrRangeError(RestoreFailedError):
+class PitrRangeError(RestoreFailedError, RefusedError):
     """The requested moment cannot be recovered to with the backups and WAL at hand."""
-
-    exit_code = 2
 
 
 # --- what can be recovered ------------------------------------------------------------------
@@ -214,7 +218,8 @@ def _prepare_data_dir(data_dir: Path) -> bool:
     check_data_dir(data_dir)
     if data_dir.exists():
         return False
-    data_dir.mkdir(parents=True, mode=0o700)
+    # Missing parents get 0711: the server's OS user must reach the data directory.
+    ensure_private_dir(data_dir, what="--data-dir", parent_mode=0o711)
     return True
 
 
@@ -443,6 +448,8 @@ def pitr_restore(
             for key, value in lines.items():
                 conf.write(f"{key} = {value}\n")
         chown_tree(data_dir, settings.server_os_user)
+        # The one folder whose mode we set even when the operator made it (empty): it is now a
+        # data directory, and PostgreSQL refuses to start on one other users can read.
         data_dir.chmod(0o700)
     except BaseException:
         if created:
@@ -545,13 +552,13 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
     archive = wal_archive_for(target)
     timeout = settings.drill_timeout_minutes * 60
     parent = settings.drill_dir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
+    # Holds only mkdtemp folders (0711 below): its own sharing is not a concern.
+    ensure_private_dir(parent, what="pitr.drill_dir", parent_mode=0o711, warn_shared=False)
     scratch = Path(tempfile.mkdtemp(prefix=f"pitr-drill-{target.name}-", dir=parent))
     scratch.chmod(0o711)
     port = settings.drill_port or free_port()
     data_dir = scratch / "data"
-    socket_dir = scratch / "sock"
-    socket_dir.mkdir(mode=0o700)
+    socket_dir = ensure_private_dir(scratch / "sock", what="drill socket folder")
     (socket_dir / DRILL_HBA_NAME).write_text(DRILL_HBA)
     chown_tree(socket_dir, settings.server_os_user)
     result = DrillResult(target.name, False, "not run")

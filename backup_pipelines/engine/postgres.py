@@ -52,6 +52,23 @@ _SECRET_PARAMS = {"password", "sslpassword"}
 DEFAULT_CONNECT_TIMEOUT = "10"
 
 
+# Connection parameters with a fixed set of values (libpq's documentation).
+_ENUM_PARAMS: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}
+
+
 @dataclass(frozen=True)
 class ConnectionInfo:
     """A parsed libpq connection string. ``str()`` never shows a password."""
@@ -68,6 +85,26 @@ class ConnectionInfo:
                 f"{source} is not a valid libpq connection string",
                 hint="use the form postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME",
             ) from None
+        for port in str(params.get("port") or "").split(","):
+            if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(
+                    f"{source} has an invalid port {port.strip()!r}",
+                    hint="use a port number between 1 and 65535, e.g. postgresql://USER@HOST:5432/DBNAME",
+                )
+        # libpq would only refuse these when connecting, looking like a network failure.
+        for key, allowed in _ENUM_PARAMS.items():
+            value = params.get(key)
+            if value is not None and str(value) not in allowed:
+                raise ConfigError(
+                    f"{source} has an invalid {key} {str(value)!r}",
+                    hint=f"use one of: {', '.join(allowed)}",
+                )
+        timeout = params.get("connect_timeout")
+        if timeout is not None and not str(timeout).strip().lstrip("-").isdigit():
+            raise ConfigError(
+                f"{source} has an invalid connect_timeout {str(timeout)!r}",
+                hint="use a number of seconds, e.g. ?connect_timeout=10",
+            )
         return cls({k: str(v) for k, v in params.items() if v is not None})
 
     @property

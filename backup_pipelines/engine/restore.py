@@ -59,11 +59,12 @@ from backup_pipelines.engine.confirm import require_confirmation
 from backup_pipelines.engine.errors import (
     BackupPipelinesError,
     IntegrityError,
+    RefusedError,
     RestoreFailedError,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock, open_private
 from backup_pipelines.engine.offsite import offsite_storage
-from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.pipeline import ensure_target_dirs, run_backup
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
     PgTools,
@@ -92,10 +93,8 @@ PREVIOUS_COPY_MARKER = "backup_pipelines:pre_restore"
 SESSION_EXIT_TIMEOUT_SECONDS = 30.0
 
 
-class RestoreRefusedError(BackupPipelinesError):
+class RestoreRefusedError(RefusedError):
     """The request was refused before anything was touched (bad backup location, wrong database)."""
-
-    exit_code = 2
 
 
 class RestoreStepError(RestoreFailedError):
@@ -254,7 +253,7 @@ def _dump_file_for_pg_restore(
     if _is_bare_local_file(artifact):
         yield artifact.path
         return
-    ensure_private_dir(work_dir)
+    ensure_private_dir(work_dir, what="restore work folder")
     tmp_dir = Path(tempfile.mkdtemp(prefix="restore-", dir=work_dir))
     try:
         path = tmp_dir / "archive.dump"
@@ -621,8 +620,7 @@ class RestoreReport:
 
 
 def _restore_lock(target: Target) -> contextlib.AbstractContextManager[None]:
-    ensure_private_dir(target.backup_dir.parent)
-    ensure_private_dir(target.backup_dir)
+    ensure_target_dirs(target)
     lock_path = target.backup_dir / ".restore.lock"
     return exclusive_lock(
         lock_path,
@@ -869,7 +867,7 @@ def local_copy(
     if artifact.is_local:
         yield artifact
         return
-    ensure_private_dir(work_dir)
+    ensure_private_dir(work_dir, what="download folder")
     tmp_dir = Path(tempfile.mkdtemp(prefix="download-", dir=work_dir))
     try:
         path = tmp_dir / artifact.path.name

@@ -243,7 +243,7 @@ class LocalStorage(BackupStorage):
         expected_sha256: str | None = None,
     ) -> PutResult:
         dest = self._path(name)
-        ensure_private_dir(dest.parent)
+        ensure_private_dir(dest.parent, what="storage folder")
         digest = hashlib.sha256()
         size = 0
         with source.open("rb") as handle, atomic_writer(dest) as out:
@@ -258,7 +258,7 @@ class LocalStorage(BackupStorage):
         self, name: str, data: bytes, *, metadata: dict[str, str] | None = None
     ) -> PutResult:
         dest = self._path(name)
-        ensure_private_dir(dest.parent)
+        ensure_private_dir(dest.parent, what="storage folder")
         with atomic_writer(dest) as out:
             out.write(data)
         digest = hashlib.sha256(data).hexdigest()

@@ -50,6 +50,7 @@ from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, In
 from backup_pipelines.engine.fsutil import (
     FILE_MODE,
     atomic_writer,
+    ensure_private_dir,
     fsync_dir,
     open_private,
     partial_path,
@@ -255,7 +256,8 @@ class LocalWalBackend(WalBackend):
 
     def store(self, record: WalRecord, spool: Spool) -> None:
         data_path = self._path(record.stored_name)
-        data_path.parent.mkdir(mode=0o700, exist_ok=True)
+        # Runs for every segment: the archive root's sharing is reported once, by wal-setup.
+        ensure_private_dir(data_path.parent, what="WAL archive folder", warn_shared=False)
         if spool.path.parent == data_path.parent:
             os.replace(spool.path, data_path)
             fsync_dir(data_path.parent)
@@ -269,9 +271,9 @@ class LocalWalBackend(WalBackend):
         write_atomic(self._path(object_stem(record.name) + RECORD_SUFFIX), record.to_bytes())
 
     def spool_dir(self, name: str) -> Path:
-        folder = self._path(object_stem(name)).parent
-        folder.mkdir(mode=0o700, exist_ok=True)
-        return folder
+        return ensure_private_dir(
+            self._path(object_stem(name)).parent, what="WAL archive folder", warn_shared=False
+        )
 
     def chunks(self, record: WalRecord) -> Iterator[bytes]:
         try:
@@ -766,11 +768,14 @@ def postgresql_conf_lines(
 
 
 def setup_archive_dir(path: Path, server_os_user: str) -> Path:
-    """Create the local archive folder (0700) owned by the server's OS user."""
+    """Create the local archive folder (0700) owned by the server's OS user.
+
+    A folder that already exists keeps its owner and mode (someone chose them); it is only
+    checked: a warning says when the server's OS user apparently cannot write it.
+    """
     import pwd
 
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
+    entry = None
     if os.geteuid() == 0:
         try:
             entry = pwd.getpwnam(server_os_user)
@@ -779,6 +784,17 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
                 f"OS user {server_os_user!r} does not exist",
                 hint="set pitr.server_os_user to the user PostgreSQL runs as",
             ) from None
+    existed = path.exists()
+    # Missing parents get 0711: the server's OS user must reach the archive through them.
+    ensure_private_dir(path, what="WAL archive folder (pitr.archive_dir)", parent_mode=0o711)
+    if entry is not None and existed:
+        if not _writable_by(path, entry):
+            logger.warning(
+                f"WAL archive folder {path} exists and {server_os_user} apparently cannot write "
+                f"it: archiving will fail until you run `chown {server_os_user}: {path}` (its "
+                "owner and mode were left as they are)"
+            )
+    elif entry is not None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
         # The server user must be able to reach the folder through its parents.
         parent = path.parent
@@ -792,6 +808,19 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
                 break
             parent = parent.parent
     return path
+
+
+def _writable_by(path: Path, user: Any) -> bool:
+    """Whether ``user`` (a pwd entry) may create files in ``path``, judged from its mode bits."""
+    import grp
+
+    info = path.stat()
+    if info.st_uid == user.pw_uid:
+        return info.st_mode & 0o300 == 0o300
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    if info.st_gid in groups:
+        return info.st_mode & 0o030 == 0o030
+    return info.st_mode & 0o003 == 0o003
 
 
 def archive_json(archive: WalArchive) -> str:

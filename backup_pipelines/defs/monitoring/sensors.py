@@ -20,6 +20,7 @@ from typing import Any
 
 import dagster as dg
 
+from backup_pipelines.defs.backups.invalid_targets import invalid_target_message
 from backup_pipelines.defs.cadences import TAG_TARGET
 from backup_pipelines.defs.monitoring.status import (
     backup_in_progress,
@@ -166,12 +167,72 @@ def evaluate_staleness(
     return state, events
 
 
+INVALID_PREFIX = "invalid:"
+
+
+def evaluate_invalid_targets(
+    context: dg.SensorEvaluationContext, config: ProjectConfig, now: float
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Alert once per target whose settings are invalid (again when its problems change), and
+    once more when it is valid again. Such a target is not backed up at all, so waiting for it
+    to turn stale would hide the reason."""
+    try:
+        previous = json.loads(context.cursor) if context.cursor else {}
+    except ValueError:
+        previous = {}
+    state: dict[str, dict[str, Any]] = {}
+    events = []
+    for name, problems in config.broken_targets.items():
+        incident = INVALID_PREFIX + name
+        entry = dict(previous.get(incident) or {})
+        if entry.get("problems") != problems:
+            report = send_alert(
+                config,
+                Alert(
+                    title="target not backed up: invalid settings",
+                    message=invalid_target_message(name, problems, config.source_path),
+                    target=name,
+                    what="targets file",
+                    reason="invalid settings",
+                    incident=incident,
+                ),
+                log=context.log,
+            )
+            if report.delivered or not report.failed:
+                entry = {"problems": problems, "alerted": now}
+                events.append(f"{name}: invalid settings, alerted")
+            else:
+                events.append(f"{name}: invalid settings, alert not delivered (will retry)")
+        state[incident] = entry
+    for incident, entry in previous.items():
+        if not incident.startswith(INVALID_PREFIX) or incident in state:
+            continue
+        name = incident.removeprefix(INVALID_PREFIX)
+        if entry.get("alerted") and config.alerts.send_resolved and name in config.targets:
+            send_alert(
+                config,
+                Alert(
+                    title="target settings valid again",
+                    message=f"The settings of {name} in {config.source_path} are valid again; "
+                    "its backups and schedules are back.",
+                    severity="resolved",
+                    target=name,
+                    what="targets file",
+                    incident=incident,
+                ),
+                log=context.log,
+            )
+            events.append(f"{name}: settings valid again, resolved")
+    return state, events
+
+
 @dg.sensor(
     name="stale_backup_sensor",
     minimum_interval_seconds=project_config().alerts.stale_check_interval_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Alerts once when a target's newest successful backup is older than its max_age "
-    "(default 24h), and once more when a fresh backup lands. Backups taken with the CLI count too.",
+    "(default 24h), and once more when a fresh backup lands. Backups taken with the CLI count too. "
+    "A target whose settings in the targets file are invalid is alerted at once.",
 )
 def stale_backup_sensor(
     context: dg.SensorEvaluationContext, backup_engine: BackupEngineResource
@@ -179,8 +240,12 @@ def stale_backup_sensor(
     config = _load_config(backup_engine, context)
     if config is None:
         return dg.SensorResult(skip_reason="the targets file cannot be read (see the tick log)")
-    state, events = evaluate_staleness(context, config, time.time())
+    now = time.time()
+    state, events = evaluate_staleness(context, config, now)
     stale = sorted(t for t, entry in state.items() if "alerted" in entry)
+    invalid_state, invalid_events = evaluate_invalid_targets(context, config, now)
+    state.update(invalid_state)  # type: ignore[arg-type]
+    events += invalid_events
     summary = "; ".join(events) or (f"still stale: {', '.join(stale)}" if stale else "all fresh")
     return dg.SensorResult(skip_reason=summary, cursor=json.dumps(state, sort_keys=True))
 

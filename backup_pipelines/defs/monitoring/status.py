@@ -12,7 +12,7 @@ from backup_pipelines.defs.restore.assets import DRILL_PASSED_CHECK, RESTORE_DRI
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, OFFSITE_COPY, target_key
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import ProjectConfig
-from backup_pipelines.engine.metrics import TargetMetrics
+from backup_pipelines.engine.metrics import TargetMetrics, invalid_target_metrics
 
 # The ERROR checks that make an otherwise materialized asset "not good".
 ERROR_CHECKS: dict[str, tuple[str, ...]] = {
@@ -160,4 +160,4 @@ def collect_metrics(instance: dg.DagsterInstance, config: ProjectConfig) -> list
                 offsite_copy_last_success_timestamp=offsite.last_success_timestamp,
             )
         )
-    return results
+    return results + invalid_target_metrics(config)

@@ -55,7 +55,7 @@ def _alert(config, target: str, health: ArchiveHealth, link: str) -> Alert:  # t
 )
 def wal_archive_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    config = load_config(project_config().source_path)
+    config = load_config(project_config().source_path, isolate_targets=True)
     events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
     states: dict[str, str] = {}
     for name in pitr_targets():
