@@ -55,7 +55,7 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
 
@@ -346,7 +346,7 @@ def _dump_to_file(
             write_stored(codec.flush())
             returncode = proc.wait()
             if returncode != 0:
-                detail = source.info.redact(stderr.text()) or f"exit status {returncode}"
+                detail = one_line(source.info.redact(stderr.text())) or f"exit status {returncode}"
                 raise BackupFailedError(
                     f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
                     hint="read the pg_dump error above; common causes are missing privileges "

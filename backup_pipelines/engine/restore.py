@@ -72,7 +72,7 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import pid_alive, spawn, stop
+from backup_pipelines.engine.processes import one_line, pid_alive, spawn, stop
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
 from backup_pipelines.engine.storage import (
     S3_SCHEME,
@@ -364,7 +364,7 @@ def restore_into(
             if returncode != 0:
                 raise RestoreFailedError(
                     f"pg_restore failed restoring {name} into {database.describe()}: "
-                    f"{database.redact(output.text()) or f'exit status {returncode}'}"
+                    f"{one_line(database.redact(output.text())) or f'exit status {returncode}'}"
                 )
             output.text()
             progress.finish()
@@ -396,7 +396,7 @@ def restore_into(
     if proc.wait() != 0:
         raise RestoreFailedError(
             f"psql failed restoring {name} into {database.describe()} "
-            f"(nothing was committed): {database.redact(stderr.text())}"
+            f"(nothing was committed): {one_line(database.redact(stderr.text()))}"
         )
     progress.finish()
 
@@ -600,15 +600,17 @@ class RestoreReport:
         return "\n".join(lines)
 
 
-def _restore_lock(target: Target) -> contextlib.AbstractContextManager[None]:
+def _restore_lock(
+    target: Target, *, hint: str = "wait for it to finish"
+) -> contextlib.AbstractContextManager[None]:
+    """Held by a restore of ``target`` from start to end; a dead holder releases it."""
     ensure_private_dir(target.backup_dir.parent)
     ensure_private_dir(target.backup_dir)
     lock_path = target.backup_dir / ".restore.lock"
     return exclusive_lock(
         lock_path,
         lambda: RestoreRefusedError(
-            f"another restore or drill of target '{target.name}' is running ({lock_path})",
-            hint="wait for it to finish",
+            f"another restore of target '{target.name}' is running ({lock_path})", hint=hint
         ),
     )
 
@@ -833,6 +835,122 @@ def drop_leftover_databases(
     return dropped
 
 
+def _restoring_name_of(name: str, database: str) -> bool:
+    """True when ``name`` is what :func:`_free_name` makes of ``database`` for a restore."""
+    match = _RESTORING_SUFFIX.search(name)
+    if match is None:
+        return False
+    tail = name[match.start() :]
+    return name[: match.start()] == database.encode()[: 63 - len(tail.encode())].decode(
+        "utf-8", "ignore"
+    )
+
+
+_RESTORING_SUFFIX = re.compile(r"_restoring_\d{8}_\d{6}(?:_\d{1,2})?$")
+
+
+@dataclass
+class LeftoverReport:
+    """What a cleanup found of restores that were killed: dropped, or left alone and why."""
+
+    dropped: list[str] = field(default_factory=list)
+    left_alone: dict[str, str] = field(default_factory=dict)
+
+
+def _restoring_label(comment: str | None, target: Target) -> dict[str, Any] | None:
+    """The label a restore of ``target`` put on its copy; None when absent or someone else's."""
+    try:
+        label = json.loads(comment) if comment else None
+    except ValueError:
+        return None
+    if isinstance(label, dict) and label.get("marker") == RESTORING_MARKER:
+        return label if label.get("target") == target.name else None
+    return None
+
+
+def drop_interrupted_restores(
+    admin: ConnectionInfo, target: Target, database: str, *, log: Any = None
+) -> LeftoverReport:
+    """Drop the ``<database>_restoring_<time>`` databases killed restores of ``target`` left.
+
+    The caller holds the target's restore lock, so no restore of it is running on this host.
+    Dropped: databases labelled as ``target``'s restoring copy whose creating process is gone,
+    and unlabelled ones with exactly the name a restore of ``database`` gives its copy (a
+    restore killed between CREATE DATABASE and its label). Never the live ``database``, never a
+    database with a session connected (e.g. a pg_restore the killed run left behind), never a
+    database labelled by anyone else.
+    """
+    log = log or logger
+    report = LeftoverReport(
+        dropped=drop_leftover_databases(admin, target, RESTORING_MARKER, log=log)
+    )
+    with connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database'), "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) "
+            "FROM pg_database d WHERE d.datname LIKE '%\\_restoring\\_%'"
+        ).fetchall()
+        for name, comment, sessions in rows:
+            if name == database or not _restoring_name_of(name, database):
+                continue
+            label = _restoring_label(comment, target)
+            if comment and label is None:
+                continue  # labelled by someone else: not ours to judge
+            if sessions:
+                report.left_alone[name] = (
+                    f"{sessions} session(s) still connected (a process of the interrupted "
+                    "restore may still be writing it)"
+                )
+            elif label is not None:
+                report.left_alone[name] = (
+                    f"the process that created it (pid {label.get('pid')} on "
+                    f"{label.get('host')}) is still running"
+                )
+            else:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                log.warning(f"Dropped {name}, left behind by a restore killed before labelling it")
+                report.dropped.append(name)
+    for name, reason in report.left_alone.items():
+        log.warning(f"Left {name} alone: {reason}")
+    return report
+
+
+@dataclass
+class RestoreCleanupReport:
+    """What ``restore-cleanup`` did for one target."""
+
+    interrupted: LeftoverReport
+    expired: list[str]
+    kept: list[tuple[str, datetime]]
+    grace_hours: float | None
+
+
+def restore_cleanup(
+    target: Target, *, log: Any = None, now: datetime | None = None
+) -> RestoreCleanupReport:
+    """Drop what killed restores of ``target`` left (``<db>_restoring_<time>``) and the
+    databases earlier restores replaced once past their grace period; report what is kept.
+
+    Runs under the target's restore lock: while a restore of the target runs, it refuses
+    (RestoreRefusedError) and drops nothing. The live database is never touched.
+    """
+    log = log or logger
+    admin = maintenance_connection(target)
+    live = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}'").dbname
+    with _restore_lock(
+        target,
+        hint="its databases are in use: run restore-cleanup again once it has finished "
+        "(nothing was dropped)",
+    ):
+        interrupted = drop_interrupted_restores(admin, target, live, log=log)
+        expired = drop_expired_previous_copies(target, log=log, now=now)
+        with connect(admin, autocommit=True) as conn:
+            kept = previous_copies(conn, target)
+    return RestoreCleanupReport(
+        interrupted, expired, kept, target.settings.restore.drop_previous_after_hours
+    )
+
+
 @contextlib.contextmanager
 def local_copy(
     artifact: BackupArtifact,
@@ -1051,7 +1169,7 @@ def restore_database(
 
         # 3. Restore into a new database, 4. check it; the live database is still untouched.
         try:
-            drop_leftover_databases(admin, target, RESTORING_MARKER, log=log)
+            drop_interrupted_restores(admin, target, database, log=log)
             with connect(admin, autocommit=True) as conn:
                 restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
         except (BackupPipelinesError, psycopg.Error) as exc:

@@ -11,7 +11,7 @@ from typing import Any
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.postgres import find_tools
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.reader import dump_chunks
 
 PLAIN_DUMP_TRAILER = b"-- PostgreSQL database dump complete"
@@ -105,12 +105,14 @@ def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
     )
     entries = _feed(proc, artifact, count_stdout_lines=True)
     if proc.returncode != 0:
-        return CheckOutcome("readable", False, f"pg_restore --list failed: {stderr.text()}")
+        return CheckOutcome(
+            "readable", False, f"pg_restore --list failed: {one_line(stderr.text())}"
+        )
     proc, stderr = spawn([tools.path("pg_restore"), "-f", "/dev/null"], stdin=subprocess.PIPE)
     size = _feed(proc, artifact)
     if proc.returncode != 0:
         return CheckOutcome(
-            "readable", False, f"pg_restore could not read the archive: {stderr.text()}"
+            "readable", False, f"pg_restore could not read the archive: {one_line(stderr.text())}"
         )
     return CheckOutcome(
         "readable",
