@@ -163,11 +163,29 @@ def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
     return argv
 
 
-def _free_space_hint(directory: Path) -> str:
+def _mount_of(directory: Path) -> tuple[str, str]:
+    """The mount point holding ``directory`` and its filesystem type (from /proc/mounts)."""
+    resolved = directory.resolve()
+    best, fstype = "/", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mount = fields[1].replace("\\040", " ")
+            if resolved.is_relative_to(mount) and len(mount) >= len(best):
+                best, fstype = mount, fields[2]
+    return best, fstype
+
+
+def describe_free_space(directory: Path) -> str:
+    """``filesystem /srv/backups (ext4): 1.2 MiB free of 50.0 GiB``: the disk that filled up."""
+    from backup_pipelines.engine.listing import human_size
+
     usage = shutil.disk_usage(directory)
+    mount, fstype = _mount_of(directory)
     return (
-        f"free space on the filesystem of {directory} ({usage.free // (1 << 20)} MiB free now), "
-        "move backup_root to a larger volume, or prune old backups (`backup-pipelines prune`)"
+        f"filesystem {mount} ({fstype}): {human_size(usage.free)} free of {human_size(usage.total)}"
     )
 
 
@@ -192,8 +210,10 @@ def discard_failed_backup(
             leftover.unlink()
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BackupFailedError(
-            f"disk full while writing {what} to {folder}; the partial file was removed",
-            hint=_free_space_hint(folder),
+            f"disk full while writing {what} to {folder} ({describe_free_space(folder)} after "
+            "removing the unfinished files); nothing of this backup was kept",
+            hint="free space on that filesystem, move backup_root to a larger volume, or prune "
+            "old backups (`backup-pipelines prune <target>`)",
         )
     if isinstance(exc, OSError) and not isinstance(exc, BackupPipelinesError):
         return BackupFailedError(f"writing {what} failed: {exc}")
@@ -316,6 +336,7 @@ def _dump_to_file(
     sidecars = [final.with_name(final.name + ".sha256"), final.with_name(final.name + ".meta")]
     proc: subprocess.Popen[bytes] | None = None
     abort_stored: Any = None
+    writing = "the data file"
     try:
         handle = open_private(tmp)
         with handle:
@@ -391,7 +412,9 @@ def _dump_to_file(
             database_collate=source.collate,
             database_ctype=source.ctype,
         )
+        writing = "the .sha256 file"
         write_atomic(sidecars[0], sha256_line(meta.sha256, final.name).encode())
+        writing = "the .meta file"
         write_meta(sidecars[1], meta)
         # The rename is the commit point: before it there is no backup, after it a complete one.
         os.replace(tmp, final)
@@ -405,7 +428,7 @@ def _dump_to_file(
     except BaseException as exc:
         raise discard_failed_backup(
             exc,
-            what=f"the backup of '{target.name}'",
+            what=f"{writing} of the backup of '{target.name}'",
             folder=final.parent,
             proc=proc,
             aborts=[abort_stored] if abort_stored is not None else [],
