@@ -140,13 +140,20 @@ class DumpSource:
     ctype: str
 
 
+class BackupBusyError(BackupFailedError):
+    """Another backup of the same target holds its lock: refused, nothing was touched."""
+
+    exit_code = 2
+
+
 def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One backup per target directory at a time (a second one fails fast, it does not queue)."""
     lock_path = backup_dir / ".lock"
     return exclusive_lock(
         lock_path,
-        lambda: BackupFailedError(
-            f"another backup of this target is running (lock {lock_path})",
+        lambda: BackupBusyError(
+            f"another backup of this target is running (lock {lock_path}); this one was "
+            "refused and changed nothing",
             hint="wait for it to finish; a lock of a dead process is released automatically",
         ),
     )
