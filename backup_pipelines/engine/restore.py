@@ -176,7 +176,7 @@ class RestoreTestResult:
                 f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
                 f"match the backup's metadata ({self.duration_seconds:.1f}s)"
             )
-        return "restore test FAILED, row counts differ:\n  " + describe_mismatches(self.mismatches)
+        return "restore test FAILED, row counts differ: " + describe_mismatches(self.mismatches)
 
 
 def compare_counts(
@@ -196,7 +196,7 @@ def describe_mismatches(mismatches: dict[str, dict[str, int | None]], limit: int
     ]
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more tables"]
-    return "\n  ".join(lines)
+    return "; ".join(lines)
 
 
 def scratch_name(prefix: str, target: str) -> str:
@@ -1139,7 +1139,8 @@ def restore_database(
                 raise fail(
                     "verify",
                     IntegrityError(outcome.message),
-                    "use another backup (`backup-pipelines list` shows them) or the offsite copy",
+                    outcome.hint
+                    or "use another backup (`backup-pipelines list` shows them) or the offsite copy",
                 ) from None
         steps["verify"] = time.monotonic() - clock
         log.info(f"Verified {local.path.name} in {steps['verify']:.1f}s")
@@ -1205,7 +1206,7 @@ def restore_database(
                 raise fail(
                     "check",
                     RestoreFailedError(
-                        "row counts of the restored database differ from the backup's .meta:\n  "
+                        "row counts of the restored database differ from the backup's .meta: "
                         + describe_mismatches(mismatches)
                     ),
                     "the backup does not restore to what was dumped; use another backup",

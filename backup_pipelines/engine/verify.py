@@ -23,6 +23,8 @@ class CheckOutcome:
     passed: bool
     message: str
     details: dict[str, Any] = field(default_factory=dict)
+    # What to do, when the failure is not the file's fault (e.g. the key is not configured).
+    hint: str | None = None
 
 
 def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
@@ -30,7 +32,7 @@ def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
     try:
         recorded = artifact.recorded_sha256()
     except IntegrityError as exc:
-        return CheckOutcome("checksum", False, exc.message)
+        return CheckOutcome("checksum", False, exc.message, hint=exc.hint)
     digest = hashlib.sha256()
     size = 0
     for chunk in artifact.stored_chunks():
@@ -94,7 +96,7 @@ def check_readable(artifact: BackupArtifact) -> CheckOutcome:
             {"dump_bytes": size},
         )
     except BackupPipelinesError as exc:
-        return CheckOutcome("readable", False, exc.message)
+        return CheckOutcome("readable", False, exc.message, hint=exc.hint)
 
 
 def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
