@@ -347,7 +347,7 @@ def restore_into(
                 "--exit-on-error",
                 "--verbose",
                 f"--jobs={jobs}",
-                f"--dbname={database.dbname}",
+                database.dbname_option(),
                 str(archive),
             ]
             log.info(f"Restoring {name} with pg_restore -j {jobs} into {database.describe()}")
@@ -377,7 +377,7 @@ def restore_into(
         "-v",
         "ON_ERROR_STOP=1",
         "--single-transaction",
-        f"--dbname={database.dbname}",
+        database.dbname_option(),
     ]
     log.info(f"Restoring {name} with psql --single-transaction into {database.describe()}")
     proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)

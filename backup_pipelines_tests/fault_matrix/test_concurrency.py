@@ -24,7 +24,7 @@ from backup_pipelines_tests.helpers import restore_and_compare
 
 
 def test_second_backup_of_a_target_refuses_while_the_first_completes(
-    pg: LocalCluster, sample_db: str, make_project, run_cli, tmp_path: Path
+    pg: LocalCluster, sample_db: str, make_project, cli, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     config = make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
     backup_dir = config.target("prod").backup_dir
@@ -46,7 +46,7 @@ def test_second_backup_of_a_target_refuses_while_the_first_completes(
             assert time.monotonic() < deadline, "the first backup never reached the lock"
             time.sleep(0.05)
 
-        second = run_cli("backup", "prod")
+        second = cli("backup", "prod")
         assert_clear_failure(second, EXIT_REFUSED, "another backup of this target is running")
         assert first.poll() is None  # it was really running the whole time
         assert [p.name for p in list_partials(backup_dir)] != []  # the first one's, untouched

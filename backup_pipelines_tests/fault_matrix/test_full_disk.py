@@ -59,7 +59,7 @@ def source_db(pg: LocalCluster) -> Iterator[str]:
     ids=["before-dump", "mid-dump", "sha256", "meta"],
 )
 def test_full_disk_leaves_nothing_that_looks_complete(
-    pg: LocalCluster, source_db: str, make_project, run_cli, tmp_path: Path, stage, room
+    pg: LocalCluster, source_db: str, make_project, cli, tmp_path: Path, stage, room
 ) -> None:  # type: ignore[no-untyped-def]
     with tmpfs(tmp_path / "backups", "8m") as root:
         config = make_project(
@@ -75,7 +75,7 @@ def test_full_disk_leaves_nothing_that_looks_complete(
         assert previous.meta_path.stat().st_size <= PAGE
 
         filler = fill(root, room(previous.meta.size_bytes))
-        result = run_cli("backup", "prod")
+        result = cli("backup", "prod")
         assert_clear_failure(
             result,
             EXIT_FAILED,

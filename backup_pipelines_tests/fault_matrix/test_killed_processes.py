@@ -73,7 +73,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cli(*args: str) -> subprocess.Popen[bytes]:
+def _start(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(VENV_BIN / "backup-pipelines"), *args],
         stdout=subprocess.DEVNULL,
@@ -89,7 +89,7 @@ def _wait_sessions_gone(pg: LocalCluster, where: str, timeout: float = 30) -> No
 
 
 def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
-    pg: LocalCluster, big_db: str, make_project, run_cli
+    pg: LocalCluster, big_db: str, make_project, cli
 ) -> None:  # type: ignore[no-untyped-def]
     config = make_project(
         {
@@ -105,7 +105,7 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
     previous = run_backup(config.target("prod"))
     previous_files = {p.name: _sha256(p) for p in backup_files(backup_dir)}
 
-    proc = _cli("backup", "prod")
+    proc = _start("backup", "prod")
     try:
         deadline = time.monotonic() + 60
         while not any(p.stat().st_size > 1 << 20 for p in list_partials(backup_dir)):
@@ -123,11 +123,11 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
     assert set(now) == set(previous_files) | {partial.name}
     assert {n: _sha256(p) for n, p in now.items() if n in previous_files} == previous_files
     assert [a.path for a in list_artifacts(backup_dir)] == [previous.path]
-    listing = run_cli("list", "prod")
+    listing = cli("list", "prod")
     assert listing.returncode == 0, listing.stderr
     assert previous.path.name in listing.stdout and partial.name not in listing.stdout
     assert "1 .partial leftover" in listing.stdout
-    refused = run_cli("verify", str(partial))
+    refused = cli("verify", str(partial))
     assert_clear_failure(refused, EXIT_FAILED, "leftover of an interrupted backup")
 
     # The dead holder released the lock: the next backup works and is complete.
@@ -140,7 +140,7 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
     assert partial.exists() and young.leftovers_removed == []
     old = time.time() - 2 * 3600
     os.utime(partial, (old, old))
-    aged = run_cli("prune", "prod")
+    aged = cli("prune", "prod")
     assert aged.returncode == 0, aged.stderr
     assert f"removed leftover {partial}" in aged.stdout
     assert not partial.exists() and not list_partials(backup_dir)
@@ -148,7 +148,7 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
 
 
 def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_leftover(
-    pg: LocalCluster, big_db: str, make_project, run_cli
+    pg: LocalCluster, big_db: str, make_project, cli
 ) -> None:  # type: ignore[no-untyped-def]
     config = make_project(
         {
@@ -167,7 +167,7 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     before = fingerprint(pg, big_db)
     assert before != at_backup
 
-    proc = _cli("restore", str(backup.path), "prod", "--confirm", "prod")
+    proc = _start("restore", str(backup.path), "prod", "--confirm", "prod")
     try:
         deadline = time.monotonic() + 120
         while pg.psql(
@@ -200,7 +200,7 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     pg.psql(f'CREATE DATABASE "{foreign}"')
     pg.psql(f"COMMENT ON DATABASE \"{foreign}\" IS 'reporting copy, keep'")
 
-    cleanup = run_cli("restore-cleanup", "prod")
+    cleanup = cli("restore-cleanup", "prod")
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"dropped {leftover} (left by an interrupted restore)" in cleanup.stdout
     assert f"dropped {unlabelled}" in cleanup.stdout
@@ -210,11 +210,11 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     assert fingerprint(pg, big_db) == before
 
     # The next restore works, and restore-cleanup keeps the replaced database in its grace period.
-    again = run_cli("restore", str(backup.path), "prod", "--confirm", "prod")
+    again = cli("restore", str(backup.path), "prod", "--confirm", "prod")
     assert again.returncode == 0, again.stderr
     assert fingerprint(pg, big_db) == at_backup
     previous = again.stdout.split("previous database kept as: ")[1].split()[0]
-    kept = run_cli("restore-cleanup", "prod")
+    kept = cli("restore-cleanup", "prod")
     assert kept.returncode == 0, kept.stderr
     assert f"kept {previous}" in kept.stdout and "nothing to drop" in kept.stdout
     assert previous in databases(pg)
@@ -267,15 +267,13 @@ def test_postgres_stopped_mid_dump_fails_clearly_and_leaves_no_backup(
         assert len(list_artifacts(backup_dir)) == 2
 
 
-def test_restore_cleanup_with_an_unreachable_server_is_one_clear_line(
-    make_project, run_cli
-) -> None:  # type: ignore[no-untyped-def]
+def test_restore_cleanup_with_an_unreachable_server_is_one_clear_line(make_project, cli) -> None:  # type: ignore[no-untyped-def]
     from backup_pipelines.devtools.local_postgres import free_port
 
     make_project(
         {"prod": {"dsn_env": "DB_PROD"}},
         env={"DB_PROD": f"postgresql://u:pw-x@127.0.0.1:{free_port()}/app"},
     )
-    result = run_cli("restore-cleanup", "prod")
+    result = cli("restore-cleanup", "prod")
     assert_clear_failure(result, EXIT_FAILED, "127.0.0.1")
     assert "pw-x" not in result.stdout + result.stderr

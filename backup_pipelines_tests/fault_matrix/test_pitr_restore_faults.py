@@ -82,12 +82,12 @@ def _pitr_job_failure(data_dir: Path, moment: str, port: int) -> str:
     return str(error.message)
 
 
-def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, cli) -> None:  # type: ignore[no-untyped-def]
     moment = _recoverable_moment(setup)
     data_dir = setup.workdir / "restored" / "data"
     with listening_port() as busy:
         clock = time.monotonic()
-        refused = run_cli(
+        refused = cli(
             "pitr-restore", TARGET, "--to", moment, "--data-dir", str(data_dir),
             "--port", str(busy), "--start",
         )  # fmt: skip
@@ -103,9 +103,7 @@ def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, run
 
     # Without --port the copy would listen on the port in the backed-up postgresql.conf: the
     # source's own, which is busy on this host. Refused too, and the extracted copy is removed.
-    refused = run_cli(
-        "pitr-restore", TARGET, "--to", moment, "--data-dir", str(data_dir), "--start"
-    )
+    refused = cli("pitr-restore", TARGET, "--to", moment, "--data-dir", str(data_dir), "--start")
     assert_clear_failure(
         refused, EXIT_REFUSED, f"port {setup.cluster.port}", "already in use", "--port"
     )
@@ -115,7 +113,7 @@ def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, run
     assert setup.sql("SELECT count(*), sum(amount) FROM ledger") == "50|0"
 
 
-def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup, cli) -> None:  # type: ignore[no-untyped-def]
     moment = _recoverable_moment(setup)
     # One more archived segment after the moment, then the segment holding the moment goes
     # missing: the window still covers the moment, but recovery cannot get there.
@@ -129,7 +127,7 @@ def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup,
     data_dir = setup.workdir / "restored" / "data"
     port = free_port()
     clock = time.monotonic()
-    failed = run_cli(
+    failed = cli(
         "pitr-restore", TARGET, "--to", moment, "--data-dir", str(data_dir),
         "--port", str(port), "--start",
     )  # fmt: skip

@@ -94,7 +94,7 @@ def payload_db(pg: LocalCluster) -> Iterator[str]:
 
 
 def test_s3_killed_mid_multipart_upload_keeps_local_and_next_run_completes(
-    pg: LocalCluster, payload_db: str, moto: Moto, make_project, run_cli
+    pg: LocalCluster, payload_db: str, moto: Moto, make_project, cli
 ) -> None:  # type: ignore[no-untyped-def]
     config = make_project(
         {
@@ -149,7 +149,7 @@ def test_s3_killed_mid_multipart_upload_keeps_local_and_next_run_completes(
     # S3 is back (an empty server: nothing of the interrupted upload survived); the next run
     # completes the copy, which matches.
     moto.start()
-    again = run_cli("offsite-sync", "prod")
+    again = cli("offsite-sync", "prod")
     assert again.returncode == 0, again.stderr
     assert f"{backup.path.name}: uploaded" in again.stdout
     storage = offsite_storage(target)

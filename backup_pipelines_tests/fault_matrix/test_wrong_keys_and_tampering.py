@@ -82,8 +82,8 @@ def key_pair() -> Iterator[tuple[Path, Path, str]]:
 class Refusals:
     """Runs verify, restore and drill against one backup and checks nothing was touched."""
 
-    def __init__(self, pg: LocalCluster, live_db: str, config, run_cli) -> None:  # type: ignore[no-untyped-def]
-        self.pg, self.live_db, self.config, self.run_cli = pg, live_db, config, run_cli
+    def __init__(self, pg: LocalCluster, live_db: str, config, cli) -> None:  # type: ignore[no-untyped-def]
+        self.pg, self.live_db, self.config, self.cli = pg, live_db, config, cli
         self.backup_dir = config.target("prod").backup_dir
         self.live = fingerprint(pg, live_db)
         self.dbs = databases(pg)
@@ -92,11 +92,11 @@ class Refusals:
         return [p.name for p in backup_files(self.backup_dir)]
 
     def verify(self, backup: Path, *needles: str) -> str:
-        return assert_clear_failure(self.run_cli("verify", str(backup)), EXIT_FAILED, *needles)
+        return assert_clear_failure(self.cli("verify", str(backup)), EXIT_FAILED, *needles)
 
     def restore(self, backup: Path, *needles: str) -> str:
         before = self.snapshot()
-        result = self.run_cli("restore", str(backup), "prod", "--confirm", "prod")
+        result = self.cli("restore", str(backup), "prod", "--confirm", "prod")
         record = assert_clear_failure(result, EXIT_FAILED, *needles)
         self.assert_untouched(before)
         return record
@@ -132,14 +132,14 @@ def project(pg: LocalCluster, live_db: str, make_project) -> Callable[..., objec
 
 
 def test_wrong_and_missing_passphrase_at_verify_and_restore(
-    pg: LocalCluster, live_db: str, project, run_cli, monkeypatch: pytest.MonkeyPatch
+    pg: LocalCluster, live_db: str, project, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FM_PASSPHRASE", PASS_GOOD)
     config = project(encryption={"mode": "passphrase", "passphrase_env": "FM_PASSPHRASE"})
     backup = run_backup(config.target("prod"))
     key_id = backup.meta.encryption["key_id"]
     assert key_id.startswith("passphrase:")
-    checks = Refusals(pg, live_db, config, run_cli)
+    checks = Refusals(pg, live_db, config, cli)
 
     monkeypatch.setenv("FM_PASSPHRASE", PASS_OTHER)  # rotated without previous_passphrases
     for record in (
@@ -155,16 +155,16 @@ def test_wrong_and_missing_passphrase_at_verify_and_restore(
     checks.restore(backup.path, "step 'verify'", key_id, "FM_PASSPHRASE")
 
     monkeypatch.setenv("FM_PASSPHRASE", PASS_GOOD)  # the right key: the same backup is fine
-    assert run_cli("verify", str(backup.path)).returncode == 0
+    assert cli("verify", str(backup.path)).returncode == 0
 
 
 def test_missing_secret_key_at_verify_and_restore(
-    pg: LocalCluster, live_db: str, project, run_cli, key_pair
+    pg: LocalCluster, live_db: str, project, cli, key_pair
 ) -> None:  # type: ignore[no-untyped-def]
     public, secret, fpr = key_pair
     config = project(encryption={"mode": "public_key", "public_key_files": [str(public)]})
     backup = run_backup(config.target("prod"))
-    checks = Refusals(pg, live_db, config, run_cli)
+    checks = Refusals(pg, live_db, config, cli)
 
     checks.verify(backup.path, fpr, "secret_key_files")
     checks.restore(backup.path, "step 'verify'", fpr, "secret_key_files")
@@ -176,7 +176,7 @@ def test_missing_secret_key_at_verify_and_restore(
             "secret_key_files": [str(secret)],
         }
     )
-    assert run_cli("verify", str(backup.path)).returncode == 0
+    assert cli("verify", str(backup.path)).returncode == 0
 
 
 # --- damaged files ----------------------------------------------------------------------------
@@ -223,12 +223,12 @@ DAMAGE: dict[str, tuple[Callable[[BackupArtifact], Path], Callable[[Path], None]
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_backup_is_refused_by_verify_restore_and_drill(
-    pg: LocalCluster, live_db: str, project, run_cli, case: str
+    pg: LocalCluster, live_db: str, project, cli, case: str
 ) -> None:  # type: ignore[no-untyped-def]
     which, damage, reason = DAMAGE[case]
     config = project()
     backup = run_backup(config.target("prod"))
-    checks = Refusals(pg, live_db, config, run_cli)
+    checks = Refusals(pg, live_db, config, cli)
     damage(which(backup))
 
     checks.verify(backup.path, reason)
@@ -237,19 +237,19 @@ def test_damaged_backup_is_refused_by_verify_restore_and_drill(
 
 
 def test_meta_with_edited_row_counts_is_refused_by_restore_and_drill(
-    pg: LocalCluster, live_db: str, project, run_cli
+    pg: LocalCluster, live_db: str, project, cli
 ) -> None:  # type: ignore[no-untyped-def]
     """The data file and its checksum are intact, so ``verify`` (checksum and full decode)
     cannot tell; restoring it can, and both restore and drill refuse it at their count check."""
     config = project()
     backup = run_backup(config.target("prod"))
-    checks = Refusals(pg, live_db, config, run_cli)
+    checks = Refusals(pg, live_db, config, cli)
     _tamper_meta_counts(backup.meta_path)
 
-    assert run_cli("verify", str(backup.path)).returncode == 0
+    assert cli("verify", str(backup.path)).returncode == 0
     # The restore gets as far as its safety backup, which it keeps and names.
     before = checks.snapshot()
-    result = run_cli("restore", str(backup.path), "prod", "--confirm", "prod")
+    result = cli("restore", str(backup.path), "prod", "--confirm", "prod")
     assert_clear_failure(result, EXIT_FAILED, "step 'check'", "scheduling.shift", "safety backup")
     assert fingerprint(pg, live_db) == checks.live
     assert databases(pg) == checks.dbs
