@@ -55,6 +55,8 @@ def cmd_restore_cleanup(args: argparse.Namespace) -> int:
         say(f"dropped {name} (left by an interrupted restore)")
     for name, reason in report.interrupted.left_alone.items():
         say(f"left alone {name}: {reason}")
+    for folder in report.work_dirs_removed:
+        say(f"removed {folder} (temporary files of an interrupted restore or drill)")
     for name in report.expired:
         say(f"dropped {name} (replaced by a restore, past its grace period)")
     for name, replaced_at in report.kept:
@@ -64,7 +66,12 @@ def cmd_restore_cleanup(args: argparse.Namespace) -> int:
             "restore.drop_previous_after_hours is not set: replaced databases are kept until "
             "dropped by hand (DROP DATABASE name)"
         )
-    if not (report.interrupted.dropped or report.interrupted.left_alone or report.expired):
+    if not (
+        report.interrupted.dropped
+        or report.interrupted.left_alone
+        or report.expired
+        or report.work_dirs_removed
+    ):
         say("nothing to drop")
     return 0
 

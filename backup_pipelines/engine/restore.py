@@ -254,8 +254,7 @@ def _dump_file_for_pg_restore(
     if _is_bare_local_file(artifact):
         yield artifact.path
         return
-    ensure_private_dir(work_dir)
-    tmp_dir = Path(tempfile.mkdtemp(prefix="restore-", dir=work_dir))
+    tmp_dir = work_tmp_dir(work_dir, "restore")
     try:
         path = tmp_dir / "archive.dump"
         with open_private(path) as handle:
@@ -399,6 +398,38 @@ def restore_into(
             f"(nothing was committed): {one_line(database.redact(stderr.text()))}"
         )
     progress.finish()
+
+
+# restore-<pid>@<host>-<random>: whose folder it is, so a cleanup can tell a killed run's from a
+# running one's (the work folder is shared by every target and by drills).
+_WORK_TMP_RE = re.compile(r"^(?:restore|download)-(\d+)@(.+)-[A-Za-z0-9_]{8}$")
+
+
+def work_tmp_dir(work_dir: Path, kind: str) -> Path:
+    """A private temporary folder in ``work_dir`` named after this process and host."""
+    ensure_private_dir(work_dir)
+    prefix = f"{kind}-{os.getpid()}@{socket.gethostname()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+
+
+def remove_abandoned_work_dirs(work_dir: Path, *, log: Any = None) -> list[Path]:
+    """Remove temporary folders (decoded archives, downloads) of restores and drills that were
+    killed: made on this host by a process that is gone. Returns what was removed."""
+    log = log or logger
+    removed: list[Path] = []
+    if not work_dir.is_dir():
+        return removed
+    for entry in sorted(work_dir.iterdir()):
+        match = _WORK_TMP_RE.match(entry.name)
+        if match is None or not entry.is_dir() or match.group(2) != socket.gethostname():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning(f"Removed {entry}: temporary files of an interrupted run (pid {pid})")
+        removed.append(entry)
+    return removed
 
 
 def work_dir_for(target: Target) -> Path:
@@ -923,13 +954,15 @@ class RestoreCleanupReport:
     expired: list[str]
     kept: list[tuple[str, datetime]]
     grace_hours: float | None
+    work_dirs_removed: list[Path] = field(default_factory=list)
 
 
 def restore_cleanup(
     target: Target, *, log: Any = None, now: datetime | None = None
 ) -> RestoreCleanupReport:
-    """Drop what killed restores of ``target`` left (``<db>_restoring_<time>``) and the
-    databases earlier restores replaced once past their grace period; report what is kept.
+    """Drop what killed restores of ``target`` left (``<db>_restoring_<time>`` databases, and
+    temporary files of killed restores and drills in the work folder) and the databases
+    earlier restores replaced once past their grace period; report what is kept.
 
     Runs under the target's restore lock: while a restore of the target runs, it refuses
     (RestoreRefusedError) and drops nothing. The live database is never touched.
@@ -943,11 +976,12 @@ def restore_cleanup(
         "(nothing was dropped)",
     ):
         interrupted = drop_interrupted_restores(admin, target, live, log=log)
+        work_dirs = remove_abandoned_work_dirs(work_dir_for(target), log=log)
         expired = drop_expired_previous_copies(target, log=log, now=now)
         with connect(admin, autocommit=True) as conn:
             kept = previous_copies(conn, target)
     return RestoreCleanupReport(
-        interrupted, expired, kept, target.settings.restore.drop_previous_after_hours
+        interrupted, expired, kept, target.settings.restore.drop_previous_after_hours, work_dirs
     )
 
 
@@ -967,8 +1001,7 @@ def local_copy(
     if artifact.is_local:
         yield artifact
         return
-    ensure_private_dir(work_dir)
-    tmp_dir = Path(tempfile.mkdtemp(prefix="download-", dir=work_dir))
+    tmp_dir = work_tmp_dir(work_dir, "download")
     try:
         path = tmp_dir / artifact.path.name
         recorded = artifact.recorded_sha256()
@@ -1171,6 +1204,7 @@ def restore_database(
         # 3. Restore into a new database, 4. check it; the live database is still untouched.
         try:
             drop_interrupted_restores(admin, target, database, log=log)
+            remove_abandoned_work_dirs(work_dir_for(target), log=log)
             with connect(admin, autocommit=True) as conn:
                 restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
         except (BackupPipelinesError, psycopg.Error) as exc:

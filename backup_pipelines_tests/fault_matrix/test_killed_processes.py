@@ -153,14 +153,18 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     config = make_project(
         {
             "prod": {
+                # Custom format around zstd: the restore decodes the archive into the work
+                # folder first (pg_restore -j needs a seekable file), which a kill leaves too.
                 "dsn_env": "DB_PROD",
-                "compression": "none",
+                "format": "custom",
+                "compression": "zstd",
                 "restore": {"drop_previous_after_hours": 24},
             }
         },
         env={"DB_PROD": pg.dsn(big_db)},
     )
     target = config.target("prod")
+    work = config.resolved_backup_root / ".work"
     backup = run_backup(target)
     at_backup = fingerprint(pg, big_db)
     pg.psql("DELETE FROM filler WHERE id % 3 = 0; UPDATE small SET name = 'changed'", big_db)
@@ -185,11 +189,12 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
         assert "nothing was dropped" in str(refused.value)
         assert proc.poll() is None, "the restore finished during the check: make it bigger"
     finally:
-        os.kill(proc.pid, signal.SIGKILL)  # only the CLI: its psql is left to notice alone
+        os.kill(proc.pid, signal.SIGKILL)  # only the CLI: pg_restore is left to notice alone
         proc.wait()
     [leftover] = [d for d in databases(pg) if d.startswith(f"{big_db}_restoring_")]
+    [spool] = [p for p in work.iterdir() if p.name.startswith(f"restore-{proc.pid}@")]
     assert fingerprint(pg, big_db) == before
-    # psql read EOF on its input and ended; a session that still runs would be left alone.
+    # pg_restore lost its stderr reader and ended; a session still running would be left alone.
     _wait_sessions_gone(pg, f"datname = '{leftover}'")
 
     # Leftovers of a restore killed between CREATE DATABASE and its label look exactly like
@@ -204,6 +209,7 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"dropped {leftover} (left by an interrupted restore)" in cleanup.stdout
     assert f"dropped {unlabelled}" in cleanup.stdout
+    assert f"removed {spool} (temporary files" in cleanup.stdout and not spool.exists()
     after = databases(pg)
     assert leftover not in after and unlabelled not in after
     assert foreign in after and big_db in after
