@@ -17,7 +17,6 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import free_port
 from backup_pipelines.engine.basebackup import run_base_backup
-from backup_pipelines.engine.pitr import pitr_drill
 from backup_pipelines.engine.wal import list_wal, wal_archive_for
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,
@@ -148,16 +147,48 @@ def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup,
     assert setup.sql("SELECT count(*) FROM ledger") == "51"
 
 
-def test_pitr_drill_on_a_busy_drill_port_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pitr_drill_on_a_busy_drill_port_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through Dagster: the drill asset records the reason, its check fails with it."""
+    from backup_pipelines.defs.pitr import assets, checks
+    from backup_pipelines.defs.resources import BackupEngineResource
+
     with listening_port() as busy:
-        setup = start_pitr_cluster(monkeypatch, pitr={"drill_port": busy})
+        drill_dir = tmp_path / "drills"
+        setup = start_pitr_cluster(
+            monkeypatch, pitr={"drill_port": busy, "drill_dir": str(drill_dir)}
+        )
         try:
             run_base_backup(setup.target)
-            result = pitr_drill(setup.config, setup.target)
-            assert not result.passed
-            assert_clear_message(result.message, f"port {busy}", "already in use", "drill_port")
-            assert "1800" not in result.message
-            assert not list(Path(setup.workdir).glob("**/pitr-drill-*"))
+            drill_key = dg.AssetKey([TARGET, "pitr_drill"])
+            [drill] = [
+                a
+                for a in assets.pitr_assets().assets or []
+                if isinstance(a, dg.AssetsDefinition) and drill_key in a.keys
+            ]
+            [check] = [
+                c
+                for c in checks.pitr_checks().asset_checks or []
+                if "pitr_drill_passed" in str(c.check_keys)
+            ]
+            with dg.instance_for_test() as instance:
+                result = dg.materialize(
+                    [drill, check],
+                    instance=instance,
+                    resources={"backup_engine": BackupEngineResource()},
+                    raise_on_error=False,
+                )
+            [materialized] = result.get_asset_materialization_events()
+            recorded = materialized.materialization.metadata
+            assert recorded["passed"].value is False
+            message = str(recorded["result"].value)
+            assert_clear_message(message, f"port {busy}", "already in use", "drill_port")
+            assert "1800" not in message
+            [evaluation] = result.get_asset_check_evaluations()
+            assert not evaluation.passed
+            assert evaluation.metadata["result"].value == message
+            assert list(drill_dir.iterdir()) == []  # the drill removed its scratch folder
         finally:
             setup.close()
 
