@@ -29,6 +29,7 @@ from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import VENV_BIN
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,
+    EXIT_REFUSED,
     assert_clear_failure,
     assert_clear_message,
 )
@@ -187,7 +188,10 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
         assert refused.value.exit_code == 2
         assert_clear_message(str(refused.value), "another restore of target 'prod' is running")
         assert "nothing was dropped" in str(refused.value)
-        assert proc.poll() is None, "the restore finished during the check: make it bigger"
+        # So does a second restore of the same target.
+        second = cli("restore", str(backup.path), "prod", "--confirm", "prod")
+        assert_clear_failure(second, EXIT_REFUSED, "another restore of target 'prod' is running")
+        assert proc.poll() is None, "the restore finished during the checks: make it bigger"
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # only the CLI: pg_restore is left to notice alone
         proc.wait()
