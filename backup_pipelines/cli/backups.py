@@ -62,7 +62,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         failed = next(o for o in outcomes if not o.passed)
         raise IntegrityError(
             f"verification failed: {failed.message}",
-            hint="do not restore from this file; use an older backup or the offsite copy",
+            hint=failed.hint
+            or "do not restore from this file; use an older backup or the offsite copy",
         )
     say("OK")
     return 0

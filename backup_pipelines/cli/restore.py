@@ -1,5 +1,6 @@
 """Commands for restores: restore (safe, in place), drill (restore test of the newest backup),
-restore-cleanup (drop databases earlier restores replaced, after their grace period)."""
+restore-cleanup (drop what killed restores left, and databases earlier restores replaced once
+past their grace period)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import argparse
 
 from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.drill import run_drill
-from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.restore import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    drop_expired_previous_copies,
-    maintenance_connection,
-    previous_copies,
+    restore_cleanup,
     restore_database,
 )
 
@@ -51,20 +49,29 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 def cmd_restore_cleanup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
-    target = config.target(args.target)
-    dropped = drop_expired_previous_copies(target, log=log)
-    for name in dropped:
-        say(f"dropped {name}")
-    with connect(maintenance_connection(target), autocommit=True) as conn:
-        kept = previous_copies(conn, target)
-    grace = target.settings.restore.drop_previous_after_hours
-    for name, replaced_at in kept:
+    report = restore_cleanup(config.target(args.target), log=log)
+    for name in report.interrupted.dropped:
+        say(f"dropped {name} (left by an interrupted restore)")
+    for name, reason in report.interrupted.left_alone.items():
+        say(f"left alone {name}: {reason}")
+    for folder in report.work_dirs_removed:
+        say(f"removed {folder} (temporary files of an interrupted restore or drill)")
+    for name in report.expired:
+        say(f"dropped {name} (replaced by a restore, past its grace period)")
+    for name, replaced_at in report.kept:
         say(f"kept {name} (replaced {replaced_at.isoformat()})")
-    if grace is None:
+    if report.grace_hours is None:
         say(
             "restore.drop_previous_after_hours is not set: replaced databases are kept until "
             "dropped by hand (DROP DATABASE name)"
         )
+    if not (
+        report.interrupted.dropped
+        or report.interrupted.left_alone
+        or report.expired
+        or report.work_dirs_removed
+    ):
+        say("nothing to drop")
     return 0
 
 
@@ -117,7 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "restore-cleanup",
-        help="drop databases replaced by earlier restores once past restore.drop_previous_after_hours",
+        help="drop the <db>_restoring_<time> databases of killed restores, and databases replaced "
+        "by earlier restores once past restore.drop_previous_after_hours",
+        description=(
+            "Refuses while a restore of the target is running. Never touches the live database "
+            "or a replaced database inside its grace period."
+        ),
     )
     p.add_argument("target")
     p.set_defaults(func=cmd_restore_cleanup)

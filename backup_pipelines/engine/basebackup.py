@@ -52,7 +52,7 @@ from backup_pipelines.engine.pipeline import (
     target_lock,
 )
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
-from backup_pipelines.engine.processes import spawn
+from backup_pipelines.engine.processes import one_line, spawn
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
 from backup_pipelines.engine.version import TOOL_VERSION
 from backup_pipelines.engine.wal import parse_lsn, pitr_settings, segment_of_lsn
@@ -202,7 +202,7 @@ def run_base_backup(
                     write_stored(compress.compress(chunk))
                 write_stored(compress.flush())
                 returncode = proc.wait()
-                messages = info.redact(stderr.text())
+                messages = one_line(info.redact(stderr.text()))
                 if returncode != 0:
                     raise BackupFailedError(
                         f"pg_basebackup failed for target '{target.name}' ({info.describe()}): "

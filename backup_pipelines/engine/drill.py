@@ -324,7 +324,7 @@ def _verify_restore_check(
                 if result.mismatches:
                     return failed(
                         "check",
-                        "row counts differ from the backup's .meta:\n  "
+                        "row counts differ from the backup's .meta: "
                         + describe_mismatches(result.mismatches),
                     )
                 result.amcheck = run_amcheck(conn)

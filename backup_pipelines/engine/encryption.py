@@ -38,7 +38,7 @@ from typing import Any
 from backup_pipelines.engine.compression import CHUNK_SIZE
 from backup_pipelines.engine.config import EncryptionSettings, PassphraseSource
 from backup_pipelines.engine.errors import EncryptionError, EncryptionKeyError, IntegrityError
-from backup_pipelines.engine.processes import StderrCollector
+from backup_pipelines.engine.processes import StderrCollector, one_line
 
 CIPHER = "AES256"
 _FINGERPRINT_SALT = b"backup_pipelines passphrase fingerprint v1"
@@ -360,7 +360,9 @@ class GpgEncryptStage:
         except BrokenPipeError:
             self._pump.join()
             self._raise_if_failed()
-            raise EncryptionError(f"gpg stopped while encrypting: {self.stderr.text()}") from None
+            raise EncryptionError(
+                f"gpg stopped while encrypting: {one_line(self.stderr.text())}"
+            ) from None
 
     def finish(self) -> None:
         try:
@@ -372,7 +374,7 @@ class GpgEncryptStage:
             self._raise_if_failed()
             if returncode != 0:
                 raise EncryptionError(
-                    f"gpg failed to encrypt (exit status {returncode}): {self.stderr.text()}"
+                    f"gpg failed to encrypt (exit status {returncode}): {one_line(self.stderr.text())}"
                 )
         finally:
             self.home.close()
@@ -577,7 +579,7 @@ def _gpg_decrypt(
         if feed_errors:
             raise feed_errors[0]
         if returncode != 0:
-            text = stderr.text()
+            text = one_line(stderr.text())
             if "No secret key" in text or "Bad session key" in text or "decryption failed" in text:
                 raise EncryptionKeyError(
                     f"{name} cannot be decrypted with the configured key: it needs "

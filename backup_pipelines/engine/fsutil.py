@@ -202,7 +202,10 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
-        handle.close()
+        # close() flushes what is still buffered: on a full disk it fails again, and the
+        # temporary file must go all the same.
+        with contextlib.suppress(OSError):
+            handle.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise

@@ -241,7 +241,8 @@ def sync_offsite(
         except BackupPipelinesError as exc:
             report.error = exc
             report.pending = [a.path.name for a in queue[index:]]
-            log.error(
+            # A warning: the caller reports the failure itself (one error per failed run).
+            log.warning(
                 f"offsite upload of {artifact.path.name} failed; the local backup is kept at "
                 f"{artifact.path}: {exc.message}"
             )

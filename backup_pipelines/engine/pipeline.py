@@ -58,7 +58,7 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
 
@@ -157,7 +157,8 @@ def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
     return exclusive_lock(
         lock_path,
         lambda: TargetBusyError(
-            f"another backup of this target is running (lock {lock_path})",
+            f"another backup of this target is running (lock {lock_path}); this one was "
+            "refused and changed nothing",
             hint="wait for it to finish; a lock of a dead process is released automatically",
         ),
     )
@@ -235,11 +236,29 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
     )
 
 
-def _free_space_hint(directory: Path) -> str:
+def _mount_of(directory: Path) -> tuple[str, str]:
+    """The mount point holding ``directory`` and its filesystem type (from /proc/mounts)."""
+    resolved = directory.resolve()
+    best, fstype = "/", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mount = fields[1].replace("\\040", " ")
+            if resolved.is_relative_to(mount) and len(mount) >= len(best):
+                best, fstype = mount, fields[2]
+    return best, fstype
+
+
+def describe_free_space(directory: Path) -> str:
+    """``filesystem /srv/backups (ext4): 1.2 MiB free of 50.0 GiB``: the disk that filled up."""
+    from backup_pipelines.engine.listing import human_size
+
     usage = shutil.disk_usage(directory)
+    mount, fstype = _mount_of(directory)
     return (
-        f"free space on the filesystem of {directory} ({usage.free // (1 << 20)} MiB free now), "
-        "move backup_root to a larger volume, or prune old backups (`backup-pipelines prune`)"
+        f"filesystem {mount} ({fstype}): {human_size(usage.free)} free of {human_size(usage.total)}"
     )
 
 
@@ -264,8 +283,10 @@ def discard_failed_backup(
             leftover.unlink()
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BackupFailedError(
-            f"disk full while writing {what} to {folder}; the partial file was removed",
-            hint=_free_space_hint(folder),
+            f"disk full while writing {what} to {folder} ({describe_free_space(folder)} after "
+            "removing the unfinished files); nothing of this backup was kept",
+            hint="free space on that filesystem, move backup_root to a larger volume, or prune "
+            "old backups (`backup-pipelines prune <target>`)",
         )
     if isinstance(exc, OSError) and not isinstance(exc, BackupPipelinesError):
         return BackupFailedError(f"writing {what} failed: {exc}")
@@ -394,6 +415,7 @@ def _dump_to_file(
     sidecars = [final.with_name(final.name + ".sha256"), final.with_name(final.name + ".meta")]
     proc: subprocess.Popen[bytes] | None = None
     abort_stored: Any = None
+    writing = "the data file"
     try:
         handle = open_private(tmp)
         with handle:
@@ -427,7 +449,7 @@ def _dump_to_file(
                 text = stderr.text()
                 if _PG_DUMP_LOCK_TIMEOUT.search(text):
                     raise lock_wait_failure(target, source.info)
-                detail = source.info.redact(text) or f"exit status {returncode}"
+                detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
                 raise BackupFailedError(
                     f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
                     hint=_pg_dump_hint(text),
@@ -474,7 +496,9 @@ def _dump_to_file(
             database_ctype=source.ctype,
             row_counts_scope="own",
         )
+        writing = "the .sha256 file"
         write_atomic(sidecars[0], sha256_line(meta.sha256, final.name).encode())
+        writing = "the .meta file"
         write_meta(sidecars[1], meta)
         # The rename is the commit point: before it there is no backup, after it a complete one.
         os.replace(tmp, final)
@@ -488,7 +512,7 @@ def _dump_to_file(
     except BaseException as exc:
         raise discard_failed_backup(
             exc,
-            what=f"the backup of '{target.name}'",
+            what=f"{writing} of the backup of '{target.name}'",
             folder=final.parent,
             proc=proc,
             aborts=[abort_stored] if abort_stored is not None else [],

@@ -11,6 +11,7 @@ Recovery settings go into ``postgresql.auto.conf`` with an empty ``recovery.sign
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -74,6 +75,12 @@ _TIMELINE_RE = re.compile(r"selected new timeline ID: (\d+)")
 
 class PitrRangeError(RestoreFailedError, RefusedError):
     """The requested moment cannot be recovered to with the backups and WAL at hand."""
+
+
+class PitrPortInUseError(RestoreFailedError):
+    """The restored server could not listen on its port: refused before it is started."""
+
+    exit_code = 2
 
 
 # --- what can be recovered ------------------------------------------------------------------
@@ -223,6 +230,49 @@ def _prepare_data_dir(data_dir: Path) -> bool:
     return True
 
 
+def check_port_free(port: int, *, setting: str = "--port", origin: str = "") -> None:
+    """Refuse a port PostgreSQL could not listen on, before anything is extracted or started.
+
+    Binds it the way the server does (SO_REUSEADDR, every IPv4 address): on Linux that fails
+    exactly when something already listens on the port, on any address.
+    """
+    if not 1 <= port <= 65535:
+        raise PitrPortInUseError(
+            f"port {port} is not a TCP port", hint=f"pass {setting} between 1024 and 65535"
+        )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PitrPortInUseError(
+                    f"port {port}{origin} is already in use on this host (another server listens "
+                    "there): the restored server could not start on it",
+                    hint=f"pick a free port with {setting} (`ss -ltn` lists the ones in use), "
+                    "or stop what listens there; nothing was changed",
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise PitrPortInUseError(
+                    f"port {port} needs privileges the server does not have",
+                    hint=f"pass {setting} 1024 or above",
+                ) from None
+            raise
+
+
+def configured_port(bin_dir: Path, data_dir: Path, user: str) -> int | None:
+    """The port a data directory's own configuration makes its server listen on."""
+    shown = subprocess.run(
+        _as_server_user([str(bin_dir / "postgres"), "-D", str(data_dir), "-C", "port"], user),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    with contextlib.suppress(ValueError):
+        return int(shown.stdout.strip())
+    return None
+
+
 def server_bin_dir(major: int, configured: Path | None) -> Path:
     """Server binaries of exactly this major version (a data directory only runs on its own)."""
     candidates = [configured] if configured else []
@@ -328,10 +378,76 @@ def _read_recovery_report(log_path: Path, result: PitrRestoreResult) -> None:
         result.timeline = int(matches[-1])
 
 
-def _log_tail(log_path: Path, lines: int = 15) -> str:
+# What a server that failed to start (or to finish recovery) says, and what to do about it.
+_FAILURE_LINE = re.compile(r"\b(FATAL|PANIC):\s+(.*)$")
+_DETAIL_LINE = re.compile(r"\b(?:LOG|ERROR|WARNING):\s+(could not .*)$")
+# Clients (pg_ctl -w among them) knocking during start-up: not why a server stopped.
+_CLIENT_FATALS = ("the database system is", "terminating connection", "password authentication")
+_FAILURE_HINTS = (
+    (
+        ("Address already in use", "could not create any TCP/IP sockets", "lock file"),
+        "another server listens on that port or socket: restore again with a free --port",
+    ),
+    (
+        ("recovery ended before configured recovery target was reached",
+         "could not locate required checkpoint record", "requested timeline"),
+        "the WAL up to the target is not in the archive (a gap, or not archived yet): "
+        "check `backup-pipelines wal-status <target>` and pg_stat_archiver, then restore again",
+    ),
+)  # fmt: skip
+
+
+def _server_log_lines(log_path: Path, data_dir: Path) -> list[str]:
+    """The tail of the server's log: our ``-l`` file, then the newest file in ``log/`` (where
+    a configuration with ``logging_collector = on`` sends everything after start-up)."""
+    candidates = [log_path]
     with contextlib.suppress(OSError):
-        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
+        collected = [p for p in (data_dir / "log").iterdir() if p.is_file()]
+        candidates += sorted(collected, key=lambda p: p.stat().st_mtime)[-1:]
+    lines: list[str] = []
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            lines += path.read_text(errors="replace").splitlines()[-200:]
+    return lines
+
+
+def server_failure_reason(lines: list[str], pg_ctl_output: str = "") -> str | None:
+    """The server's own reason for stopping: its last FATAL/PANIC line, with the "could not ..."
+    line just before it when there is one (e.g. which address was in use); else pg_ctl's error."""
+    for index in range(len(lines) - 1, -1, -1):
+        match = _FAILURE_LINE.search(lines[index])
+        if not match or match.group(2).startswith(_CLIENT_FATALS):
+            continue
+        reason = f"{match.group(1)}: {' '.join(match.group(2).split())}"
+        details = [
+            " ".join(found.group(1).split())
+            for previous in lines[max(0, index - 6) : index]
+            if (found := _DETAIL_LINE.search(previous))
+        ]
+        # Prefer the line carrying the operating system's error ("...": Address already in use).
+        detail = next((d for d in details if '": ' in d), details[-1] if details else None)
+        return f"{reason} ({detail})" if detail else reason
+    for line in reversed(pg_ctl_output.splitlines()):
+        if line.strip() and "Examine the log output" not in line:
+            return " ".join(line.split())
+    return None
+
+
+def _failure_hint(reason: str | None) -> str | None:
+    for needles, hint in _FAILURE_HINTS:
+        if reason and any(needle in reason for needle in needles):
+            return hint
+    return None
+
+
+def left_on_disk(data_dir: Path, log_path: Path) -> str:
+    """What a failed restore leaves, and what may be done with it."""
+    return (
+        f"left on disk: {data_dir}, the restored copy (server stopped, its log is {log_path}); "
+        "it is a new cluster, not the source, so it is safe to delete (rm -rf it), or keep it to "
+        "read the log and start it again with pg_ctl once the cause is fixed (the recovery "
+        "settings are in its postgresql.auto.conf)"
+    )
 
 
 def start_and_wait(
@@ -342,12 +458,20 @@ def start_and_wait(
     result: PitrRestoreResult,
     timeout_seconds: float,
 ) -> None:
-    """Start the restored server and wait until recovery ended and it was promoted."""
+    """Start the restored server and wait until recovery ended and it was promoted.
+
+    When the server stops on its own (it could not start, or recovery failed) the error carries
+    its FATAL line; when it is still recovering at the deadline it is stopped. Either way the
+    error says what is left on disk.
+    """
     argv = [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log_path), "-w", "-t",
             str(int(max(timeout_seconds, 10))), "start"]  # fmt: skip
-    subprocess.run(_as_server_user(argv, user), capture_output=True, text=True, check=False)
+    started = subprocess.run(
+        _as_server_user(argv, user), capture_output=True, text=True, check=False
+    )
     result.started = True
     deadline = time.monotonic() + timeout_seconds
+    timed_out = False
     while True:
         if (
             _controldata_state(bin_dir, data_dir) == "in production"
@@ -355,18 +479,34 @@ def start_and_wait(
         ):
             result.promoted = True
             break
-        if not _postmaster_running(data_dir) or time.monotonic() > deadline:
+        if not _postmaster_running(data_dir):
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
             break
         time.sleep(0.3)
     _read_recovery_report(log_path, result)
-    if not result.promoted:
-        raise RestoreFailedError(
-            f"the restored server did not finish recovery and promote within {timeout_seconds:.0f}s "
-            f"(state: {_controldata_state(bin_dir, data_dir)}); server log {log_path}:\n"
-            f"{_log_tail(log_path)}",
-            hint="'recovery ended before configured recovery target was reached' means the WAL "
-            "up to the target is not archived (yet): check pg_stat_archiver and the WAL archive",
+    if result.promoted:
+        return
+    state = _controldata_state(bin_dir, data_dir)
+    stop_server(data_dir, bin_dir, user, "immediate")
+    reason = server_failure_reason(
+        _server_log_lines(log_path, data_dir), started.stdout + started.stderr
+    )
+    if timed_out:
+        what = (
+            f"the restored server did not finish recovery within {timeout_seconds:.0f}s "
+            f"(state: {state}) and was stopped"
         )
+        hint = _failure_hint(reason) or (
+            "recovery was still replaying WAL: restore again with a longer "
+            "pitr.drill_timeout_minutes, or check that wal-fetch can read the archive"
+        )
+    else:
+        what = f"the restored server on port {result.port or 'from its configuration'} stopped"
+        what += " before it was promoted: " + (reason or f"no reason in its log (state: {state})")
+        hint = _failure_hint(reason) or f"read the server log {log_path}"
+    raise RestoreFailedError(what, hint=f"{hint}; {left_on_disk(data_dir, log_path)}")
 
 
 def stop_server(data_dir: Path, bin_dir: Path, user: str, mode: str = "fast") -> None:
@@ -401,6 +541,8 @@ def pitr_restore(
     archive = archive or wal_archive_for(target)
     data_dir = data_dir.expanduser().absolute()
     check_data_dir(data_dir)
+    if start and port is not None:
+        check_port_free(port)
     artifact, meta = choose_base_backup(target, archive, to, config.timezone)
     if meta.server_version_num < 120000:
         raise RestoreFailedError(
@@ -451,6 +593,15 @@ def pitr_restore(
         # The one folder whose mode we set even when the operator made it (empty): it is now a
         # data directory, and PostgreSQL refuses to start on one other users can read.
         data_dir.chmod(0o700)
+        if start and port is None:
+            # The copy listens where the backed-up configuration says: on the source's own
+            # host that is the source's port.
+            result.port = configured_port(bin_dir, data_dir, settings.server_os_user)
+            if result.port is not None:
+                check_port_free(
+                    result.port,
+                    origin=" (from the backed-up configuration, as no port was given)",
+                )
     except BaseException:
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -564,6 +715,8 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Dri
     result = DrillResult(target.name, False, "not run")
     bin_dir: Path | None = None
     try:
+        if settings.drill_port is not None:
+            check_port_free(port, setting="pitr.drill_port", origin=" (pitr.drill_port)")
         with connect(info, autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT txid_current()")
             before = int(cur.fetchone()[0])  # type: ignore[index]

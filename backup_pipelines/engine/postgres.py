@@ -128,6 +128,16 @@ class ConnectionInfo:
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         return psycopg.conninfo.make_conninfo(**params)
 
+    def dbname_option(self) -> str:
+        """``--dbname=...`` for psql/pg_restore naming exactly this database.
+
+        Those tools read a ``--dbname`` holding ``=`` (or starting with ``postgresql://``) as a
+        connection string, so a database named ``dbname=other x=`` would connect to ``other``;
+        as ``dbname='...'`` every name stays a name. Host, user and password come from
+        :meth:`child_env` as usual.
+        """
+        return "--dbname=" + psycopg.conninfo.make_conninfo(dbname=self.dbname)
+
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for pg_dump/psql/pg_restore: every parameter as a PG* variable."""
         env = dict(os.environ if base is None else base)

@@ -10,6 +10,11 @@ from collections.abc import Mapping, Sequence
 from typing import IO
 
 
+def one_line(text: str) -> str:
+    """A tool's multi-line stderr as one line for an error message (lines joined with " | ")."""
+    return " | ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
 class StderrCollector:
     """Drain a child's stderr in a thread, keeping the last lines for an error message."""
 

@@ -73,7 +73,7 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import pid_alive, spawn, stop
+from backup_pipelines.engine.processes import one_line, pid_alive, spawn, stop
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
 from backup_pipelines.engine.storage import (
     S3_SCHEME,
@@ -175,7 +175,7 @@ class RestoreTestResult:
                 f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
                 f"match the backup's metadata ({self.duration_seconds:.1f}s)"
             )
-        return "restore test FAILED, row counts differ:\n  " + describe_mismatches(self.mismatches)
+        return "restore test FAILED, row counts differ: " + describe_mismatches(self.mismatches)
 
 
 def compare_counts(
@@ -195,7 +195,7 @@ def describe_mismatches(mismatches: dict[str, dict[str, int | None]], limit: int
     ]
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more tables"]
-    return "\n  ".join(lines)
+    return "; ".join(lines)
 
 
 def scratch_name(prefix: str, target: str) -> str:
@@ -253,8 +253,7 @@ def _dump_file_for_pg_restore(
     if _is_bare_local_file(artifact):
         yield artifact.path
         return
-    ensure_private_dir(work_dir, what="restore work folder")
-    tmp_dir = Path(tempfile.mkdtemp(prefix="restore-", dir=work_dir))
+    tmp_dir = work_tmp_dir(work_dir, "restore")
     try:
         path = tmp_dir / "archive.dump"
         with open_private(path) as handle:
@@ -361,7 +360,7 @@ def restore_into(
                 "--exit-on-error",
                 "--verbose",
                 f"--jobs={jobs}",
-                f"--dbname={database.dbname}",
+                database.dbname_option(),
                 str(archive),
             ]
             log.info(f"Restoring {name} with pg_restore -j {jobs} into {database.describe()}")
@@ -379,7 +378,7 @@ def restore_into(
                 detail = database.redact(output.text())
                 raise RestoreFailedError(
                     f"pg_restore failed restoring {name} into {database.describe()}: "
-                    f"{detail or f'exit status {returncode}'}",
+                    f"{one_line(detail) or f'exit status {returncode}'}",
                     hint=restore_error_hint(detail),
                 )
             output.text()
@@ -393,7 +392,7 @@ def restore_into(
         "-v",
         "ON_ERROR_STOP=1",
         "--single-transaction",
-        f"--dbname={database.dbname}",
+        database.dbname_option(),
     ]
     log.info(f"Restoring {name} with psql --single-transaction into {database.describe()}")
     proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -413,10 +412,42 @@ def restore_into(
         detail = database.redact(stderr.text())
         raise RestoreFailedError(
             f"psql failed restoring {name} into {database.describe()} "
-            f"(nothing was committed): {detail}",
+            f"(nothing was committed): {one_line(detail)}",
             hint=restore_error_hint(detail),
         )
     progress.finish()
+
+
+# restore-<pid>@<host>-<random>: whose folder it is, so a cleanup can tell a killed run's from a
+# running one's (the work folder is shared by every target and by drills).
+_WORK_TMP_RE = re.compile(r"^(?:restore|download)-(\d+)@(.+)-[A-Za-z0-9_]{8}$")
+
+
+def work_tmp_dir(work_dir: Path, kind: str) -> Path:
+    """A private temporary folder in ``work_dir`` named after this process and host."""
+    ensure_private_dir(work_dir)
+    prefix = f"{kind}-{os.getpid()}@{socket.gethostname()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+
+
+def remove_abandoned_work_dirs(work_dir: Path, *, log: Any = None) -> list[Path]:
+    """Remove temporary folders (decoded archives, downloads) of restores and drills that were
+    killed: made on this host by a process that is gone. Returns what was removed."""
+    log = log or logger
+    removed: list[Path] = []
+    if not work_dir.is_dir():
+        return removed
+    for entry in sorted(work_dir.iterdir()):
+        match = _WORK_TMP_RE.match(entry.name)
+        if match is None or not entry.is_dir() or match.group(2) != socket.gethostname():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning(f"Removed {entry}: temporary files of an interrupted run (pid {pid})")
+        removed.append(entry)
+    return removed
 
 
 def work_dir_for(target: Target) -> Path:
@@ -619,14 +650,16 @@ class RestoreReport:
         return "\n".join(lines)
 
 
-def _restore_lock(target: Target) -> contextlib.AbstractContextManager[None]:
+def _restore_lock(
+    target: Target, *, hint: str = "wait for it to finish"
+) -> contextlib.AbstractContextManager[None]:
+    """Held by a restore of ``target`` from start to end; a dead holder releases it."""
     ensure_target_dirs(target)
     lock_path = target.backup_dir / ".restore.lock"
     return exclusive_lock(
         lock_path,
         lambda: RestoreRefusedError(
-            f"another restore or drill of target '{target.name}' is running ({lock_path})",
-            hint="wait for it to finish",
+            f"another restore of target '{target.name}' is running ({lock_path})", hint=hint
         ),
     )
 
@@ -851,6 +884,125 @@ def drop_leftover_databases(
     return dropped
 
 
+def _restoring_name_of(name: str, database: str) -> bool:
+    """True when ``name`` is what :func:`_free_name` makes of ``database`` for a restore."""
+    match = _RESTORING_SUFFIX.search(name)
+    if match is None:
+        return False
+    tail = name[match.start() :]
+    return name[: match.start()] == database.encode()[: 63 - len(tail.encode())].decode(
+        "utf-8", "ignore"
+    )
+
+
+_RESTORING_SUFFIX = re.compile(r"_restoring_\d{8}_\d{6}(?:_\d{1,2})?$")
+
+
+@dataclass
+class LeftoverReport:
+    """What a cleanup found of restores that were killed: dropped, or left alone and why."""
+
+    dropped: list[str] = field(default_factory=list)
+    left_alone: dict[str, str] = field(default_factory=dict)
+
+
+def _restoring_label(comment: str | None, target: Target) -> dict[str, Any] | None:
+    """The label a restore of ``target`` put on its copy; None when absent or someone else's."""
+    try:
+        label = json.loads(comment) if comment else None
+    except ValueError:
+        return None
+    if isinstance(label, dict) and label.get("marker") == RESTORING_MARKER:
+        return label if label.get("target") == target.name else None
+    return None
+
+
+def drop_interrupted_restores(
+    admin: ConnectionInfo, target: Target, database: str, *, log: Any = None
+) -> LeftoverReport:
+    """Drop the ``<database>_restoring_<time>`` databases killed restores of ``target`` left.
+
+    The caller holds the target's restore lock, so no restore of it is running on this host.
+    Dropped: databases labelled as ``target``'s restoring copy whose creating process is gone,
+    and unlabelled ones with exactly the name a restore of ``database`` gives its copy (a
+    restore killed between CREATE DATABASE and its label). Never the live ``database``, never a
+    database with a session connected (e.g. a pg_restore the killed run left behind), never a
+    database labelled by anyone else.
+    """
+    log = log or logger
+    report = LeftoverReport(
+        dropped=drop_leftover_databases(admin, target, RESTORING_MARKER, log=log)
+    )
+    with connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database'), "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) "
+            "FROM pg_database d WHERE d.datname LIKE '%\\_restoring\\_%'"
+        ).fetchall()
+        for name, comment, sessions in rows:
+            if name == database or not _restoring_name_of(name, database):
+                continue
+            label = _restoring_label(comment, target)
+            if comment and label is None:
+                continue  # labelled by someone else: not ours to judge
+            if sessions:
+                report.left_alone[name] = (
+                    f"{sessions} session(s) still connected (a process of the interrupted "
+                    "restore may still be writing it)"
+                )
+            elif label is not None:
+                report.left_alone[name] = (
+                    f"the process that created it (pid {label.get('pid')} on "
+                    f"{label.get('host')}) is still running"
+                )
+            else:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                log.warning(f"Dropped {name}, left behind by a restore killed before labelling it")
+                report.dropped.append(name)
+    for name, reason in report.left_alone.items():
+        log.warning(f"Left {name} alone: {reason}")
+    return report
+
+
+@dataclass
+class RestoreCleanupReport:
+    """What ``restore-cleanup`` did for one target."""
+
+    interrupted: LeftoverReport
+    expired: list[str]
+    kept: list[tuple[str, datetime]]
+    grace_hours: float | None
+    work_dirs_removed: list[Path] = field(default_factory=list)
+
+
+def restore_cleanup(
+    target: Target, *, log: Any = None, now: datetime | None = None
+) -> RestoreCleanupReport:
+    """Drop what killed restores of ``target`` left (``<db>_restoring_<time>`` databases, and
+    temporary files of killed restores and drills in the work folder) and the databases
+    earlier restores replaced once past their grace period; report what is kept.
+
+    Runs under the target's restore lock: while a restore of the target runs, it refuses
+    (RestoreRefusedError) and drops nothing. The live database is never touched.
+    """
+    log = log or logger
+    admin = maintenance_connection(target)
+    live = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}'").dbname
+    with _restore_lock(
+        target,
+        hint="its databases are in use: run restore-cleanup again once it has finished "
+        "(nothing was dropped)",
+    ):
+        interrupted = drop_interrupted_restores(admin, target, live, log=log)
+        work_dirs = remove_abandoned_work_dirs(work_dir_for(target), log=log)
+        expired = drop_expired_previous_copies(target, log=log, now=now)
+        with connect(admin, autocommit=True) as conn:
+            kept = previous_copies(conn, target)
+    return RestoreCleanupReport(
+        interrupted, expired, kept, target.settings.restore.drop_previous_after_hours, work_dirs
+    )
+
+
 @contextlib.contextmanager
 def local_copy(
     artifact: BackupArtifact,
@@ -867,8 +1019,7 @@ def local_copy(
     if artifact.is_local:
         yield artifact
         return
-    ensure_private_dir(work_dir, what="download folder")
-    tmp_dir = Path(tempfile.mkdtemp(prefix="download-", dir=work_dir))
+    tmp_dir = work_tmp_dir(work_dir, "download")
     try:
         path = tmp_dir / artifact.path.name
         recorded = artifact.recorded_sha256()
@@ -1039,7 +1190,8 @@ def restore_database(
                 raise fail(
                     "verify",
                     IntegrityError(outcome.message),
-                    "use another backup (`backup-pipelines list` shows them) or the offsite copy",
+                    outcome.hint
+                    or "use another backup (`backup-pipelines list` shows them) or the offsite copy",
                 ) from None
         steps["verify"] = time.monotonic() - clock
         log.info(f"Verified {local.path.name} in {steps['verify']:.1f}s")
@@ -1069,7 +1221,8 @@ def restore_database(
 
         # 3. Restore into a new database, 4. check it; the live database is still untouched.
         try:
-            drop_leftover_databases(admin, target, RESTORING_MARKER, log=log)
+            drop_interrupted_restores(admin, target, database, log=log)
+            remove_abandoned_work_dirs(work_dir_for(target), log=log)
             with connect(admin, autocommit=True) as conn:
                 restoring = _free_name(conn, database, f"restoring_{_stamp(datetime.now(UTC))}")
         except (BackupPipelinesError, psycopg.Error) as exc:
@@ -1105,7 +1258,7 @@ def restore_database(
                 raise fail(
                     "check",
                     RestoreFailedError(
-                        "row counts of the restored database differ from the backup's .meta:\n  "
+                        "row counts of the restored database differ from the backup's .meta: "
                         + describe_mismatches(mismatches)
                     ),
                     "the backup does not restore to what was dumped; use another backup",

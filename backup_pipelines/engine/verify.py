@@ -11,7 +11,7 @@ from typing import Any
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.postgres import find_tools
-from backup_pipelines.engine.processes import spawn, stop
+from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.reader import dump_chunks
 
 PLAIN_DUMP_TRAILER = b"-- PostgreSQL database dump complete"
@@ -23,6 +23,8 @@ class CheckOutcome:
     passed: bool
     message: str
     details: dict[str, Any] = field(default_factory=dict)
+    # What to do, when the failure is not the file's fault (e.g. the key is not configured).
+    hint: str | None = None
 
 
 def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
@@ -30,7 +32,7 @@ def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
     try:
         recorded = artifact.recorded_sha256()
     except IntegrityError as exc:
-        return CheckOutcome("checksum", False, exc.message)
+        return CheckOutcome("checksum", False, exc.message, hint=exc.hint)
     digest = hashlib.sha256()
     size = 0
     for chunk in artifact.stored_chunks():
@@ -94,7 +96,7 @@ def check_readable(artifact: BackupArtifact) -> CheckOutcome:
             {"dump_bytes": size},
         )
     except BackupPipelinesError as exc:
-        return CheckOutcome("readable", False, exc.message)
+        return CheckOutcome("readable", False, exc.message, hint=exc.hint)
 
 
 def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
@@ -105,12 +107,14 @@ def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
     )
     entries = _feed(proc, artifact, count_stdout_lines=True)
     if proc.returncode != 0:
-        return CheckOutcome("readable", False, f"pg_restore --list failed: {stderr.text()}")
+        return CheckOutcome(
+            "readable", False, f"pg_restore --list failed: {one_line(stderr.text())}"
+        )
     proc, stderr = spawn([tools.path("pg_restore"), "-f", "/dev/null"], stdin=subprocess.PIPE)
     size = _feed(proc, artifact)
     if proc.returncode != 0:
         return CheckOutcome(
-            "readable", False, f"pg_restore could not read the archive: {stderr.text()}"
+            "readable", False, f"pg_restore could not read the archive: {one_line(stderr.text())}"
         )
     return CheckOutcome(
         "readable",
