@@ -77,10 +77,8 @@ class PitrRangeError(RestoreFailedError, RefusedError):
     """The requested moment cannot be recovered to with the backups and WAL at hand."""
 
 
-class PitrPortInUseError(RestoreFailedError):
+class PitrPortInUseError(RefusedError):
     """The restored server could not listen on its port: refused before it is started."""
-
-    exit_code = 2
 
 
 # --- what can be recovered ------------------------------------------------------------------

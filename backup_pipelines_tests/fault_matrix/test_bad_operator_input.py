@@ -38,6 +38,7 @@ REFUSALS = {
     "RestoreRefusedError",
     "RollbackRefusedError",
     "PitrRangeError",
+    "PitrPortInUseError",
 }
 
 
