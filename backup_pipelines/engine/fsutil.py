@@ -55,7 +55,10 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
-        handle.close()
+        # Closing flushes what is buffered; on a full disk that fails again, and the temporary
+        # file must still go: never leave an empty or half-written ``.partial`` behind.
+        with contextlib.suppress(OSError):
+            handle.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
