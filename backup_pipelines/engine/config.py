@@ -499,7 +499,8 @@ class OffsiteSettings(_Strict):
 
 class RetentionSettings(_Strict):
     """Calendar retention (key ``retention:`` of a target): keep the newest backup of each of the
-    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months."""
+    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months that have a backup, and
+    never fewer than the newest ``daily`` verified backups (see ``engine.retention``)."""
 
     daily: int = Field(default=7, ge=0)
     weekly: int = Field(default=4, ge=0)
