@@ -210,3 +210,42 @@ def test_inventory_refuses_flags_the_check_and_alerts(make_project, fault: str) 
             assert rows[made[-1].path.name]["retention_class"] == "future"
         else:
             assert "jumped forward or backups stopped" in body["reason"]
+
+
+def test_base_backup_retention_refuses_a_jumped_clock_and_keeps_the_wal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Base backups and WAL follow the same rule: with a clock 40 days ahead (or behind) of the
+    base backups nothing is pruned, WAL included; with the right clock retention runs."""
+    from backup_pipelines.engine.basebackup import list_base_backups, run_base_backup
+    from backup_pipelines.engine.pitr import apply_pitr_retention
+    from backup_pipelines.engine.wal import list_wal, wal_archive_for
+    from backup_pipelines_tests.pitr_support import start_pitr_cluster
+
+    setup = start_pitr_cluster(
+        monkeypatch, target={"retention": {"daily": 1, "weekly": 0, "monthly": 0}}
+    )
+    try:
+        target = setup.target
+        for _ in range(2):
+            run_base_backup(target).record_check("manifest", True, "checked in this test")
+            setup.sql("SELECT txid_current()")
+            setup.switch_and_wait()
+        archive = wal_archive_for(target)
+        wal_before = list_wal(archive)
+        backups_before = [a.path for a, _ in list_base_backups(target)]
+        assert len(backups_before) == 2
+        now = datetime.now(UTC)
+        for moment, why in (
+            (now + timedelta(days=40), "jumped forward"),
+            (now - timedelta(days=40), "dated in the future"),
+        ):
+            report = apply_pitr_retention(setup.config, target, now=moment)
+            assert report.clock_problem is not None and why in report.clock_problem
+            assert report.pruned == [] and report.wal_removed == []
+            assert [a.path for a, _ in list_base_backups(target)] == backups_before
+            assert list_wal(archive) == wal_before
+        report = apply_pitr_retention(setup.config, target)
+        assert report.clock_problem is None and len(report.pruned) == 1
+    finally:
+        setup.close()
