@@ -180,7 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "check-freshness",
-        help="exit 1 when a target's newest good backup is older than its max_age",
+        help="exit 1 when a target's newest good backup is older than its max_age, or a "
+        "backup is dated in the future (clock)",
     )
     p.add_argument("targets", nargs="*", help="default: every target")
     p.add_argument("--notify", action="store_true", help="send an alert for each stale target")
