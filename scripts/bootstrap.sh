@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(postgresql postgresql-contrib gnupg zstd chromium prometheus prometheus-pushgateway make)
+DEBIAN_PACKAGES=(postgresql postgresql-contrib gnupg zstd chromium prometheus prometheus-pushgateway make faketime)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
+from backup_pipelines.cli.output import silence_stdout
 from backup_pipelines.engine.config import CONFIG_ENV_VAR
 from backup_pipelines.engine.errors import (
     EXIT_FAILED,
@@ -90,6 +91,17 @@ def configure_logging(verbose: bool, log_file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`). Results go through say(), which
+        # survives that and lets the command finish; this only catches a stray write (e.g.
+        # --help), after which we cannot tell whether the command finished.
+        silence_stdout()
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_modules(argv))
     args = parser.parse_args(argv)

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.engine.clock import is_future
 from backup_pipelines.engine.config import load_config
-from backup_pipelines.engine.errors import EXIT_REFUSED, IntegrityError
-from backup_pipelines.engine.listing import human_age, human_size, list_backups
+from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.listing import (
+    BackupListing,
+    future_note,
+    human_age,
+    human_size,
+    list_backups,
+    problem_of,
+)
 from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.preflight import project_problems
 from backup_pipelines.engine.restore import restore_test
@@ -58,13 +70,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     outcomes = verify_artifact(artifact)
     for outcome in outcomes:
         say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
-    if not all(o.passed for o in outcomes):
-        failed = next(o for o in outcomes if not o.passed)
+    # The result goes into .meta, so `list`, retention and `restore latest` know it too.
+    not_recorded: BackupPipelinesError | None = None
+    try:
+        for outcome in outcomes:
+            artifact = artifact.record_check(outcome.name, outcome.passed, outcome.message)
+    except BackupPipelinesError as exc:
+        not_recorded = exc
+    failed = next((o for o in outcomes if not o.passed), None)
+    if failed is not None:
         raise IntegrityError(
-            f"verification failed: {failed.message}",
+            f"verification failed: {failed.message}"
+            + (
+                f"; the result could not be recorded either: {not_recorded.message}"
+                if not_recorded
+                else " (recorded in the .meta)"
+            ),
             hint=failed.hint
             or "do not restore from this file; use an older backup or the offsite copy",
         )
+    if not_recorded is not None:
+        raise not_recorded
+    say("  result recorded in the .meta")
     say("OK")
     return 0
 
@@ -75,37 +102,99 @@ def describe_encryption(encryption: dict) -> str:
     return f"{mode} (key {key})" if key else mode
 
 
+@dataclass(frozen=True)
+class ListRow:
+    """One line of `list`: a complete backup, or a data file whose .meta cannot be read."""
+
+    name: str
+    path: Path
+    started_at: datetime | None
+    size_bytes: int | None
+    purpose: str
+    status: str
+    key: str
+    note: str
+    sha256: str | None = None
+    encryption: dict | None = None
+    dated_in_future: bool = False
+
+
+def _list_rows(listing: BackupListing) -> list[ListRow]:
+    rows = []
+    for a in listing.artifacts:
+        future = is_future(a.meta.started_at, listing.now)
+        rows.append(
+            ListRow(
+                name=a.path.name,
+                path=a.path,
+                started_at=a.meta.started_at,
+                size_bytes=a.meta.size_bytes,
+                purpose=a.meta.purpose,
+                status=a.status,
+                key=describe_encryption(a.meta.encryption),
+                note=problem_of(a) or (future_note(a, listing.now) if future else ""),
+                sha256=a.meta.sha256,
+                encryption=a.meta.encryption,
+                dated_in_future=future,
+            )
+        )
+    for u in listing.unreadable:
+        size: int | None = None
+        with contextlib.suppress(OSError):
+            size = u.path.stat().st_size
+        rows.append(
+            ListRow(
+                u.path.name, u.path, None, size, "?", "damaged", "?", u.reason + UNREADABLE_NOTE
+            )
+        )
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda r: (r.started_at or epoch, r.name), reverse=True)
+
+
+UNREADABLE_NOTE = " (not trusted, never deleted by retention)"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     target = config.target(args.target)
     listing = list_backups(target)
+    rows = _list_rows(listing)
     if args.json:
         say(
             json.dumps(
                 [
                     {
-                        "path": str(a.path),
-                        "started_at": a.meta.started_at.isoformat(),
-                        "size_bytes": a.meta.size_bytes,
-                        "status": a.status,
-                        "sha256": a.meta.sha256,
-                        "encryption": a.meta.encryption,
+                        "name": r.name,
+                        "path": str(r.path),
+                        "started_at": r.started_at.isoformat() if r.started_at else None,
+                        "size_bytes": r.size_bytes,
+                        "purpose": r.purpose,
+                        "status": r.status,
+                        "problem": r.note if r.status in ("failed", "damaged") else None,
+                        "dated_in_future": r.dated_in_future,
+                        "sha256": r.sha256,
+                        "encryption": r.encryption,
                     }
-                    for a in listing.artifacts
+                    for r in rows
                 ],
                 indent=2,
             )
         )
         return 0
-    if not listing.artifacts:
+    if not rows:
         say(f"no backups for target '{target.name}' in {target.backup_dir}")
     else:
-        say(f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'STATUS':<10} KEY")
-        for a in listing.artifacts:
+        say(
+            f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'PURPOSE':<12} "
+            f"{'STATUS':<10} {'KEY':<12} NOTE"
+        )
+        for r in rows:
+            taken = r.started_at.strftime("%Y-%m-%d %H:%M:%S") if r.started_at else "?"
+            age = human_age(r.started_at, listing.now) if r.started_at else "?"
+            size = human_size(r.size_bytes) if r.size_bytes is not None else "?"
             say(
-                f"{a.path.name:<48} {a.meta.started_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
-                f"{human_age(a.meta.started_at):>8} {human_size(a.meta.size_bytes):>10}  {a.status:<10} "
-                f"{describe_encryption(a.meta.encryption)}"
+                f"{r.name:<48} {taken:<20} {age:>8} {size:>10}  {r.purpose:<12} "
+                f"{r.status:<10} {r.key:<12} {r.note}".rstrip()
             )
     if listing.partial_leftovers:
         say(

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from backup_pipelines.cli import backups
-from backup_pipelines.cli.output import load_project, log
+from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.clock import utc_now
 from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
-from backup_pipelines.engine.listing import human_age
+from backup_pipelines.engine.listing import future_dated, future_note, human_age, newest_backup
 from backup_pipelines.engine.metrics import collect_from_disk, export
 from backup_pipelines.engine.notify import Alert, send_alert
 
@@ -66,28 +66,32 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
 def cmd_check_freshness(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     names = args.targets or list(config.targets)
-    now = datetime.now(UTC)
+    now = utc_now()
     stale = []
+    ahead = []
     for name in names:
         target = config.target(name)
-        good = [a for a in list_artifacts(target.backup_dir) if a.status != "failed"]
+        artifacts = list_artifacts(target.backup_dir)
+        for artifact in future_dated(artifacts, now):
+            note = f"{artifact.path.name} is {future_note(artifact, now)}"
+            say(f"{name}: WARNING - {note}")
+            ahead.append((name, note))
+        newest = newest_backup(artifacts, now=now)
         max_age = target.settings.max_age
         if max_age is None:
-            print(f"{name}: not checked (max_age: off)", flush=True)
+            say(f"{name}: not checked (max_age: off)")
             continue
-        if not good:
-            print(f"{name}: STALE - no backup at all (max_age {max_age})", flush=True)
+        if newest is None:
+            say(f"{name}: STALE - no backup at all (max_age {max_age})")
             stale.append((name, "no backup at all"))
             continue
-        finished = good[0].meta.finished_at
+        finished = newest.meta.finished_at
+        age = human_age(finished, now)
         if now - finished > max_age:
-            print(
-                f"{name}: STALE - newest backup is {human_age(finished, now)} old (max_age {max_age})",
-                flush=True,
-            )
-            stale.append((name, f"newest backup finished {human_age(finished, now)} ago"))
+            say(f"{name}: STALE - newest backup is {age} old (max_age {max_age})")
+            stale.append((name, f"newest backup finished {age} ago"))
         else:
-            print(f"{name}: ok - newest backup is {human_age(finished, now)} old", flush=True)
+            say(f"{name}: ok - newest backup is {age} old")
     if args.notify:
         for name, reason in stale:
             send_alert(
@@ -103,7 +107,22 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
                 ),
                 log=log,
             )
-    return 1 if stale else 0
+        for name, note in ahead:
+            send_alert(
+                config,
+                Alert(
+                    title="backup dated in the future",
+                    message=f"{name}: {note}. Check this host's clock (NTP); if it is right, "
+                    "move that backup out of the backup folder.",
+                    severity="warning",
+                    target=name,
+                    what="logical_backup",
+                    reason=note,
+                    incident=f"future:{name}",
+                ),
+                log=log,
+            )
+    return 1 if stale or ahead else 0
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -128,7 +147,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if problems:
         return 1
     where = " and ".join(str(x) for x in (settings.textfile, settings.pushgateway_url) if x)
-    print(f"metrics for {len(config.targets)} targets exported to {where}", flush=True)
+    say(f"metrics for {len(config.targets)} targets exported to {where}")
     return 0
 
 
@@ -148,9 +167,9 @@ def cmd_test_notifiers(args: argparse.Namespace) -> int:
         log=log,
     )
     for name in report.delivered:
-        print(f"{name}: delivered", flush=True)
+        say(f"{name}: delivered")
     for name, reason in report.failed.items():
-        print(f"{name}: FAILED - {reason}", flush=True)
+        say(f"{name}: FAILED - {reason}")
     return 0 if report.ok else 1
 
 
@@ -165,7 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "check-freshness",
-        help="exit 1 when a target's newest good backup is older than its max_age",
+        help="exit 1 when a target's newest good backup is older than its max_age, or a "
+        "backup is dated in the future (clock)",
     )
     p.add_argument("targets", nargs="*", help="default: every target")
     p.add_argument("--notify", action="store_true", help="send an alert for each stale target")

@@ -15,7 +15,7 @@ from backup_pipelines.engine.offsite import (
     offsite_storage,
     sync_offsite,
 )
-from backup_pipelines.engine.retention import prune_target
+from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"({config.timezone}); local {target.backup_dir}"
         + (f", offsite {storage.url()}" if storage else ", no offsite copies configured")
     )
-    if report.plan.held:
+    if report.plan.held and report.plan.clock_problem is None:
         say(f"ON HOLD: {report.plan.hold_reason}")
     if not report.entries:
         say("no backups found")
@@ -52,6 +52,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{entry.locations:<9} {human_size(entry.size_bytes):>10}  {entry.status:<10} "
             f"{decision.retention_class:<15} {action}"
         )
+    for item in report.unreadable:
+        say(f"left alone (not trusted, never deleted): {item.path.name}: {item.reason}")
     verb = "would remove" if args.dry_run else "removed"
     for leftover in report.leftovers_removed:
         say(f"{verb} leftover {leftover}")
@@ -61,6 +63,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     for error in report.errors:
         log.error(error)
+    if report.plan.clock_problem is not None:
+        raise RetentionRefusedError(report.plan.clock_problem)
     return 1 if report.errors else 0
 
 
@@ -103,7 +107,7 @@ def cmd_offsite_sync(args: argparse.Namespace) -> int:
         state = "uploaded" if outcome.uploaded else "already there"
         say(f"{outcome.url}: {state} ({human_size(outcome.info.size)})")
     for name in report.skipped_failed:
-        say(f"{name}: not uploaded (failed verification)")
+        say(f"{name}: not uploaded (failed verification or damaged; see `backup-pipelines list`)")
     if report.error is not None:
         raise BackupPipelinesError(
             f"offsite copy stopped: {report.error.message}; local backups are kept, still to "

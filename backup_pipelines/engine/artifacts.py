@@ -7,6 +7,7 @@ backup, so anything else (``.partial`` files, sidecars without data) is a leftov
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -14,18 +15,23 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
-from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX, write_atomic
 
 META_SUFFIX = ".meta"
 SHA256_SUFFIX = ".sha256"
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+# The .meta layout this version writes and understands. A newer layout may change what fields
+# mean, so it is never read by guessing: such a backup is shown as unreadable, never trusted,
+# and never deleted by retention.
+META_VERSION = 1
 
 _EXTENSIONS = {
     ("plain", "gzip"): ".sql.gz",
@@ -40,6 +46,19 @@ _EXTENSIONS = {
 
 def backup_extension(dump_format: str, compression: str, encrypted: bool = False) -> str:
     return _EXTENSIONS[(dump_format, compression)] + (".gpg" if encrypted else "")
+
+
+# Every name ending a logical backup's data file, longest first (".sql.gz" before ".sql").
+DATA_EXTENSIONS = tuple(
+    sorted(
+        {ext + gpg for ext in _EXTENSIONS.values() for gpg in ("", ".gpg")}, key=len, reverse=True
+    )
+)
+
+
+def is_data_file_name(name: str) -> bool:
+    """True for the name of a logical backup's data file (not a sidecar or a leftover)."""
+    return name.endswith(DATA_EXTENSIONS)
 
 
 def backup_file_name(database: str, started_at: datetime, extension: str) -> str:
@@ -169,10 +188,42 @@ class BackupArtifact:
 
     @property
     def status(self) -> str:
-        """``verified``, ``failed`` or ``unverified`` (from the last verification recorded)."""
-        if not self.meta.verification:
-            return "unverified"
-        return "verified" if self.meta.verification.get("passed") else "failed"
+        """``verified``, ``unverified``, ``failed`` (the last verification recorded failed) or
+        ``damaged`` (the cheap checks of :attr:`damage` found a problem since)."""
+        if self.meta.verification and not self.meta.verification.get("passed"):
+            return "failed"
+        if self.damage is not None:
+            return "damaged"
+        return "verified" if self.meta.verification else "unverified"
+
+    @property
+    def usable(self) -> bool:
+        """Not known to be bad: verified, or not verified yet."""
+        return self.status in ("verified", "unverified")
+
+    @cached_property
+    def damage(self) -> str | None:
+        """Why the backup is damaged, from checks that cost a ``stat`` and one small read: the
+        file's size against ``.meta`` and the ``.sha256`` sidecar against ``.meta``. ``None``
+        when they agree (only a full verification proves the content)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return "the data file is missing"
+        if size != self.meta.size_bytes:
+            return (
+                f"the file has {size} bytes but .meta records {self.meta.size_bytes}: "
+                "truncated or modified"
+            )
+        try:
+            recorded = self.recorded_sha256()
+        except IntegrityError as exc:
+            if not self.sha256_path.exists():
+                return f"{self.sha256_path.name} is missing"
+            return exc.message
+        if recorded != self.meta.sha256.lower():
+            return f"{self.sha256_path.name} and {self.meta_path.name} record different checksums"
+        return None
 
     def open_stored(self) -> BinaryIO:
         return self.path.open("rb")
@@ -185,7 +236,24 @@ class BackupArtifact:
         """Store one verification outcome in ``.meta``; the backup is verified when all passed.
 
         Checks may run in parallel processes, so the read-modify-write happens under a lock.
+        The ``.meta`` is replaced atomically: when it cannot be written (a full disk, a
+        read-only folder) the previous one stays as it was and the error says so.
         """
+        try:
+            return self._record_check(name, passed, message)
+        except OSError as exc:
+            reason = (
+                "the disk is full" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)
+            )
+            raise BackupPipelinesError(
+                f"the verification result ({name}: {'passed' if passed else 'FAILED'}) could not "
+                f"be recorded in {self.meta_path}: {reason}; the backup and its previous .meta "
+                "are unchanged",
+                hint=f"free space in (or fix the permissions of) {self.path.parent}, then run "
+                f"`backup-pipelines verify {self.path}` again",
+            ) from None
+
+    def _record_check(self, name: str, passed: bool, message: str) -> BackupArtifact:
         lock_fd = os.open(
             self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
         )
@@ -219,14 +287,49 @@ def write_meta(path: Path, meta: BackupMeta) -> None:
 
 def read_meta(path: Path) -> BackupMeta:
     try:
-        return BackupMeta.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise IntegrityError(
             f"metadata file missing: {path}",
             hint="the backup is incomplete or its sidecar was deleted; do not trust it",
         ) from None
-    except (ValueError, TypeError) as exc:
-        raise IntegrityError(f"metadata file {path} is unreadable: {exc}") from None
+    except OSError as exc:
+        raise IntegrityError(f"metadata file {path} cannot be read: {exc.strerror}") from None
+    return parse_meta(raw, str(path))
+
+
+def parse_meta(raw: bytes | str, source: str) -> BackupMeta:
+    """A ``.meta`` document read from ``source`` (a path or URL, for the error message).
+
+    Raises :class:`IntegrityError` with one line when it is not JSON, not a backup's metadata,
+    or written in a layout this version does not know (``meta_version``)."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"metadata file {source} is not valid JSON (damaged?)") from None
+    if not isinstance(document, dict):
+        raise IntegrityError(f"metadata file {source} does not hold a backup's metadata")
+    version = document.get("meta_version", META_VERSION)
+    if version != META_VERSION:
+        newer = (
+            isinstance(version, int) and not isinstance(version, bool) and version > META_VERSION
+        )
+        raise IntegrityError(
+            f"metadata file {source} has meta_version {version!r}, which this version of "
+            f"backup_pipelines does not know (it reads {META_VERSION})"
+            + ("; it was written by a newer version" if newer else ""),
+            hint="upgrade backup_pipelines on this host to read it"
+            if newer
+            else "the .meta is damaged; restore it from the offsite copy",
+        )
+    try:
+        return BackupMeta.model_validate(document)
+    except ValidationError as exc:
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()[:3]
+        )
+        raise IntegrityError(f"metadata file {source} is unreadable: {detail}") from None
 
 
 def load_artifact(path: str | os.PathLike[str]) -> BackupArtifact:
@@ -260,6 +363,35 @@ def list_artifacts(backup_dir: Path) -> list[BackupArtifact]:
             continue
     artifacts.sort(key=lambda a: a.meta.started_at, reverse=True)
     return artifacts
+
+
+@dataclass(frozen=True)
+class UnreadableBackup:
+    """A data file in a backup folder whose ``.meta`` is missing or cannot be trusted."""
+
+    path: Path
+    reason: str
+
+
+def list_unreadable(backup_dir: Path) -> list[UnreadableBackup]:
+    """Data files in ``backup_dir`` that :func:`list_artifacts` cannot list: no ``.meta``, or a
+    ``.meta`` that is damaged or of an unknown ``meta_version``. Retention never touches them;
+    listings show them so nothing is silently hidden."""
+    if not backup_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(backup_dir.iterdir()):
+        if not is_data_file_name(path.name) or not path.is_file():
+            continue
+        meta_path = path.with_name(path.name + META_SUFFIX)
+        try:
+            read_meta(meta_path)
+        except IntegrityError as exc:
+            # The folder is known to whoever lists it: name the file, not its whole path.
+            found.append(
+                UnreadableBackup(path, exc.message.replace(str(meta_path), meta_path.name))
+            )
+    return found
 
 
 def list_partials(backup_dir: Path) -> list[Path]:

@@ -449,5 +449,5 @@ def retained_base_backups(
     backups: list[tuple[BackupArtifact, BaseBackupMeta]], keep: int
 ) -> list[tuple[BackupArtifact, BaseBackupMeta]]:
     """The newest ``keep`` backups that did not fail verification (failed ones never count)."""
-    usable = [(a, m) for a, m in backups if a.status != "failed"]
+    usable = [(a, m) for a, m in backups if a.usable]
     return usable[:keep]

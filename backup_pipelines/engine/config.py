@@ -635,7 +635,8 @@ MAX_RETENTION = {"daily": 3660, "weekly": 520, "monthly": 1200}
 
 class RetentionSettings(_Strict):
     """Calendar retention (key ``retention:`` of a target): keep the newest backup of each of the
-    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months."""
+    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months that have a backup, and
+    never fewer than the newest ``daily`` verified backups (see ``engine.retention``)."""
 
     # Upper bounds: 10 years of days and weeks, 100 years of months. Larger numbers are typos
     # (and would make retention enumerate millions of periods).

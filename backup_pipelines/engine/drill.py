@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.clock import age_seconds
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
@@ -235,9 +236,7 @@ def run_drill(
         return failed("locate", exc.message)
     result.backup = artifact.location
     result.backup_taken_at = artifact.meta.started_at
-    result.backup_age_seconds = round(
-        (result.started_at - artifact.meta.started_at).total_seconds(), 1
-    )
+    result.backup_age_seconds = round(age_seconds(artifact.meta.started_at, result.started_at), 1)
     result.scratch_server = admin.describe().rsplit("/", 1)[0]
     log.info(
         f"Restore drill of '{target.name}': {artifact.location} ({result.source}, taken "

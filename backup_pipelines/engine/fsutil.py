@@ -202,8 +202,8 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
-        # close() flushes what is still buffered: on a full disk it fails again, and the
-        # temporary file must go all the same.
+        # Closing flushes what is buffered; on a full disk that fails again, and the temporary
+        # file must still go: never leave an empty or half-written ``.partial`` behind.
         with contextlib.suppress(OSError):
             handle.close()
         with contextlib.suppress(FileNotFoundError):

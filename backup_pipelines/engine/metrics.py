@@ -35,8 +35,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to_gateway
 
 from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.clock import utc_now
 from backup_pipelines.engine.config import TARGET_NAME_PATTERN, MetricsSettings, ProjectConfig
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir
+from backup_pipelines.engine.listing import newest_backup
 
 PREFIX = "backup_pipelines"
 TEXTFILE_MODE = 0o644  # node_exporter runs as another user; the file holds no secrets
@@ -193,15 +195,15 @@ def collect_from_disk(config: ProjectConfig) -> list[TargetMetrics]:
     """Backup metrics read from the ``.meta`` files in ``backup_root`` (the CLI / cron view:
     no Dagster needed). Only what the files tell: drills and offsite copies are left out."""
     results = []
+    now = utc_now()
     for target in config.all_targets():
         artifacts = list_artifacts(target.backup_dir)
-        good = [a for a in artifacts if a.status != "failed"]
-        newest = artifacts[0] if artifacts else None
-        best = good[0] if good else None
+        newest = newest_backup(artifacts, now=now, usable_only=False)
+        best = newest_backup(artifacts, now=now)
         results.append(
             TargetMetrics(
                 target=target.name,
-                backup_success=None if newest is None else newest.status != "failed",
+                backup_success=None if newest is None else newest.usable,
                 backup_last_success_timestamp=best.meta.finished_at.timestamp() if best else None,
                 backup_size_bytes=best.meta.size_bytes if best else None,
                 backup_duration_seconds=best.meta.duration_seconds if best else None,

@@ -221,7 +221,7 @@ def sync_offsite(
 ) -> SyncReport:
     """Upload ``first`` (the newest backup by default), then every local backup still missing.
 
-    Backups that failed verification are not uploaded. On an S3 error the report carries it in
+    Backups that failed verification (or are damaged) are not uploaded. On an S3 error the report carries it in
     ``error`` and lists what is still ``pending``; nothing local is touched.
     """
     log = log or logger
@@ -231,7 +231,7 @@ def sync_offsite(
         local = [first, *[a for a in local if a.path != first.path]]
     queue = []
     for artifact in local:
-        if artifact.status == "failed":
+        if not artifact.usable:  # failed verification, or damaged since
             report.skipped_failed.append(artifact.path.name)
             continue
         queue.append(artifact)

@@ -103,7 +103,7 @@ class RecoveryWindow:
 
 
 def usable_base_backups(target: Target) -> list[tuple[BackupArtifact, BaseBackupMeta]]:
-    return [(a, m) for a, m in list_base_backups(target) if a.status != "failed"]
+    return [(a, m) for a, m in list_base_backups(target) if a.usable]
 
 
 def recovery_window(target: Target, archive: WalArchive) -> RecoveryWindow:
@@ -981,6 +981,8 @@ class PitrRetentionReport:
     keep_wal_from: str | None
     held: str | None = None
     errors: list[str] = field(default_factory=list)
+    # Set when "now" is implausible against the base backups: nothing (WAL included) was pruned.
+    clock_problem: str | None = None
 
 
 def apply_pitr_retention(
@@ -997,8 +999,15 @@ def apply_pitr_retention(
 
     WAL is never pruned when no base backup is kept, and nothing newer than that first segment
     is ever touched, so every kept base backup can still be recovered to any later moment.
+    When the clock cannot be trusted (see ``engine.retention``) nothing is pruned at all.
     """
-    from backup_pipelines.engine.retention import RetentionPolicy, apply_retention, build_inventory
+    from backup_pipelines.engine.retention import (
+        BASE_BACKUP_INTERVAL,
+        RetentionPolicy,
+        apply_retention,
+        build_inventory,
+        max_gap_for,
+    )
     from backup_pipelines.engine.storage import list_stored_backups
 
     archive = archive or wal_archive_for(target)
@@ -1015,6 +1024,7 @@ def apply_pitr_retention(
         tz=config.timezone,
         remote_storage=remote_storage,
         dry_run=dry_run,
+        max_gap=max_gap_for(BASE_BACKUP_INTERVAL),
     )
     kept = [e for e in report.entries if e.decision is not None and e.decision.keep]
     result = PitrRetentionReport(
@@ -1024,7 +1034,10 @@ def apply_pitr_retention(
         keep_wal_from=None,
         held=report.plan.hold_reason,
         errors=list(report.errors),
+        clock_problem=report.plan.clock_problem,
     )
+    if result.clock_problem is not None:
+        return result
     kept_meta = []
     for entry in kept:
         artifact = entry.local or entry.remote

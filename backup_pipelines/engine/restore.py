@@ -63,6 +63,7 @@ from backup_pipelines.engine.errors import (
     RestoreFailedError,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock, open_private
+from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.offsite import offsite_storage
 from backup_pipelines.engine.pipeline import ensure_target_dirs, run_backup
 from backup_pipelines.engine.postgres import (
@@ -506,20 +507,14 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
 # --- finding the backup to restore ------------------------------------------------------------
 
 
-def _usable_for_latest(artifact: BackupArtifact) -> bool:
-    return artifact.meta.purpose not in NOT_LATEST_PURPOSES and artifact.status != "failed"
-
-
 def latest_local_backup(target: Target) -> BackupArtifact | None:
     """The newest complete local backup of ``target`` that is not known to be bad.
 
     Safety backups taken before a restore are skipped: "restore latest" must not bring back
-    the state a previous restore just replaced.
+    the state a previous restore just replaced. Backups dated in the future are skipped too
+    (see :func:`~backup_pipelines.engine.listing.newest_backup`).
     """
-    for artifact in list_artifacts(target.backup_dir):
-        if _usable_for_latest(artifact):
-            return artifact
-    return None
+    return newest_backup(list_artifacts(target.backup_dir), skip_purposes=NOT_LATEST_PURPOSES)
 
 
 def configured_offsite_storage(target: Target) -> S3Storage | None:
@@ -534,10 +529,7 @@ def latest_offsite_backup(target: Target) -> BackupArtifact | None:
     storage = configured_offsite_storage(target)
     if storage is None:
         return None
-    for artifact in list_stored_backups(storage):
-        if _usable_for_latest(artifact):
-            return artifact
-    return None
+    return newest_backup(list_stored_backups(storage), skip_purposes=NOT_LATEST_PURPOSES)
 
 
 def _locate_s3(target: Target, location: str) -> BackupArtifact:

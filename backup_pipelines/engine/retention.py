@@ -3,35 +3,46 @@
 :func:`plan_retention` decides from the times recorded in ``.meta`` (never file names or mtimes,
 WAL-G #636) which backups to keep:
 
-- **daily**: the newest usable backup of each of the last ``daily`` calendar days (today counts),
-- **weekly**: the newest usable backup of each of the last ``weekly`` ISO weeks,
-- **monthly**: the newest usable backup of each of the last ``monthly`` calendar months,
+- **daily**: the newest usable backup of each of the last ``daily`` calendar days that have one,
+- **weekly**: the newest usable backup of each of the last ``weekly`` ISO weeks that have one,
+- **monthly**: the newest usable backup of each of the last ``monthly`` months that have one,
 
 with days, weeks and months taken in the project's timezone. "Usable" means not failed
-verification (verified or not yet verified). On top of that:
+verification and not damaged (verified, or not verified yet). Periods are counted back from the
+newest backup, not from the clock: a day without a backup (an outage) or a clock that jumps
+forward never makes retention delete the backups that are still the last ``daily`` days, weeks
+and months of history. On top of that:
 
-- the newest backup that passed verification is always kept;
-- when the newest backup *failed* verification, nothing is deleted at all (something is wrong;
-  the old backups may be all there is);
+- **floor**: the newest ``daily`` verified backups (safety backups aside) are always kept,
+  however old they are; and the newest backup that passed verification is always kept;
+- **hold**: when the newest backup failed verification or is damaged, nothing is deleted at all
+  (something is wrong; the old backups may be all there is);
+- **clock check**: nothing is deleted either when "now" is implausible against the backups:
+  a backup is dated more than :data:`~backup_pipelines.engine.clock.FUTURE_TOLERANCE` in the
+  future (the clock went back, or that backup was taken while it was fast), or the newest
+  backup is older than ``max_gap`` (the clock jumped forward, or backups stopped). The plan
+  then says why (:attr:`RetentionPlan.clock_problem`); callers refuse and alert;
 - safety backups (``purpose`` ``pre-restore`` / ``pre-rollback``, taken automatically before a
   restore or a migration rollback) never stand in for a day, week or month, so they cannot
   displace the scheduled backup of that period; each is kept while it is inside the daily
-  window (``daily`` days), then pruned like any other backup;
-- backups recorded in the future (clock skew) are kept.
+  window (the last ``daily`` calendar days, or as far back as the daily backups kept reach),
+  then pruned like any other backup;
+- backups recorded in the future are kept and stand in for nothing.
 
 Everything else is pruned. :func:`apply_retention` applies one plan to the local folder and to
 the offsite copies alike, deleting each pruned backup's data file first and then its
 ``.sha256`` and ``.meta``. ``.partial`` leftovers of crashed runs are not backups and are left to
-:func:`cleanup_leftovers`, which removes them (and orphaned sidecars) by age only.
+:func:`cleanup_leftovers`, which removes them (and orphaned sidecars) by age only. Data files
+whose ``.meta`` is missing or unreadable are never listed here, so retention never deletes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -39,15 +50,50 @@ from backup_pipelines.engine.artifacts import (
     META_SUFFIX,
     SHA256_SUFFIX,
     BackupArtifact,
+    UnreadableBackup,
     list_artifacts,
+    list_unreadable,
 )
+from backup_pipelines.engine.clock import is_future, utc_now
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
+from backup_pipelines.engine.listing import human_duration
 from backup_pipelines.engine.storage import BackupStorage, list_stored_backups
 
 SAFETY_PURPOSES = frozenset({"pre-restore", "pre-rollback"})
 CLASS_ORDER = ("daily", "weekly", "monthly")
+USABLE_STATUSES = frozenset({"verified", "unverified"})
+# "now" may lie at most this many expected backup intervals after the newest backup before
+# retention refuses to run (and never less than MIN_MAX_GAP).
+MAX_GAP_INTERVALS = 3
+MIN_MAX_GAP = timedelta(days=3)
+# The interval assumed when a target has no max_age (backed up elsewhere, on no fixed cadence).
+UNKNOWN_INTERVAL = timedelta(days=7)
+# Base backups (PITR) are taken weekly by default.
+BASE_BACKUP_INTERVAL = timedelta(days=7)
+
+
+class RetentionRefusedError(BackupPipelinesError):
+    """Retention refused to delete anything because the clock cannot be trusted."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"retention refused, nothing was deleted: {problem}",
+            hint="check this host's clock (`timedatectl`, `chronyc tracking`) and that backups "
+            "still run; retention deletes nothing until the clock and the backups' times agree",
+        )
+
+
+def max_gap_for(interval: timedelta | None) -> timedelta:
+    """How long after the newest backup "now" may plausibly be, for backups expected every
+    ``interval`` (a target's ``max_age``; None when off): three intervals, at least 3 days."""
+    return max(MAX_GAP_INTERVALS * (interval or UNKNOWN_INTERVAL), MIN_MAX_GAP)
+
+
+DEFAULT_MAX_GAP = max_gap_for(timedelta(hours=24))
 
 
 @dataclass(frozen=True)
@@ -63,12 +109,12 @@ class BackupRecord:
 
     key: str
     started_at: datetime
-    status: str = "verified"  # verified, unverified or failed
+    status: str = "verified"  # verified, unverified, failed or damaged
     purpose: str = "scheduled"
 
     @property
     def usable(self) -> bool:
-        return self.status != "failed"
+        return self.status in USABLE_STATUSES
 
     @property
     def is_safety(self) -> bool:
@@ -91,7 +137,7 @@ class Decision:
         if not self.keep:
             return "pruned"
         words = [reason.split(":")[0] for reason in self.reasons]
-        for word in ("safety", "newest-verified", "future", "hold"):
+        for word in ("future", "safety", "newest-verified", "floor", "hold"):
             if word in words:
                 return word
         return "kept"
@@ -100,8 +146,10 @@ class Decision:
 @dataclass(frozen=True)
 class RetentionPlan:
     decisions: tuple[Decision, ...]
-    held: bool = False  # nothing is deleted: the newest backup failed verification
+    held: bool = False  # nothing is deleted (see hold_reason)
     hold_reason: str | None = None
+    # Set when "now" is implausible against the backups: retention refuses to run at all.
+    clock_problem: str | None = None
 
     @property
     def keep(self) -> list[BackupRecord]:
@@ -110,6 +158,10 @@ class RetentionPlan:
     @property
     def prune(self) -> list[BackupRecord]:
         return [d.record for d in self.decisions if not d.keep]
+
+    @property
+    def future_dated(self) -> list[BackupRecord]:
+        return [d.record for d in self.decisions if d.retention_class == "future"]
 
     def decision(self, key: str) -> Decision:
         return next(d for d in self.decisions if d.record.key == key)
@@ -128,15 +180,37 @@ def month_of(day: date) -> tuple[int, int]:
     return (day.year, day.month)
 
 
-def _recent_periods(today: date, daily: int, weekly: int, monthly: int) -> dict[str, set]:
-    days = {today - timedelta(days=i) for i in range(daily)}
-    weeks = {week_of(today - timedelta(weeks=i)) for i in range(weekly)}
-    months: set[tuple[int, int]] = set()
-    year, month = today.year, today.month
-    for _ in range(monthly):
-        months.add((year, month))
-        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
-    return {"daily": days, "weekly": weeks, "monthly": months}
+PERIOD_OF: dict[str, Callable[[date], object]] = {
+    "daily": lambda d: d,
+    "weekly": week_of,
+    "monthly": month_of,
+}
+
+
+def clock_problem(records: Sequence[BackupRecord], now: datetime, max_gap: timedelta) -> str | None:
+    """Why ``now`` cannot be trusted against these backups (None when it can)."""
+    if not records:
+        return None
+    ahead = [r for r in records if is_future(r.started_at, now)]
+    if ahead:
+        newest = max(ahead, key=lambda r: r.started_at)
+        return (
+            f"{len(ahead)} backup(s) are dated in the future (newest {newest.key}, "
+            f"{human_duration((newest.started_at - now).total_seconds())} ahead of this host's "
+            f"clock, now {now.isoformat(timespec='seconds')}): either this clock went back or "
+            "they were taken while it was fast; if the clock is right, move the future-dated "
+            "backups out of the backup folder"
+        )
+    newest = max(records, key=lambda r: r.started_at)
+    gap = now - newest.started_at
+    if gap > max_gap:
+        return (
+            f"the newest backup {newest.key} is {human_duration(gap.total_seconds())} old, more "
+            f"than the {human_duration(max_gap.total_seconds())} retention accepts (now "
+            f"{now.isoformat(timespec='seconds')}): either this clock jumped forward or backups "
+            "stopped"
+        )
+    return None
 
 
 def plan_retention(
@@ -144,57 +218,83 @@ def plan_retention(
     policy: RetentionPolicy,
     now: datetime,
     tz: ZoneInfo | str = "UTC",
+    *,
+    max_gap: timedelta = DEFAULT_MAX_GAP,
 ) -> RetentionPlan:
     """Decide which backups to keep. Pure: same input, same plan; nothing is touched."""
     zone = ZoneInfo(tz) if isinstance(tz, str) else tz
     records = sorted(backups, key=lambda r: (r.started_at, r.key), reverse=True)
     if not records:
         return RetentionPlan(())
-    today = day_of(now, zone)
-    periods = _recent_periods(today, policy.daily, policy.weekly, policy.monthly)
-    period_of = {
-        "daily": lambda d: d,
-        "weekly": week_of,
-        "monthly": month_of,
-    }
+    future = {r.key for r in records if is_future(r.started_at, now)}
+    candidates = [r for r in records if r.usable and not r.is_safety and r.key not in future]
     classes: dict[str, list[str]] = {r.key: [] for r in records}
     reasons: dict[str, list[str]] = {r.key: [] for r in records}
-    taken: dict[str, set] = {name: set() for name in CLASS_ORDER}
-    for record in records:  # newest first: the first usable one of a period represents it
-        if not record.usable or record.is_safety or record.started_at > now:
-            continue
-        day = day_of(record.started_at, zone)
-        for name in CLASS_ORDER:
-            period = period_of[name](day)
-            if period in periods[name] and period not in taken[name]:
-                taken[name].add(period)
-                classes[record.key].append(name)
-                reasons[record.key].append(f"{name}: newest of {_label(name, period)}")
+    daily_days: list[date] = []
+    for name in CLASS_ORDER:
+        limit = getattr(policy, name)
+        taken: set[object] = set()
+        # Newest first, so the first backup met in a period is its newest, and periods come in
+        # order: the first ``limit`` distinct ones are the last periods that have a backup.
+        for record in candidates:
+            day = day_of(record.started_at, zone)
+            period = PERIOD_OF[name](day)
+            if period in taken:
+                continue
+            if len(taken) >= limit:
+                break
+            taken.add(period)
+            classes[record.key].append(name)
+            reasons[record.key].append(f"{name}: newest of {_label(name, period)}")
+            if name == "daily":
+                daily_days.append(day)
+    verified = [r for r in candidates if r.status == "verified"]
+    for record in verified[: policy.daily]:
+        if not classes[record.key]:
+            reasons[record.key].append(
+                f"floor: one of the newest {policy.daily} verified backups, kept however old"
+            )
     newest_verified = next((r for r in records if r.status == "verified"), None)
     if newest_verified is not None:
         reasons[newest_verified.key].append(
             "newest-verified: the newest backup that passed verification"
         )
+    today = day_of(now, zone)
+    oldest_daily = min(daily_days) if daily_days else None
     for record in records:
-        if record.started_at > now:
-            reasons[record.key].append("future: recorded after now (clock skew?)")
-        elif record.is_safety and day_of(record.started_at, zone) in periods["daily"]:
-            reasons[record.key].append(f"safety: {record.purpose} backup inside the daily window")
-    held = records[0].status == "failed"
-    hold_reason = (
-        f"the newest backup {records[0].key} failed verification: nothing is deleted until a "
-        "newer backup passes"
-        if held
-        else None
-    )
+        if record.key in future:
+            reasons[record.key].append("future: dated after now (clock skew?)")
+        elif record.is_safety:
+            day = day_of(record.started_at, zone)
+            if (today - day).days < policy.daily or (
+                oldest_daily is not None and day >= oldest_daily
+            ):
+                reasons[record.key].append(
+                    f"safety: {record.purpose} backup inside the daily window"
+                )
+    problem = clock_problem(records, now, max_gap)
+    if problem is not None:
+        hold_reason: str | None = f"clock check: {problem}"
+        hold_word = "hold: the clock cannot be trusted"
+    elif not records[0].usable:
+        verb = "is damaged" if records[0].status == "damaged" else "failed verification"
+        hold_reason = (
+            f"the newest backup {records[0].key} {verb}: nothing is deleted until a newer "
+            "backup passes"
+        )
+        hold_word = f"hold: the newest backup {verb}"
+    else:
+        hold_reason = None
+        hold_word = ""
+    held = hold_reason is not None
     decisions = []
     for record in records:
         keep = held or bool(reasons[record.key])
         why = reasons[record.key]
         if not why and held:
-            why = ["hold: the newest backup failed verification"]
+            why = [hold_word]
         decisions.append(Decision(record, keep, tuple(classes[record.key]), tuple(why)))
-    return RetentionPlan(tuple(decisions), held, hold_reason)
+    return RetentionPlan(tuple(decisions), held, hold_reason, problem)
 
 
 def _label(name: str, period: object) -> str:
@@ -247,6 +347,8 @@ class RetentionReport:
     dry_run: bool
     errors: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)
+    # Local data files whose .meta is missing or unreadable: never planned, never deleted.
+    unreadable: list[UnreadableBackup] = field(default_factory=list)
 
     @property
     def pruned(self) -> list[InventoryEntry]:
@@ -293,6 +395,7 @@ def apply_retention(
     tz: ZoneInfo | str,
     remote_storage: BackupStorage | None = None,
     dry_run: bool = False,
+    max_gap: timedelta = DEFAULT_MAX_GAP,
 ) -> RetentionReport:
     """Plan over every known backup and delete the pruned ones locally and offsite.
 
@@ -301,7 +404,7 @@ def apply_retention(
     file without its checksum.
     """
     records = [BackupRecord(e.name, e.started_at, e.status, e.purpose) for e in entries]
-    plan = plan_retention(records, policy, now, tz)
+    plan = plan_retention(records, policy, now, tz, max_gap=max_gap)
     report = RetentionReport(plan, entries, dry_run)
     for entry in entries:
         entry.decision = plan.decision(entry.name)
@@ -371,11 +474,13 @@ def prune_target(
     """Apply the target's retention to its local backups and (when given) its offsite copies.
 
     When the offsite listing fails, only the local backups are planned and pruned and the error
-    is reported in ``report.errors``: an S3 outage must not stop local housekeeping.
+    is reported in ``report.errors`` (one line: what is wrong, what to do): an S3 outage or a
+    host without AWS credentials must not stop local housekeeping. When the clock cannot be
+    trusted (``report.plan.clock_problem``) nothing at all is deleted, leftovers included.
     """
     settings = target.settings.retention
     policy = RetentionPolicy(settings.daily, settings.weekly, settings.monthly)
-    moment = now or datetime.now(UTC)
+    moment = now or utc_now()
     # Logical backups only: base backups (PITR) have their own retention tied to the WAL.
     local = [a for a in list_artifacts(target.backup_dir) if a.meta.kind == "logical"]
     remote: list[BackupArtifact] = []
@@ -385,13 +490,26 @@ def prune_target(
         try:
             remote = [a for a in list_stored_backups(storage) if a.meta.kind == "logical"]
         except BackupPipelinesError as exc:
-            errors.append(f"offsite copies not listed, so not pruned: {exc.message}")
+            hint = f" (what to do: {exc.hint})" if exc.hint else ""
+            errors.append(
+                f"offsite copies not listed, so not pruned (local retention ran): "
+                f"{exc.message}{hint}"
+            )
             usable_storage = None
     entries = build_inventory(local, remote)
     report = apply_retention(
-        entries, policy, now=moment, tz=timezone, remote_storage=usable_storage, dry_run=dry_run
+        entries,
+        policy,
+        now=moment,
+        tz=timezone,
+        remote_storage=usable_storage,
+        dry_run=dry_run,
+        max_gap=max_gap_for(target.settings.max_age),
     )
     report.errors[:0] = errors
+    report.unreadable = list_unreadable(target.backup_dir)
+    if report.plan.clock_problem is not None:
+        return report
     report.leftovers_removed = [
         str(p)
         for p in cleanup_leftovers(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import random
 import time
@@ -49,8 +48,8 @@ from backup_pipelines.engine.artifacts import (
     META_SUFFIX,
     SHA256_SUFFIX,
     BackupArtifact,
-    BackupMeta,
     load_artifact,
+    parse_meta,
     parse_sha256_text,
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
@@ -349,6 +348,27 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, BotoConnectionError | HTTPClientError)
 
 
+def _setup_problem(exc: BaseException) -> tuple[str, str] | None:
+    """What is wrong and what to do when boto3 fails before talking to S3 (no credentials, no
+    region): these are configuration problems of this host, not S3 errors."""
+    from botocore.exceptions import (
+        CredentialRetrievalError,
+        NoCredentialsError,
+        NoRegionError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return (
+            f"no usable AWS credentials on this host ({exc})",
+            "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the "
+            "host an instance role), e.g. in the environment file the service reads",
+        )
+    if isinstance(exc, NoRegionError):
+        return ("no AWS region configured", "export AWS_DEFAULT_REGION (e.g. us-east-1)")
+    return None
+
+
 def _client_error_code(exc: BaseException) -> str:
     from botocore.exceptions import ClientError
 
@@ -443,6 +463,11 @@ class S3Storage(BackupStorage):
                 return fn()
             except Exception as exc:
                 if not _is_transient(exc):
+                    setup = _setup_problem(exc)
+                    if setup is not None:
+                        raise StorageError(
+                            f"cannot {what}: {setup[0]}", hint=setup[1], code=type(exc).__name__
+                        ) from None
                     code = _client_error_code(exc)
                     if not code:
                         raise
@@ -774,6 +799,11 @@ class RemoteBackupArtifact(BackupArtifact):
         return False
 
     @property
+    def damage(self) -> str | None:  # type: ignore[override]
+        # The cheap local checks would cost S3 requests per backup; checksum checks cover copies.
+        return None
+
+    @property
     def location(self) -> str:
         assert self.storage is not None
         return self.storage.url(self.name)
@@ -838,10 +868,7 @@ def load_remote_artifact(storage: BackupStorage, name: str) -> RemoteBackupArtif
             f"metadata file missing: {storage.url(name)}{META_SUFFIX}",
             hint="the offsite copy is incomplete or its sidecar was deleted; do not trust it",
         ) from None
-    try:
-        meta = BackupMeta.model_validate(json.loads(raw))
-    except (ValueError, TypeError) as exc:
-        raise IntegrityError(f"{storage.url(name)}{META_SUFFIX} is unreadable: {exc}") from None
+    meta = parse_meta(raw, storage.url(name) + META_SUFFIX)
     return RemoteBackupArtifact(Path(name.rsplit("/", 1)[-1]), meta, storage, name)
 
 

@@ -71,16 +71,23 @@ def test_encrypted_backup_offsite_verify_from_s3_list_and_prune(
     dry = run_cli("prune", "production", "--dry-run")
     outputs.append(dry)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would prune") == 2
+    assert dry.stdout.count("would prune") == 1
     assert all(a.path.exists() for a in old)
 
+    # daily: 2 keeps the last two days that have a backup (today and 3 days ago): the 4-day
+    # old one goes, locally and offsite.
     prune = run_cli("prune", "production")
     outputs.append(prune)
     assert prune.returncode == 0, prune.stderr
-    assert "2 backup(s) pruned, 1 kept" in prune.stdout
-    assert not any(a.path.exists() or a.meta_path.exists() for a in old)
+    assert "1 backup(s) pruned, 2 kept" in prune.stdout
+    assert old[0].path.exists()
+    assert not (old[1].path.exists() or old[1].meta_path.exists())
     names = {o["Key"] for o in default_s3_client().list_objects_v2(Bucket=bucket)["Contents"]}
-    assert names == {f"pg/production/{data.name}{s}" for s in ("", ".sha256", ".meta")}
+    assert names == {
+        f"pg/production/{name}{s}"
+        for name in (data.name, old[0].path.name)
+        for s in ("", ".sha256", ".meta")
+    }
 
     # Wrong passphrase: a clear error naming the key, exit 1, the passphrase never printed.
     wrong = run_cli("verify", url, env={"BACKUP_PASSPHRASE": "wrong " + PASSPHRASE})

@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.clock import FUTURE_TOLERANCE
 from backup_pipelines.engine.retention import (
+    DEFAULT_MAX_GAP,
     BackupRecord,
     RetentionPolicy,
     apply_retention,
@@ -31,71 +33,102 @@ def _order(record: BackupRecord) -> tuple[datetime, str]:
     return (record.started_at, record.key)
 
 
-def oracle_keep(
-    records: list[BackupRecord], policy: RetentionPolicy, now: datetime, zone: str
-) -> set[str]:
-    """The expected kept set, written from the rules per backup instead of per period."""
+def oracle_plan(
+    records: list[BackupRecord],
+    policy: RetentionPolicy,
+    now: datetime,
+    zone: str,
+    max_gap: timedelta = DEFAULT_MAX_GAP,
+) -> tuple[bool, set[str]]:
+    """(held, kept keys), written from the rules per backup instead of per period."""
     tz = ZoneInfo(zone)
     today = now.astimezone(tz).date()
+    everything = {r.key for r in records}
+    if not records:
+        return False, set()
+
+    def future(r: BackupRecord) -> bool:
+        return r.started_at > now + FUTURE_TOLERANCE
+
+    newest = max(records, key=_order)
+    if any(future(r) for r in records) or now - newest.started_at > max_gap:
+        return True, everything  # the clock cannot be trusted: nothing is deleted
+    if newest.status not in ("verified", "unverified"):
+        return True, everything  # the newest backup is bad: nothing is deleted
 
     def eligible(r: BackupRecord) -> bool:
         return (
-            r.status != "failed"
+            r.status in ("verified", "unverified")
             and r.purpose not in ("pre-restore", "pre-rollback")
-            and r.started_at <= now
+            and not future(r)
         )
 
     def local_day(r: BackupRecord):
         return r.started_at.astimezone(tz).date()
 
-    def in_window(r: BackupRecord, kind: str) -> bool:
+    def period(r: BackupRecord, kind: str) -> object:
         day = local_day(r)
         if kind == "daily":
-            return 0 <= (today - day).days < policy.daily
+            return day
         if kind == "weekly":
-            monday_now = today - timedelta(days=today.weekday())
-            monday = day - timedelta(days=day.weekday())
-            return 0 <= (monday_now - monday).days // 7 < policy.weekly
-        return 0 <= (today.year * 12 + today.month) - (day.year * 12 + day.month) < policy.monthly
+            return day.isocalendar()[:2]
+        return (day.year, day.month)
 
-    def same_period(a: BackupRecord, b: BackupRecord, kind: str) -> bool:
-        da, db = local_day(a), local_day(b)
-        if kind == "daily":
-            return da == db
-        if kind == "weekly":
-            return da.isocalendar()[:2] == db.isocalendar()[:2]
-        return (da.year, da.month) == (db.year, db.month)
-
+    limits = {"daily": policy.daily, "weekly": policy.weekly, "monthly": policy.monthly}
     keep = set()
-    for r in records:
-        if r.started_at > now:
-            keep.add(r.key)
-            continue
-        if (
-            r.purpose in ("pre-restore", "pre-rollback")
-            and 0 <= (today - local_day(r)).days < policy.daily
-        ):
-            keep.add(r.key)
-        if not eligible(r):
-            continue
-        for kind in ("daily", "weekly", "monthly"):
-            if in_window(r, kind) and not any(
-                eligible(o) and same_period(o, r, kind) and _order(o) > _order(r) for o in records
+    daily_reps = []
+    for kind, limit in limits.items():
+        # The last `limit` periods that have an eligible backup, counted from the newest one.
+        recent = sorted({period(o, kind) for o in records if eligible(o)}, reverse=True)[:limit]
+        for r in records:
+            if (
+                eligible(r)
+                and period(r, kind) in recent
+                and not any(
+                    eligible(o) and period(o, kind) == period(r, kind) and _order(o) > _order(r)
+                    for o in records
+                )
             ):
                 keep.add(r.key)
-    verified = [r for r in records if r.status == "verified"]
-    if verified:
-        keep.add(max(verified, key=_order).key)
-    return keep
+                if kind == "daily":
+                    daily_reps.append(r)
+    verified = sorted(
+        (r for r in records if eligible(r) and r.status == "verified"), key=_order, reverse=True
+    )
+    keep.update(r.key for r in verified[: policy.daily])  # the floor
+    any_verified = [r for r in records if r.status == "verified"]
+    if any_verified:
+        keep.add(max(any_verified, key=_order).key)
+    oldest_daily = min((local_day(r) for r in daily_reps), default=None)
+    for r in records:
+        if r.purpose in ("pre-restore", "pre-rollback") and (
+            (today - local_day(r)).days < policy.daily
+            or (oldest_daily is not None and local_day(r) >= oldest_daily)
+        ):
+            keep.add(r.key)
+    return False, keep
 
 
+STATUSES = ["verified", "verified", "unverified", "failed", "damaged"]
+PURPOSES = ["scheduled", "scheduled", "manual", "pre-restore", "pre-rollback"]
 records_strategy = st.lists(
     st.builds(
         lambda seconds, status, purpose: (seconds, status, purpose),
         st.integers(min_value=-2 * 86400, max_value=800 * 86400),
-        st.sampled_from(["verified", "verified", "unverified", "failed"]),
-        st.sampled_from(["scheduled", "scheduled", "manual", "pre-restore", "pre-rollback"]),
+        st.sampled_from(STATUSES),
+        st.sampled_from(PURPOSES),
     ),
+    max_size=60,
+)
+# Histories as the tool leaves them: nothing dated after "now".
+past_records_strategy = st.lists(
+    st.builds(
+        lambda seconds, status, purpose: (seconds, status, purpose),
+        st.integers(min_value=0, max_value=400 * 86400),
+        st.sampled_from(STATUSES),
+        st.sampled_from(PURPOSES),
+    ),
+    min_size=1,
     max_size=60,
 )
 policy_strategy = st.builds(
@@ -104,6 +137,7 @@ policy_strategy = st.builds(
     weekly=st.integers(0, 6),
     monthly=st.integers(0, 14),
 )
+gap_strategy = st.sampled_from([DEFAULT_MAX_GAP, timedelta(days=30), timedelta(days=2000)])
 
 
 def _records(raw: list[tuple[int, str, str]]) -> list[BackupRecord]:
@@ -113,21 +147,29 @@ def _records(raw: list[tuple[int, str, str]]) -> list[BackupRecord]:
     ]
 
 
-@settings(max_examples=300, deadline=None)
-@given(raw=records_strategy, policy=policy_strategy, zone=st.sampled_from(ZONES))
-def test_plan_keeps_exactly_the_expected_representatives(raw, policy, zone) -> None:
+def _non_safety(keys: set[str], records: list[BackupRecord]) -> set[str]:
+    safety = {r.key for r in records if r.is_safety}
+    return keys - safety
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=records_strategy,
+    policy=policy_strategy,
+    zone=st.sampled_from(ZONES),
+    max_gap=gap_strategy,
+)
+def test_plan_keeps_exactly_the_expected_representatives(raw, policy, zone, max_gap) -> None:
     records = _records(raw)
-    plan = plan_retention(records, policy, NOW, zone)
+    plan = plan_retention(records, policy, NOW, zone, max_gap=max_gap)
     kept = {r.key for r in plan.keep}
     assert {d.record.key for d in plan.decisions} == {r.key for r in records}
-    if not records:
+    held, expected = oracle_plan(records, policy, NOW, zone, max_gap)
+    assert plan.held == held
+    assert kept == expected
+    if held:
+        assert plan.prune == [] and plan.hold_reason
         return
-    newest = max(records, key=_order)
-    if newest.status == "failed":
-        assert plan.held and plan.prune == []
-        return
-    assert not plan.held
-    assert kept == oracle_keep(records, policy, NOW, zone)
     counts = {
         kind: sum(kind in d.classes for d in plan.decisions)
         for kind in ("daily", "weekly", "monthly")
@@ -151,6 +193,129 @@ def test_plan_always_keeps_newest_verified_and_ignores_input_order(raw, policy, 
     random.Random(seed).shuffle(shuffled)
     again = plan_retention(shuffled, policy, NOW, zone)
     assert {r.key for r in again.keep} == {r.key for r in plan.keep}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=records_strategy,
+    policy=policy_strategy,
+    zone=st.sampled_from(ZONES),
+    jump_days=st.floats(min_value=-800, max_value=800),
+)
+def test_never_fewer_than_daily_verified_backups_whatever_the_clock(
+    raw, policy, zone, jump_days
+) -> None:
+    records = _records(raw)
+    now = NOW + timedelta(days=jump_days)
+    plan = plan_retention(records, policy, now, zone, max_gap=timedelta(days=2000))
+    verified = [r for r in records if r.status == "verified" and not r.is_safety]
+    kept_verified = [r for r in plan.keep if r.status == "verified" and not r.is_safety]
+    assert len(kept_verified) >= min(policy.daily, len(verified))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=past_records_strategy,
+    policy=policy_strategy,
+    zone=st.sampled_from(ZONES),
+    jump=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=800)),
+)
+def test_a_forward_clock_jump_refuses_or_keeps_everything_the_right_clock_keeps(
+    raw, policy, zone, jump
+) -> None:
+    records = _records(raw)
+    now = max(r.started_at for r in records) + timedelta(hours=1)  # the right clock
+    right = plan_retention(records, policy, now, zone)
+    assume(not right.held)
+    wrong = plan_retention(records, policy, now + jump, zone)
+    if wrong.clock_problem is not None:
+        assert wrong.held and wrong.prune == []
+        assert jump > DEFAULT_MAX_GAP - timedelta(hours=1)
+        return
+    # Only safety backups (kept for `daily` days) age with the clock; no other backup the right
+    # clock keeps is ever lost to a jump.
+    right_kept = _non_safety({r.key for r in right.keep}, records)
+    assert right_kept <= {r.key for r in wrong.keep}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=past_records_strategy,
+    policy=policy_strategy,
+    zone=st.sampled_from(ZONES),
+    back=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=800)),
+)
+def test_a_backward_clock_jump_deletes_nothing(raw, policy, zone, back) -> None:
+    records = _records(raw)
+    newest = max(r.started_at for r in records)
+    now = newest - back
+    plan = plan_retention(records, policy, now, zone, max_gap=timedelta(days=2000))
+    if back > FUTURE_TOLERANCE:
+        assert plan.held and plan.prune == [] and plan.clock_problem is not None
+        assert "future" in plan.clock_problem
+        newest_key = max(records, key=_order).key
+        assert plan.decision(newest_key).retention_class == "future"
+    else:
+        assert plan.clock_problem is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=past_records_strategy,
+    policy=policy_strategy,
+    zone=st.sampled_from(ZONES),
+    jump=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=800)),
+)
+def test_a_backup_taken_with_a_jumped_clock_costs_at_most_one_period_per_rule(
+    raw, policy, zone, jump
+) -> None:
+    """Dagster prunes right after every backup: after a forward clock step the new backup is
+    dated in the jumped time and "now" agrees with it, so no clock check can fire. Retention
+    counts periods that have backups, so the new one pushes out at most one period per class
+    (and one backup from the floor and the newest-verified rule): never the history."""
+    records = _records(raw)
+    now = max(r.started_at for r in records) + timedelta(hours=1)
+    before = plan_retention(records, policy, now, zone)
+    assume(not before.held)
+    taken = now + jump
+    new = BackupRecord("new", taken, "verified", "scheduled")
+    after = plan_retention([*records, new], policy, taken + timedelta(minutes=5), zone)
+    assert not after.held and "new" in {r.key for r in after.keep}
+    lost = _non_safety({r.key for r in before.keep}, records) - {r.key for r in after.keep}
+    assert len(lost) <= 5, lost
+
+
+def test_sixty_one_daily_backups_survive_a_clock_forty_days_ahead() -> None:
+    """The reported case: 61 nightly backups, retention 7/4/12, the clock 40 (or 400) days
+    ahead. Pruning with that clock used to delete 58 of them (400 days: 60)."""
+    policy = RetentionPolicy(7, 4, 12)
+    nights = [BackupRecord(f"n{i:02d}", NOW.replace(hour=2) - timedelta(days=i)) for i in range(61)]
+    right = plan_retention(nights, policy, NOW, "UTC")
+    # 7 days, 3 more Sundays, the ends of February and January.
+    assert len(right.keep) == 7 + 3 + 2
+    for ahead in (timedelta(days=40), timedelta(days=400)):
+        refused = plan_retention(nights, policy, NOW + ahead, "UTC")
+        assert refused.clock_problem and refused.prune == []
+        # In Dagster the next backup is taken with the jumped clock before pruning runs.
+        new = BackupRecord("jumped", NOW + ahead)
+        after = plan_retention([*nights, new], policy, NOW + ahead, "UTC")
+        assert after.clock_problem is None
+        kept = {r.key for r in after.keep}
+        # One period per rule moves on, as on any other day: the oldest daily and weekly ones.
+        assert {r.key for r in right.keep} - kept == {"n06", "n21"}
+        assert len(after.prune) == 61 - 10
+
+
+def test_safety_backups_stay_while_their_day_is_in_the_daily_window_of_backups() -> None:
+    policy = RetentionPolicy(daily=3, weekly=0, monthly=0)
+    nights = [BackupRecord(f"n{i}", NOW - timedelta(days=i)) for i in range(5)]
+    safety = BackupRecord("safety", NOW - timedelta(days=1, hours=1), purpose="pre-restore")
+    # Taken with a clock 30 days fast, the next backup does not push yesterday's safety
+    # backup out: it is still among the last three days that have backups.
+    jumped = BackupRecord("jumped", NOW + timedelta(days=30))
+    plan = plan_retention([*nights, safety, jumped], policy, NOW + timedelta(days=30), "UTC")
+    assert plan.decision("safety").keep
+    assert plan.decision("safety").retention_class == "safety"
 
 
 def test_thirty_nightly_backups_with_the_default_policy() -> None:

@@ -35,11 +35,17 @@ def _latest_artifact(
 def _result(
     artifact: BackupArtifact, outcome: CheckOutcome, severity: dg.AssetCheckSeverity
 ) -> dg.AssetCheckResult:
-    artifact.record_check(outcome.name, outcome.passed, outcome.message)
+    # Recorded in .meta like `backup-pipelines verify` does, so `list`, retention and
+    # `restore latest` see the result too.
     metadata: dict[str, object] = {
         "path": dg.MetadataValue.path(str(artifact.path)),
         "result": outcome.message,
     }
+    try:
+        artifact.record_check(outcome.name, outcome.passed, outcome.message)
+    except BackupPipelinesError as exc:
+        # The check's verdict on the file stands; say that the .meta does not know it.
+        metadata["not_recorded"] = exc.message
     metadata.update({k: v for k, v in outcome.details.items() if isinstance(v, int | float | str)})
     return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
 

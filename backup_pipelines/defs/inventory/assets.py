@@ -31,8 +31,27 @@ INVENTORY_COLUMNS = [
 ]
 
 
+CLOCK_CHECK = "clock_plausible"
+
+
 def inventory_table(report: RetentionReport) -> dg.TableMetadataValue:
     rows = []
+    for item in report.unreadable:
+        rows.append(
+            dg.TableRecord(
+                {
+                    "backup": item.path.name,
+                    "taken_at": "?",
+                    "purpose": "?",
+                    "status": "damaged",
+                    "where": "local",
+                    "size": "?",
+                    "retention_class": "unreadable",
+                    "action": "left alone",
+                    "reason": f"{item.reason}: not trusted, never deleted by retention",
+                }
+            )
+        )
     for entry in report.entries:
         decision = entry.decision
         assert decision is not None
@@ -70,25 +89,58 @@ def _description(name: str, settings: TargetSettings) -> str:
     return (
         f"Every **{name}** backup on local disk and in S3, with calendar retention applied: keep "
         f"the newest backup of each of the last {r.daily} days, {r.weekly} ISO weeks and "
-        f"{r.monthly} months (timezone of the targets file), decided from the times recorded in "
-        "`.meta`. The newest verified backup is never deleted; when the newest backup failed "
-        "verification nothing is deleted. Safety backups (pre-restore, pre-rollback) are kept "
-        f"for {r.daily} days. Each pruned backup goes with its `.sha256` and `.meta`, locally and "
-        f"in S3. `.partial` leftovers older than {r.partial_max_age_hours:g} h are removed.\n\n"
+        f"{r.monthly} months that have a backup (timezone of the targets file), decided from the "
+        f"times recorded in `.meta`. The newest {r.daily} verified backups are always kept, "
+        "however old. When the newest backup failed verification or is damaged nothing is "
+        "deleted; when the clock cannot be trusted (check `clock_plausible`) nothing is deleted "
+        f"either. Safety backups (pre-restore, pre-rollback) are kept for {r.daily} days. Each "
+        "pruned backup goes with its `.sha256` and `.meta`, locally and in S3. Backups whose "
+        f"`.meta` is missing or unreadable are listed and never deleted. `.partial` leftovers "
+        f"older than {r.partial_max_age_hours:g} h are removed.\n\n"
         f"Same from the shell: `backup-pipelines prune {name} --dry-run`."
+    )
+
+
+def clock_check_result(report: RetentionReport) -> dg.AssetCheckResult:
+    """``clock_plausible``: red (ERROR, so failed_check_alert_sensor alerts) when retention
+    refused to run because "now" is implausible against the backups."""
+    future = [r.key for r in report.plan.future_dated]
+    problem = report.plan.clock_problem
+    metadata: dict[str, dg.RawMetadataValue] = {"future_dated": dg.MetadataValue.json(future)}
+    if problem is None:
+        metadata["result"] = "the clock agrees with the backups' recorded times"
+    else:
+        metadata["reason"] = f"retention refused, nothing was deleted: {problem}"
+    return dg.AssetCheckResult(
+        check_name=CLOCK_CHECK,
+        passed=problem is None,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata=metadata,
     )
 
 
 def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     upstream = OFFSITE_COPY if settings.offsite.is_enabled else LOGICAL_BACKUP
+    key = target_key(name, BACKUP_INVENTORY)
 
     @dg.asset(
-        key=target_key(name, BACKUP_INVENTORY),
+        key=key,
         deps=[target_key(name, upstream)],
         group_name=name,
         kinds={"python"},
         tags={"target": name},
         description=_description(name, settings),
+        check_specs=[
+            dg.AssetCheckSpec(
+                CLOCK_CHECK,
+                asset=key,
+                description="Fails when this host's clock cannot be trusted against the "
+                "backups' recorded times: a backup dated in the future (the clock went back, or "
+                "the backup was taken while it was fast; it is never used as the newest backup) "
+                "or a newest backup older than 3x max_age (the clock jumped forward, or backups "
+                "stopped). Retention then deletes nothing until the times agree again.",
+            )
+        ],
     )
     def backup_inventory(
         context: dg.AssetExecutionContext,
@@ -108,6 +160,8 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
             context.log.warning(error)
         if report.plan.held:
             context.log.warning(f"Retention on hold: {report.plan.hold_reason}")
+        for item in report.unreadable:
+            context.log.warning(f"Left alone (not trusted): {item.path.name}: {item.reason}")
         pruned = report.pruned
         for entry in pruned:
             context.log.info(f"Pruned {entry.name} ({'+'.join(entry.deleted_from) or 'nothing'})")
@@ -127,6 +181,10 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
                 "pruned_count": dg.MetadataValue.int(len(pruned)),
                 "retention_held": dg.MetadataValue.bool(report.plan.held),
                 "hold_reason": dg.MetadataValue.text(report.plan.hold_reason or ""),
+                "clock_problem": dg.MetadataValue.text(report.plan.clock_problem or ""),
+                "unreadable": dg.MetadataValue.json(
+                    {item.path.name: item.reason for item in report.unreadable}
+                ),
                 "leftovers_removed": dg.MetadataValue.json(report.leftovers_removed),
                 "errors": dg.MetadataValue.json(report.errors),
                 "policy": dg.MetadataValue.text(
@@ -134,7 +192,8 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
                     f"{target.settings.retention.weekly}, monthly "
                     f"{target.settings.retention.monthly} ({project.timezone})"
                 ),
-            }
+            },
+            check_results=[clock_check_result(report)],
         )
 
     return backup_inventory

@@ -30,9 +30,10 @@ from backup_pipelines.defs.monitoring.status import (
 from backup_pipelines.defs.pitr.common import WAL_ARCHIVE_HEALTHY
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config
+from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.listing import human_age
+from backup_pipelines.engine.listing import future_dated, future_note, human_age
 from backup_pipelines.engine.metrics import export
 from backup_pipelines.engine.notify import Alert, send_alert
 
@@ -93,6 +94,12 @@ def _stale_alert(
             f"{_human_duration(max_age.total_seconds())}."
         )
         reason = "newest backup older than max_age"
+    ahead = future_dated(list_artifacts(config.target(target).backup_dir))
+    if ahead:
+        message += (
+            f" {len(ahead)} backup(s) dated in the future were not counted (newest "
+            f"{ahead[0].path.name}: {future_note(ahead[0])})."
+        )
     return Alert(
         title="backup is stale",
         message=message

@@ -4,6 +4,7 @@ Read by the monitoring sensors (staleness, metrics). Only reads the event log: n
 """
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -11,7 +12,9 @@ import dagster as dg
 from backup_pipelines.defs.restore.assets import DRILL_PASSED_CHECK, RESTORE_DRILL
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, OFFSITE_COPY, target_key
 from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.clock import is_future, utc_now
 from backup_pipelines.engine.config import ProjectConfig
+from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.metrics import TargetMetrics, invalid_target_metrics
 
 # The ERROR checks that make an otherwise materialized asset "not good".
@@ -20,6 +23,8 @@ ERROR_CHECKS: dict[str, tuple[str, ...]] = {
     OFFSITE_COPY: ("offsite_copy_matches",),
     RESTORE_DRILL: (DRILL_PASSED_CHECK,),
 }
+# Materializations looked at to find the newest one not recorded in the future.
+FUTURE_SCAN_LIMIT = 50
 # Metadata keys holding how long the work took, in order of preference.
 DURATION_KEYS = ("rto_seconds", "duration_seconds", "restore_seconds")
 
@@ -121,15 +126,20 @@ def newest_backup_timestamp(
     instance: dg.DagsterInstance, config: ProjectConfig, target: str
 ) -> float | None:
     """When the newest successful backup finished: from Dagster, or from a backup file on disk
-    (taken by `backup-pipelines backup` from cron), whichever is newer."""
+    (taken by `backup-pipelines backup` from cron), whichever is newer. Neither counts when it
+    is dated in the future (recorded while the clock was fast): see ``engine.listing``."""
+    now = utc_now()
     candidates = []
-    records = instance.fetch_materializations(target_key(target, LOGICAL_BACKUP), limit=1).records
-    if records:
-        candidates.append(records[0].timestamp)
-    for artifact in list_artifacts(config.target(target).backup_dir):
-        if artifact.status != "failed":
-            candidates.append(artifact.meta.finished_at.timestamp())
-            break
+    records = instance.fetch_materializations(
+        target_key(target, LOGICAL_BACKUP), limit=FUTURE_SCAN_LIMIT
+    ).records
+    recorded = (datetime.fromtimestamp(r.timestamp, UTC) for r in records)
+    dagster_newest = next((moment for moment in recorded if not is_future(moment, now)), None)
+    if dagster_newest is not None:
+        candidates.append(dagster_newest.timestamp())
+    newest = newest_backup(list_artifacts(config.target(target).backup_dir), now=now)
+    if newest is not None:
+        candidates.append(min(newest.meta.finished_at, now).timestamp())
     return max(candidates) if candidates else None
 
 

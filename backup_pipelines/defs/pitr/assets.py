@@ -15,14 +15,40 @@ from backup_pipelines.defs.pitr.common import (
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import latest_materialized_path, user_error
 from backup_pipelines.engine.basebackup import load_base_backup, run_base_backup
-from backup_pipelines.engine.config import TargetSettings
+from backup_pipelines.engine.config import ProjectConfig, TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.notify import Alert, send_alert
 from backup_pipelines.engine.pitr import (
     PitrRetentionReport,
     apply_pitr_retention,
     base_backup_offsite_storage,
     pitr_drill,
 )
+
+
+def _alert_if_refused(
+    context: dg.AssetExecutionContext,
+    project: ProjectConfig,
+    name: str,
+    report: PitrRetentionReport,
+) -> None:
+    """Retention of base backups and WAL refused (clock implausible): tell people, once per run."""
+    if report.clock_problem is None:
+        return
+    context.log.error(f"Base backup retention refused, nothing was pruned: {report.clock_problem}")
+    send_alert(
+        project,
+        Alert(
+            title="retention refused: the clock cannot be trusted",
+            message=f"Retention of {name}'s base backups and WAL deleted nothing: "
+            f"{report.clock_problem}. Check the host's clock (NTP).",
+            target=name,
+            what=BASE_BACKUP,
+            reason=report.clock_problem,
+            incident=f"clock:{name}:{BASE_BACKUP}",
+        ),
+        log=context.log,
+    )
 
 
 def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
@@ -54,6 +80,7 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
         meta = artifact.meta
         try:
             retention = apply_pitr_retention(backup_engine.project(), target)
+            _alert_if_refused(context, backup_engine.project(), name, retention)
         except (BackupPipelinesError, OSError) as exc:
             # The new backup is complete and stays; pruning is retried by the next run.
             context.log.warning(f"retention did not run: {exc}")
@@ -81,6 +108,7 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
                 "wal_files_pruned": dg.MetadataValue.int(len(retention.wal_removed)),
                 "wal_kept_from": dg.MetadataValue.text(retention.keep_wal_from or ""),
                 "retention_errors": dg.MetadataValue.json(retention.errors),
+                "retention_clock_problem": dg.MetadataValue.text(retention.clock_problem or ""),
             }
         )
 
@@ -121,7 +149,10 @@ def _offsite_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
             artifact, _ = load_base_backup(path)
             storage = base_backup_offsite_storage(target, client=offsite_s3.get_client())
             outcome = upload_backup(artifact, storage, log=context.log)
-            apply_pitr_retention(backup_engine.project(), target, remote_storage=storage)
+            retention = apply_pitr_retention(
+                backup_engine.project(), target, remote_storage=storage
+            )
+            _alert_if_refused(context, backup_engine.project(), name, retention)
         except BackupPipelinesError as exc:
             raise user_error(exc) from None
         return dg.MaterializeResult(
