@@ -56,7 +56,7 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.clock import is_future, utc_now
 from backup_pipelines.engine.config import Target
-from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.errors import BackupPipelinesError, RefusedError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
 from backup_pipelines.engine.listing import human_duration
 from backup_pipelines.engine.storage import BackupStorage, list_stored_backups
@@ -74,10 +74,8 @@ UNKNOWN_INTERVAL = timedelta(days=7)
 BASE_BACKUP_INTERVAL = timedelta(days=7)
 
 
-class RetentionRefusedError(BackupPipelinesError):
+class RetentionRefusedError(RefusedError):
     """Retention refused to delete anything because the clock cannot be trusted."""
-
-    exit_code = 2
 
     def __init__(self, problem: str) -> None:
         super().__init__(

@@ -39,6 +39,7 @@ REFUSALS = {
     "RollbackRefusedError",
     "PitrRangeError",
     "PitrPortInUseError",
+    "RetentionRefusedError",
 }
 
 

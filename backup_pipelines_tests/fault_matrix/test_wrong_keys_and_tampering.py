@@ -217,7 +217,7 @@ DAMAGE: dict[str, tuple[Callable[[BackupArtifact], Path], Callable[[Path], None]
     "sha256-tampered": (lambda a: a.sha256_path, _tamper_sha256, "SHA-256 mismatch"),
     "sha256-truncated": (lambda a: a.sha256_path, _truncate, "does not hold a SHA-256 digest"),
     "meta-tampered": (lambda a: a.meta_path, _tamper_meta_sha256, "SHA-256 mismatch"),
-    "meta-truncated": (lambda a: a.meta_path, _truncate, "is unreadable"),
+    "meta-truncated": (lambda a: a.meta_path, _truncate, "is not valid JSON"),
 }
 
 
