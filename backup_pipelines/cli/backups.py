@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
@@ -21,7 +22,6 @@ from backup_pipelines.engine.listing import (
     list_backups,
     problem_of,
 )
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.preflight import project_problems
 from backup_pipelines.engine.restore import restore_test
 from backup_pipelines.engine.storage import open_backup

@@ -141,7 +141,8 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
 
 
 def cmd_base_backup(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.basebackup import run_base_backup, verify_base_backup
+    from backup_pipelines.engine.backup.base import run_base_backup
+    from backup_pipelines.engine.backup.base_reader import verify_base_backup
 
     config = load_project(args.config)
     target = config.target(args.target)

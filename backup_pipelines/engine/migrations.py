@@ -35,10 +35,10 @@ import psycopg
 from psycopg import sql
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.confirm import require_confirmation
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RefusedError
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import ConnectionInfo, connect
 
 logger = logging.getLogger("backup_pipelines")

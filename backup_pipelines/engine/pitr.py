@@ -27,13 +27,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from backup_pipelines.engine.artifacts import BackupArtifact
-from backup_pipelines.engine.basebackup import (
-    BaseBackupMeta,
-    chown_tree,
-    empty_dir,
-    extract_base_backup,
-    list_base_backups,
-)
+from backup_pipelines.engine.backup.base import BaseBackupMeta, list_base_backups
+from backup_pipelines.engine.backup.base_reader import chown_tree, empty_dir, extract_base_backup
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.errors import (
     BackupPipelinesError,

@@ -54,6 +54,8 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
+from backup_pipelines.engine.backup.files import ensure_target_dirs
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
 from backup_pipelines.engine.errors import (
@@ -65,7 +67,6 @@ from backup_pipelines.engine.errors import (
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock, open_private
 from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.offsite import offsite_storage
-from backup_pipelines.engine.pipeline import ensure_target_dirs, run_backup
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
     PgTools,

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines.engine.basebackup import (
-    run_base_backup,
-    verify_base_backup,
-)
+from backup_pipelines.engine.backup.base import run_base_backup
+from backup_pipelines.engine.backup.base_reader import verify_base_backup
 from backup_pipelines.engine.errors import ConfigError
 from backup_pipelines.engine.pitr import (
     PitrRangeError,

@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines.engine.basebackup import list_base_backups, run_base_backup
+from backup_pipelines.engine.backup.base import list_base_backups, run_base_backup
 from backup_pipelines.engine.offsite import offsite_storage, upload_backup
 from backup_pipelines.engine.pitr import (
     apply_pitr_retention,

@@ -19,9 +19,9 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import list_artifacts, load_artifact
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.restore import (
     RestoreRefusedError,
     RestoreStepError,

@@ -8,8 +8,8 @@ import secrets
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.offsite import upload_backup
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.restore import (
     RestoreRefusedError,
     RestoreStepError,

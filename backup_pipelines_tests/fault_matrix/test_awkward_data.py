@@ -29,9 +29,9 @@ from backup_pipelines.devtools.sample_data import (
     create_sample_roles,
 )
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.drill import run_amcheck, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.restore import restore_test

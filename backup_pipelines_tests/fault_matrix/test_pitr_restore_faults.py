@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import free_port
-from backup_pipelines.engine.basebackup import run_base_backup
+from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.wal import list_wal, wal_archive_for
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,

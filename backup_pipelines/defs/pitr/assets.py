@@ -14,7 +14,7 @@ from backup_pipelines.defs.pitr.common import (
 )
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import latest_materialized_path, user_error
-from backup_pipelines.engine.basebackup import load_base_backup, run_base_backup
+from backup_pipelines.engine.backup.base import load_base_backup, run_base_backup
 from backup_pipelines.engine.config import ProjectConfig, TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
