@@ -13,6 +13,7 @@ from backup_pipelines.cli.output import load_project, log, say
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
 from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.listing import (
     BackupListing,
@@ -23,7 +24,6 @@ from backup_pipelines.engine.listing import (
     problem_of,
 )
 from backup_pipelines.engine.preflight import project_problems
-from backup_pipelines.engine.restore import restore_test
 from backup_pipelines.engine.storage import open_backup
 from backup_pipelines.engine.verify import verify_artifact
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 
 from backup_pipelines.cli.output import load_project, log, say
-from backup_pipelines.engine.drill import run_drill
-from backup_pipelines.engine.restore import (
-    DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    restore_cleanup,
-    restore_database,
-)
+from backup_pipelines.engine.drills.logical import run_drill
+from backup_pipelines.engine.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
+from backup_pipelines.engine.restore import restore_database
+from backup_pipelines.engine.restore.cleanup import restore_cleanup
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

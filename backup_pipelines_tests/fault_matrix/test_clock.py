@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
-from backup_pipelines.engine.restore import locate_backup
+from backup_pipelines.engine.restore.locate import locate_backup
 from backup_pipelines_tests.alert_receivers import webhook_receiver
 from backup_pipelines_tests.engine.storage_helpers import fake_backup
 from backup_pipelines_tests.fault_matrix.faketime import run_cli_at
