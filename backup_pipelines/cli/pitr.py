@@ -111,7 +111,8 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_wal_status(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import archive_health, recovery_window
+    from backup_pipelines.engine.pitr.health import archive_health
+    from backup_pipelines.engine.pitr.window import recovery_window
     from backup_pipelines.engine.wal import wal_archive_for
 
     config = load_project(args.config)
@@ -165,8 +166,7 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
         say("base backup FAILED verification: do not rely on it (not copied offsite)")
         return 1
     if target.settings.offsite.is_enabled:
-        from backup_pipelines.engine.offsite import upload_backup
-        from backup_pipelines.engine.pitr import base_backup_offsite_storage
+        from backup_pipelines.engine.offsite import base_backup_offsite_storage, upload_backup
 
         outcome = upload_backup(artifact, base_backup_offsite_storage(target), log=log)
         say(f"  offsite: {outcome.url}")
@@ -174,7 +174,8 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_pitr_restore(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
+    from backup_pipelines.engine.pitr.recover import pitr_restore
+    from backup_pipelines.engine.pitr.window import parse_target_time
 
     config = load_project(args.config)
     target = config.target(args.target)
@@ -206,7 +207,7 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_pitr_drill(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import pitr_drill
+    from backup_pipelines.engine.drills.pitr import pitr_drill
 
     config = load_project(args.config)
     result = pitr_drill(config, config.target(args.target), log=log)

@@ -340,3 +340,15 @@ def apply_lifecycle(target: Target, storage: S3Storage) -> list[dict[str, Any]]:
         ),
     )
     return rules
+
+
+def base_backup_offsite_storage(target: Target, *, client: Any = None) -> S3Storage:
+    """Where base backups are copied offsite: ``s3://<bucket>/<prefix>/<target>-pitr/base/``.
+
+    A sibling of the logical backups' ``<prefix>/<target>/`` folder (target names cannot contain
+    ``-``), so logical retention, listings and "restore latest" never see a base backup.
+    """
+    storage = offsite_storage(target, client=client)
+    parts = (target.settings.offsite.prefix.strip("/"), f"{target.name}-pitr", "base")
+    storage.prefix = "/".join(p for p in parts if p)
+    return storage

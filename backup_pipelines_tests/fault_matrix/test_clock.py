@@ -218,7 +218,7 @@ def test_base_backup_retention_refuses_a_jumped_clock_and_keeps_the_wal(
     """Base backups and WAL follow the same rule: with a clock 40 days ahead (or behind) of the
     base backups nothing is pruned, WAL included; with the right clock retention runs."""
     from backup_pipelines.engine.backup.base import list_base_backups, run_base_backup
-    from backup_pipelines.engine.pitr import apply_pitr_retention
+    from backup_pipelines.engine.pitr.retention import apply_pitr_retention
     from backup_pipelines.engine.wal import list_wal, wal_archive_for
     from backup_pipelines_tests.pitr_support import start_pitr_cluster
 

@@ -16,14 +16,11 @@ from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import latest_materialized_path, user_error
 from backup_pipelines.engine.backup.base import load_base_backup, run_base_backup
 from backup_pipelines.engine.config import ProjectConfig, TargetSettings
+from backup_pipelines.engine.drills.pitr import pitr_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
-from backup_pipelines.engine.pitr import (
-    PitrRetentionReport,
-    apply_pitr_retention,
-    base_backup_offsite_storage,
-    pitr_drill,
-)
+from backup_pipelines.engine.offsite import base_backup_offsite_storage
+from backup_pipelines.engine.pitr.retention import PitrRetentionReport, apply_pitr_retention
 
 
 def _alert_if_refused(
