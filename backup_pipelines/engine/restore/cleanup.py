@@ -35,6 +35,8 @@ from backup_pipelines.engine.restore.errors import RestoreRefusedError
 logger = logging.getLogger("backup_pipelines")
 
 
+# restore-<pid>@<host>-<random>: whose folder it is, so a cleanup can tell a killed run's from a
+# running one's (the work folder is shared by every target and by drills).
 _WORK_TMP_RE = re.compile(r"^(?:restore|download)-(\d+)@(.+)-[A-Za-z0-9_]{8}$")
 
 
