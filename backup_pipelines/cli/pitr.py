@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
 
 EXIT_NOT_IN_ARCHIVE = 1
 EXIT_REFUSED = 2
@@ -147,7 +147,8 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
 
     config = load_project(args.config)
     target = config.target(args.target)
-    artifact = run_base_backup(target, log=log, purpose="manual")
+    progress = progress_for(args)
+    artifact = run_base_backup(target, log=log, purpose="manual", progress=progress)
     meta = artifact.meta
     say(f"base backup: {artifact.path}")
     say(
@@ -168,7 +169,9 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
     if target.settings.offsite.is_enabled:
         from backup_pipelines.engine.offsite import base_backup_offsite_storage, upload_backup
 
-        outcome = upload_backup(artifact, base_backup_offsite_storage(target), log=log)
+        outcome = upload_backup(
+            artifact, base_backup_offsite_storage(target), log=log, progress=progress
+        )
         say(f"  offsite: {outcome.url}")
     return 0
 
@@ -189,6 +192,7 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
         start=args.start,
         keep_archiving=args.keep_archiving,
         log=log,
+        progress=progress_for(args),
     )
     say(result.summary())
     for warning in result.warnings:
@@ -210,7 +214,7 @@ def cmd_pitr_drill(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.drills.pitr import pitr_drill
 
     config = load_project(args.config)
-    result = pitr_drill(config, config.target(args.target), log=log)
+    result = pitr_drill(config, config.target(args.target), log=log, progress=progress_for(args))
     say(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
     if result.rto_seconds is not None:
         say(f"  RTO {result.rto_seconds:.1f}s, RPO {result.rpo_seconds}s")
@@ -249,6 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for PITR now")
     p.add_argument("target")
     p.add_argument("--skip-verify", action="store_true", help="skip the manifest verification")
+    add_progress_option(p)
     p.set_defaults(func=cmd_base_backup)
 
     p = sub.add_parser(
@@ -268,10 +273,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave archive_mode as in the backup (only for a restore that becomes the new primary)",
     )
+    add_progress_option(p)
     p.set_defaults(func=cmd_pitr_restore)
 
     p = sub.add_parser(
         "pitr-drill", help="restore to a fresh point on a scratch port, check, clean up"
     )
     p.add_argument("target")
+    add_progress_option(p)
     p.set_defaults(func=cmd_pitr_drill)

@@ -76,7 +76,7 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
             raise user_error(exc) from None
         meta = artifact.meta
         try:
-            retention = apply_pitr_retention(backup_engine.project(), target)
+            retention = apply_pitr_retention(backup_engine.project(), target, log=context.log)
             _alert_if_refused(context, backup_engine.project(), name, retention)
         except (BackupPipelinesError, OSError) as exc:
             # The new backup is complete and stays; pruning is retried by the next run.
@@ -147,7 +147,7 @@ def _offsite_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
             storage = base_backup_offsite_storage(target, client=offsite_s3.get_client())
             outcome = upload_backup(artifact, storage, log=context.log)
             retention = apply_pitr_retention(
-                backup_engine.project(), target, remote_storage=storage
+                backup_engine.project(), target, remote_storage=storage, log=context.log
             )
             _alert_if_refused(context, backup_engine.project(), name, retention)
         except BackupPipelinesError as exc:

@@ -41,6 +41,7 @@ from backup_pipelines.engine.errors import BackupFailedError, IntegrityError
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
 from backup_pipelines.engine.processes import one_line, spawn
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.version import TOOL_VERSION
 from backup_pipelines.engine.wal import parse_lsn, pitr_settings, segment_of_lsn
 
@@ -129,10 +130,16 @@ def _server_now(info: ConnectionInfo) -> datetime:
 
 
 def run_base_backup(
-    target: Target, *, log: Any = None, purpose: str = "scheduled"
+    target: Target,
+    *,
+    log: Any = None,
+    purpose: str = "scheduled",
+    progress: ProgressReporter | None = None,
 ) -> BackupArtifact:
-    """Take one base backup of the target's cluster; returns the new artifact."""
+    """Take one base backup of the target's cluster; returns the new artifact. The bytes
+    pg_basebackup has sent so far go to ``progress`` (default: lines in ``log``)."""
     log = log or logger
+    progress = reporter_for(progress, log)
     settings = pitr_settings(target)
     info = ConnectionInfo.parse(
         target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
@@ -184,19 +191,22 @@ def run_base_backup(
                 proc, stderr = spawn(argv, env=info.child_env(), stdout=subprocess.PIPE)
                 assert proc.stdout is not None
                 tar_bytes = 0
-                while chunk := proc.stdout.read(CHUNK_SIZE):
-                    tar_bytes += len(chunk)
-                    write_stored(compress.compress(chunk))
-                write_stored(compress.flush())
-                returncode = proc.wait()
-                messages = one_line(info.redact(stderr.text()))
-                if returncode != 0:
-                    raise BackupFailedError(
-                        f"pg_basebackup failed for target '{target.name}' ({info.describe()}): "
-                        f"{messages or f'exit status {returncode}'}",
-                        hint="the backup role needs the REPLICATION attribute and a 'replication' "
-                        "line in pg_hba.conf; tablespaces are not supported (tar to stdout)",
-                    )
+                with progress.start("pg_basebackup") as meter:
+                    while chunk := proc.stdout.read(CHUNK_SIZE):
+                        tar_bytes += len(chunk)
+                        write_stored(compress.compress(chunk))
+                        meter.advance(len(chunk))
+                    write_stored(compress.flush())
+                    returncode = proc.wait()
+                    messages = one_line(info.redact(stderr.text()))
+                    if returncode != 0:
+                        raise BackupFailedError(
+                            f"pg_basebackup failed for target '{target.name}' "
+                            f"({info.describe()}): {messages or f'exit status {returncode}'}",
+                            hint="the backup role needs the REPLICATION attribute and a "
+                            "'replication' line in pg_hba.conf; tablespaces are not supported "
+                            "(tar to stdout)",
+                        )
                 if finish_stored is not None:
                     finish_stored()
                 handle.flush()

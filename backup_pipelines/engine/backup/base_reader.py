@@ -22,6 +22,7 @@ from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import decrypt_chunks
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, ToolError
 from backup_pipelines.engine.postgres import find_tools
+from backup_pipelines.engine.progress import Progress
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
 
 
@@ -47,9 +48,15 @@ class _ChunkStream(io.RawIOBase):
         return count
 
 
-def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destination: Path) -> int:
+def extract_base_backup(
+    artifact: BackupArtifact,
+    meta: BaseBackupMeta,
+    destination: Path,
+    progress: Progress | None = None,
+) -> int:
     """Stream-extract into ``destination`` (an existing empty folder) while verifying the stored
-    file's SHA-256; raises IntegrityError (after emptying ``destination``) on any mismatch."""
+    file's SHA-256; raises IntegrityError (after emptying ``destination``) on any mismatch.
+    ``progress`` counts the bytes of the stored file read so far."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -60,6 +67,8 @@ def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destinat
         for chunk in artifact.stored_chunks():
             digest.update(chunk)
             stored_size += len(chunk)
+            if progress is not None:
+                progress.advance(len(chunk))
             yield chunk
 
     members = 0

@@ -56,6 +56,7 @@ from backup_pipelines.engine.postgres import (
     table_row_counts,
 )
 from backup_pipelines.engine.processes import one_line, spawn
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
 
@@ -213,10 +214,12 @@ def run_backup(
     log: Any = None,
     stage_factory: Any = None,
     purpose: str = "scheduled",
+    progress: ProgressReporter | None = None,
 ) -> BackupArtifact:
     """Back up one target and return the new artifact. Raises BackupPipelinesError on failure.
 
     ``purpose`` is recorded in ``.meta`` (``scheduled``, ``manual``, ``pre-restore``, ...).
+    The bytes pg_dump has written so far go to ``progress`` (default: lines in ``log``).
 
     ``stage_factory`` (used by encryption) wraps the hashing sink with more stages; it takes the
     sink and returns ``(writer, finish, encryption_meta)`` or ``(..., abort)`` with a cleanup
@@ -289,6 +292,7 @@ def run_backup(
                 started,
                 clock,
                 log,
+                reporter_for(progress, log),
                 stage_factory,
                 counter,
                 counts,
@@ -309,6 +313,7 @@ def _dump_to_file(
     started: datetime,
     clock: float,
     log: Any,
+    progress: ProgressReporter,
     stage_factory: Any,
     counter: threading.Thread,
     counts: dict[str, int],
@@ -344,20 +349,23 @@ def _dump_to_file(
             _grow_pipe(proc.stdout)
             dump_bytes = 0
             compress = codec.compress
-            for chunk in prefetched_chunks(proc.stdout):
-                dump_bytes += len(chunk)
-                write_stored(compress(chunk))
-            write_stored(codec.flush())
-            returncode = proc.wait()
-            if returncode != 0:
-                text = stderr.text()
-                if _PG_DUMP_LOCK_TIMEOUT.search(text):
-                    raise lock_wait_failure(target, source.info)
-                detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
-                raise BackupFailedError(
-                    f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
-                    hint=_pg_dump_hint(text),
-                )
+            with progress.start("pg_dump") as meter:
+                for chunk in prefetched_chunks(proc.stdout):
+                    dump_bytes += len(chunk)
+                    write_stored(compress(chunk))
+                    meter.advance(len(chunk))
+                write_stored(codec.flush())
+                returncode = proc.wait()
+                if returncode != 0:
+                    text = stderr.text()
+                    if _PG_DUMP_LOCK_TIMEOUT.search(text):
+                        raise lock_wait_failure(target, source.info)
+                    detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
+                    raise BackupFailedError(
+                        f"pg_dump failed for target '{target.name}' "
+                        f"({source.info.describe()}): {detail}",
+                        hint=_pg_dump_hint(text),
+                    )
             warnings = stderr.text()
             if warnings:
                 log.warning(f"pg_dump said: {source.info.redact(warnings)}")

@@ -32,7 +32,11 @@ from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
 from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
-from backup_pipelines.engine.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
+from backup_pipelines.engine.progress import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    ProgressReporter,
+    reporter_for,
+)
 from backup_pipelines.engine.restore.cleanup import drop_leftover_databases, work_dir_for
 from backup_pipelines.engine.restore.database import (
     SCRATCH_MARKER,
@@ -123,6 +127,7 @@ def run_drill(
     log: Any = None,
     backup: str | None = None,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    progress: ProgressReporter | None = None,
 ) -> DrillResult:
     """Drill ``backup`` (default: the newest backup) of a target. Never touches the target's database.
 
@@ -130,6 +135,7 @@ def run_drill(
     with a backup or the drill server comes back as a failed :class:`DrillResult`.
     """
     log = log or logger
+    progress = reporter_for(progress, log, progress_interval)
     target = config.target(target_name)
     result = DrillResult(target=target.name, passed=False, started_at=datetime.now(UTC))
 
@@ -171,9 +177,7 @@ def run_drill(
             # Downloaded once and restored from disk; the download counts towards the RTO.
             try:
                 artifact = cleanup.enter_context(
-                    local_copy(
-                        artifact, work_dir_for(target), log=log, progress_interval=progress_interval
-                    )
+                    local_copy(artifact, work_dir_for(target), log=log, progress=progress)
                 )
             except BackupPipelinesError as exc:
                 return failed("download", exc.message)
@@ -185,7 +189,7 @@ def run_drill(
             clock,
             failed,
             log=log,
-            progress_interval=progress_interval,
+            progress=progress,
         )
 
 
@@ -198,7 +202,7 @@ def _verify_restore_check(
     failed: Callable[[str, str], DrillResult],
     *,
     log: Any,
-    progress_interval: float,
+    progress: ProgressReporter,
 ) -> DrillResult:
     try:
         outcomes = verify_artifact(artifact)
@@ -229,7 +233,7 @@ def _verify_restore_check(
                 jobs=target.settings.restore_jobs,
                 work_dir=work_dir_for(target),
                 log=log,
-                progress_interval=progress_interval,
+                progress=progress,
             )
         except BackupPipelinesError as exc:
             return failed("restore", f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
@@ -300,7 +304,13 @@ class RestoreTestResult:
         return "restore test FAILED, row counts differ: " + describe_mismatches(self.mismatches)
 
 
-def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> RestoreTestResult:
+def restore_test(
+    target: Target,
+    artifact: BackupArtifact,
+    *,
+    log: Any,
+    progress: ProgressReporter | None = None,
+) -> RestoreTestResult:
     """Restore into a scratch database, compare every table's row count with ``.meta``, drop it."""
     admin = ConnectionInfo.parse(
         target.scratch_dsn(), source=f"target '{target.name}' scratch server"
@@ -321,6 +331,7 @@ def restore_test(target: Target, artifact: BackupArtifact, *, log: Any) -> Resto
                 jobs=target.settings.restore_jobs,
                 work_dir=work_dir_for(target),
                 log=log,
+                progress=progress,
             )
         except BackupPipelinesError as exc:
             raise RestoreFailedError(

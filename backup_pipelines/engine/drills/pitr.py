@@ -22,6 +22,7 @@ from backup_pipelines.engine.pitr.recover import DRILL_HBA_NAME, pitr_restore
 from backup_pipelines.engine.pitr.server import check_port_free, server_bin_dir, stop_server
 from backup_pipelines.engine.pitr.window import usable_base_backups
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major
+from backup_pipelines.engine.progress import ProgressReporter
 from backup_pipelines.engine.wal import WalArchive, pitr_settings, wal_archive_for
 
 logger = logging.getLogger("backup_pipelines")
@@ -90,7 +91,13 @@ def _txid_status(cur: Any, xid: int) -> str:
         raise
 
 
-def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> PitrDrillResult:
+def pitr_drill(
+    config: ProjectConfig,
+    target: Target,
+    *,
+    log: Any = None,
+    progress: ProgressReporter | None = None,
+) -> PitrDrillResult:
     """Restore to a fresh point on a scratch port and folder, prove the result, clean up.
 
     The drill marks the moment with two empty transactions on the live server (one before the
@@ -141,6 +148,7 @@ def pitr_drill(config: ProjectConfig, target: Target, *, log: Any = None) -> Pit
             drill_socket_dir=socket_dir,
             timeout_seconds=timeout,
             log=log,
+            progress=progress,
         )
         bin_dir = server_bin_dir(
             server_major(usable_base_backups(target)[0][1].server_version_num),

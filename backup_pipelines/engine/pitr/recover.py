@@ -39,6 +39,7 @@ from backup_pipelines.engine.pitr.server import (
 )
 from backup_pipelines.engine.pitr.window import choose_base_backup
 from backup_pipelines.engine.postgres import server_major
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.wal import (
     WalArchive,
     conf_quote,
@@ -261,9 +262,12 @@ def pitr_restore(
     drill_socket_dir: Path | None = None,
     timeout_seconds: float | None = None,
     log: Any = None,
+    progress: ProgressReporter | None = None,
 ) -> PitrRestoreResult:
-    """Restore ``target`` as it was at ``to`` into the new folder ``data_dir``."""
+    """Restore ``target`` as it was at ``to`` into the new folder ``data_dir``. The extraction
+    of the base backup reports to ``progress`` (default: lines in ``log``)."""
     log = log or logger
+    progress = reporter_for(progress, log)
     settings = pitr_settings(target)
     archive = archive or wal_archive_for(target)
     data_dir = data_dir.expanduser().absolute()
@@ -296,7 +300,8 @@ def pitr_restore(
     )
     bin_dir = server_bin_dir(server_major(meta.server_version_num), target.settings.pg_bin_dir)
     try:
-        extract_base_backup(artifact, meta, data_dir)
+        with progress.start(f"Extraction of {artifact.path.name}", meta.size_bytes) as meter:
+            extract_base_backup(artifact, meta, data_dir, meter)
         for leftover in ("recovery.conf", "standby.signal", "postmaster.pid", "postmaster.opts"):
             with contextlib.suppress(FileNotFoundError):
                 (data_dir / leftover).unlink()

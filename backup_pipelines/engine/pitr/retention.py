@@ -9,6 +9,7 @@ from typing import Any
 
 from backup_pipelines.engine.backup.base import BaseBackupMeta, list_base_backups
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.retention import (
     BASE_BACKUP_INTERVAL,
     RetentionPolicy,
@@ -46,6 +47,8 @@ def apply_pitr_retention(
     remote_storage: Any = None,
     now: datetime | None = None,
     dry_run: bool = False,
+    log: Any = None,
+    progress: ProgressReporter | None = None,
 ) -> PitrRetentionReport:
     """Prune base backups with the target's calendar retention (the same planner as logical
     backups), then WAL older than the first segment the oldest *kept* base backup needs.
@@ -69,6 +72,8 @@ def apply_pitr_retention(
         remote_storage=remote_storage,
         dry_run=dry_run,
         max_gap=max_gap_for(BASE_BACKUP_INTERVAL),
+        progress=reporter_for(progress, log),
+        label=f"Pruning base backups of '{target.name}'",
     )
     kept = [e for e in report.entries if e.decision is not None and e.decision.keep]
     result = PitrRetentionReport(

@@ -34,7 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from backup_pipelines.engine.config import ProjectConfig
-from backup_pipelines.engine.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
+from backup_pipelines.engine.progress import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    ProgressReporter,
+    reporter_for,
+)
 from backup_pipelines.engine.restore import steps
 from backup_pipelines.engine.restore.cleanup import restore_lock
 from backup_pipelines.engine.restore.errors import RestoreRefusedError, RestoreStepError
@@ -94,13 +98,20 @@ def restore_database(
     prompt: Callable[[str], str] | None = None,
     allow_other_database: bool = False,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    progress: ProgressReporter | None = None,
 ) -> RestoreReport:
     """Replace the target's database with ``backup``, safely (see the module docstring).
+
+    Long steps (download, safety backup, restore) report to ``progress``; by default lines in
+    ``log`` at most every ``progress_interval`` seconds.
 
     Raises ConfigError (unknown target), RestoreRefusedError or ConfirmationError (nothing
     touched), or RestoreStepError naming the failed step and the safety backup.
     """
-    run = steps.start(config, target_name, log=log or logger, progress_interval=progress_interval)
+    log = log or logger
+    run = steps.start(
+        config, target_name, log=log, progress=reporter_for(progress, log, progress_interval)
+    )
     artifact = run.step("locate", steps.locate, run, backup, allow_other_database, wrap=False)
     steps.confirm(run, artifact, confirm, prompt)
     with restore_lock(run.target), contextlib.ExitStack() as stack:

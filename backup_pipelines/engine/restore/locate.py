@@ -22,7 +22,7 @@ from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.fsutil import open_private
 from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.offsite import offsite_storage
-from backup_pipelines.engine.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, Progress
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.restore.cleanup import work_tmp_dir
 from backup_pipelines.engine.restore.errors import RestoreRefusedError
 from backup_pipelines.engine.storage import (
@@ -135,7 +135,7 @@ def local_copy(
     work_dir: Path,
     *,
     log: Any,
-    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    progress: ProgressReporter | None = None,
 ) -> Iterator[BackupArtifact]:
     """A remote backup downloaded once, with its sidecars, into a private temporary folder.
 
@@ -145,22 +145,18 @@ def local_copy(
     if artifact.is_local:
         yield artifact
         return
+    progress = reporter_for(progress, log)
     tmp_dir = work_tmp_dir(work_dir, "download")
     try:
         path = tmp_dir / artifact.path.name
         recorded = artifact.recorded_sha256()
-        progress = Progress(
-            log,
-            f"Download of {artifact.location}",
-            artifact.meta.size_bytes,
-            "bytes",
-            progress_interval,
-        )
-        with open_private(path) as handle:
+        with (
+            progress.start(f"Download of {artifact.location}", artifact.meta.size_bytes) as meter,
+            open_private(path) as handle,
+        ):
             for chunk in artifact.stored_chunks():
                 handle.write(chunk)
-                progress.advance(len(chunk))
-        progress.finish()
+                meter.advance(len(chunk))
         with open_private(path.with_name(path.name + SHA256_SUFFIX)) as handle:
             handle.write(sha256_line(recorded, path.name).encode())
         write_meta(path.with_name(path.name + META_SUFFIX), artifact.meta)

@@ -18,7 +18,7 @@ from backup_pipelines.engine.errors import RestoreFailedError
 from backup_pipelines.engine.fsutil import open_private
 from backup_pipelines.engine.postgres import ConnectionInfo, PgTools
 from backup_pipelines.engine.processes import one_line, spawn, stop
-from backup_pipelines.engine.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, Progress
+from backup_pipelines.engine.progress import Progress, ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import dump_chunks, outer_codec
 from backup_pipelines.engine.restore.cleanup import work_tmp_dir
 
@@ -53,7 +53,7 @@ def _is_bare_local_file(artifact: BackupArtifact) -> bool:
 
 @contextlib.contextmanager
 def _dump_file_for_pg_restore(
-    artifact: BackupArtifact, work_dir: Path, progress: Progress | None = None
+    artifact: BackupArtifact, work_dir: Path, progress: ProgressReporter
 ) -> Iterator[Path]:
     """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom archive."""
     if _is_bare_local_file(artifact):
@@ -62,13 +62,13 @@ def _dump_file_for_pg_restore(
     tmp_dir = work_tmp_dir(work_dir, "restore")
     try:
         path = tmp_dir / "archive.dump"
-        with open_private(path) as handle:
+        with (
+            progress.start("Decoding archive", artifact.meta.dump_bytes) as meter,
+            open_private(path) as handle,
+        ):
             for chunk in dump_chunks(artifact):
                 handle.write(chunk)
-                if progress is not None:
-                    progress.advance(len(chunk))
-        if progress is not None:
-            progress.finish()
+                meter.advance(len(chunk))
         yield path
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -141,25 +141,18 @@ def restore_into(
     jobs: int = 2,
     work_dir: Path,
     log: Any,
-    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    progress: ProgressReporter | None = None,
 ) -> None:
     """Load ``artifact`` into the existing, empty database ``database``. Raises on any error.
 
-    Progress (bytes of SQL fed to psql, or TOC items pg_restore finished) is logged at most
-    every ``progress_interval`` seconds.
+    Progress (bytes of SQL fed to psql, or TOC items pg_restore finished) goes to ``progress``
+    (default: lines in ``log``).
     """
+    progress = reporter_for(progress, log)
     env = database.child_env()
     name = Path(artifact.location).name
     if artifact.meta.format == "custom":
-        spool = None
-        if not _is_bare_local_file(artifact):
-            spool = Progress(
-                log, "Decoding archive", artifact.meta.dump_bytes, "bytes", progress_interval
-            )
-        with _dump_file_for_pg_restore(artifact, work_dir, spool) as archive:
-            progress = Progress(
-                log, "pg_restore", _toc_entries(tools, archive), "items", progress_interval
-            )
+        with _dump_file_for_pg_restore(artifact, work_dir, progress) as archive:
             argv = [
                 tools.path("pg_restore"),
                 "--no-password",
@@ -170,25 +163,25 @@ def restore_into(
                 str(archive),
             ]
             log.info(f"Restoring {name} with pg_restore -j {jobs} into {database.describe()}")
-            proc = subprocess.Popen(
-                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            assert proc.stderr is not None
-            output = _PgRestoreOutput(proc.stderr, progress)
-            try:
-                returncode = proc.wait()
-            except BaseException:
-                stop(proc)
-                raise
-            if returncode != 0:
-                detail = database.redact(output.text())
-                raise RestoreFailedError(
-                    f"pg_restore failed restoring {name} into {database.describe()}: "
-                    f"{one_line(detail) or f'exit status {returncode}'}",
-                    hint=restore_error_hint(detail),
+            with progress.start("pg_restore", _toc_entries(tools, archive), "items") as meter:
+                proc = subprocess.Popen(
+                    argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
                 )
-            output.text()
-            progress.finish()
+                assert proc.stderr is not None
+                output = _PgRestoreOutput(proc.stderr, meter)
+                try:
+                    returncode = proc.wait()
+                except BaseException:
+                    stop(proc)
+                    raise
+                if returncode != 0:
+                    detail = database.redact(output.text())
+                    raise RestoreFailedError(
+                        f"pg_restore failed restoring {name} into {database.describe()}: "
+                        f"{one_line(detail) or f'exit status {returncode}'}",
+                        hint=restore_error_hint(detail),
+                    )
+                output.text()
         return
     argv = [
         tools.path("psql"),
@@ -201,27 +194,23 @@ def restore_into(
         database.dbname_option(),
     ]
     log.info(f"Restoring {name} with psql --single-transaction into {database.describe()}")
-    proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    assert proc.stdin is not None
-    progress = Progress(log, "psql", artifact.meta.dump_bytes, "bytes", progress_interval)
-    try:
-        for chunk in dump_chunks(artifact):
-            proc.stdin.write(chunk)
-            progress.advance(len(chunk))
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # psql stopped reading: its exit status and stderr say why
-    except BaseException:
-        stop(proc)
-        raise
-    if proc.wait() != 0:
-        detail = database.redact(stderr.text())
-        raise RestoreFailedError(
-            f"psql failed restoring {name} into {database.describe()} "
-            f"(nothing was committed): {one_line(detail)}",
-            hint=restore_error_hint(detail),
-        )
-    progress.finish()
-
-
-# restore-<pid>@<host>-<random>: whose folder it is, so a cleanup can tell a killed run's from a
+    with progress.start("psql", artifact.meta.dump_bytes) as meter:
+        proc, stderr = spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert proc.stdin is not None
+        try:
+            for chunk in dump_chunks(artifact):
+                proc.stdin.write(chunk)
+                meter.advance(len(chunk))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # psql stopped reading: its exit status and stderr say why
+        except BaseException:
+            stop(proc)
+            raise
+        if proc.wait() != 0:
+            detail = database.redact(stderr.text())
+            raise RestoreFailedError(
+                f"psql failed restoring {name} into {database.describe()} "
+                f"(nothing was committed): {one_line(detail)}",
+                hint=restore_error_hint(detail),
+            )

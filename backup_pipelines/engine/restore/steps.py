@@ -26,6 +26,7 @@ from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, PgTools, connect, table_row_counts
+from backup_pipelines.engine.progress import ProgressReporter
 from backup_pipelines.engine.restore.cleanup import (
     drop_expired_previous_copies,
     drop_interrupted_restores,
@@ -70,7 +71,7 @@ class RestoreRun:
     live: ConnectionInfo  # the target's own database
     admin: ConnectionInfo  # the maintenance database the restore connects to
     log: Any
-    progress_interval: float
+    progress: ProgressReporter
     started: float = field(default_factory=time.monotonic)
     step_seconds: dict[str, float] = field(default_factory=dict)
     safety_backup: str | None = None
@@ -137,7 +138,7 @@ class RestoreRun:
 
 
 def start(
-    config: ProjectConfig, target_name: str, *, log: Any, progress_interval: float
+    config: ProjectConfig, target_name: str, *, log: Any, progress: ProgressReporter
 ) -> RestoreRun:
     """The restore of ``target_name``; refused when its database is the maintenance database."""
     target = config.target(target_name)
@@ -152,7 +153,7 @@ def start(
             "connected to it)",
             hint="set restore.maintenance_database for the target to another database, e.g. template1",
         )
-    return RestoreRun(config, target, live, admin, log, progress_interval)
+    return RestoreRun(config, target, live, admin, log, progress)
 
 
 def locate(run: RestoreRun, backup: str, allow_other_database: bool) -> BackupArtifact:
@@ -194,7 +195,7 @@ def download(
     """An offsite copy is downloaded once (streamed to the work folder, removed when the restore
     ends), then verified and restored from the local file."""
     return stack.enter_context(
-        local_copy(artifact, run.work_dir, log=run.log, progress_interval=run.progress_interval)
+        local_copy(artifact, run.work_dir, log=run.log, progress=run.progress)
     )
 
 
@@ -229,7 +230,9 @@ def take_safety_backup(run: RestoreRun, exists: bool) -> None:
         )
         return
     run.log.info(f"Taking a pre-restore safety backup of {run.live.describe()}")
-    run.safety_backup = run_backup(run.target, purpose="pre-restore", log=run.log).location
+    run.safety_backup = run_backup(
+        run.target, purpose="pre-restore", log=run.log, progress=run.progress
+    ).location
     run.log.info(f"Safety backup written: {run.safety_backup}")
 
 
@@ -249,7 +252,7 @@ def restore_into_new_database(run: RestoreRun, local: BackupArtifact, tools: PgT
         jobs=run.target.settings.restore_jobs,
         work_dir=run.work_dir,
         log=run.log,
-        progress_interval=run.progress_interval,
+        progress=run.progress,
     )
 
 
