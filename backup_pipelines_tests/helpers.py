@@ -11,7 +11,8 @@ import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint, find_tools
-from backup_pipelines.engine.restore import create_database, drop_database, restore_into
+from backup_pipelines.engine.restore.database import create_database, drop_database
+from backup_pipelines.engine.restore.runner import restore_into
 
 
 def full_dump(cluster: LocalCluster, dbname: str, *options: str) -> str:

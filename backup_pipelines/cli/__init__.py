@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
-from backup_pipelines.cli.output import silence_stdout
+from backup_pipelines.cli.output import silence_stdout, use_live_line
 from backup_pipelines.engine.config import CONFIG_ENV_VAR
 from backup_pipelines.engine.errors import (
     EXIT_FAILED,
@@ -27,6 +27,7 @@ from backup_pipelines.engine.errors import (
     exit_code_for,
 )
 from backup_pipelines.engine.fsutil import ensure_private_dir
+from backup_pipelines.engine.progress import LiveLine, LiveLineHandler
 
 log = logging.getLogger("backup_pipelines")
 
@@ -78,8 +79,20 @@ def _log_file_handler(log_file: str) -> logging.Handler:
         ) from None
 
 
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
 def configure_logging(verbose: bool, log_file: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    # At a terminal, progress is one live line on stderr and log records are written above it.
+    live = LiveLine(sys.stderr) if _is_terminal(sys.stderr) else None
+    use_live_line(live)
+    handlers: list[logging.Handler] = [
+        LiveLineHandler(live) if live else logging.StreamHandler(sys.stderr)
+    ]
     if log_file:
         handlers.append(_log_file_handler(log_file))
     logging.basicConfig(

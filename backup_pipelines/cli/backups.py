@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
 from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.listing import (
     BackupListing,
@@ -21,9 +23,7 @@ from backup_pipelines.engine.listing import (
     list_backups,
     problem_of,
 )
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.preflight import project_problems
-from backup_pipelines.engine.restore import restore_test
 from backup_pipelines.engine.storage import open_backup
 from backup_pipelines.engine.verify import verify_artifact
 
@@ -31,7 +31,8 @@ from backup_pipelines.engine.verify import verify_artifact
 def cmd_backup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     target = config.target(args.target)
-    artifact = run_backup(target, log=log, purpose="manual")
+    progress = progress_for(args)
+    artifact = run_backup(target, log=log, purpose="manual", progress=progress)
     say(f"backup: {artifact.path}")
     say(
         f"  size {human_size(artifact.meta.size_bytes)} (dump {human_size(artifact.meta.dump_bytes)}), "
@@ -49,7 +50,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         artifact.record_check(outcome.name, outcome.passed, outcome.message)
         passed = passed and outcome.passed
     if passed and args.test:
-        result = restore_test(target, artifact, log=log)
+        result = restore_test(target, artifact, log=log, progress=progress)
         say(f"  {result.summary()}")
         artifact.record_check("restore_test", result.passed, result.summary())
         passed = result.passed
@@ -225,6 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip re-reading the new backup (checksum + full decode); Dagster runs these as checks",
     )
+    add_progress_option(p)
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("verify", help="check a backup's checksum and readability")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from backup_pipelines.cli.output import load_project, log, say
-from backup_pipelines.engine.migrations import execute_rollback, plan_rollback
+from backup_pipelines.engine.migrations.plan import plan_rollback
+from backup_pipelines.engine.migrations.rollback import execute_rollback
 
 
 def _steps(value: str) -> int:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from backup_pipelines.cli import backups
-from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.cli.output import add_progress_option, load_project, log, say
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.clock import utc_now
 from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
@@ -34,7 +34,11 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     config.target(args.target)  # unknown target: a usage error, no alert
     backup_args = argparse.Namespace(
-        config=args.config, target=args.target, test=args.test, skip_verify=False
+        config=args.config,
+        target=args.target,
+        test=args.test,
+        skip_verify=False,
+        progress_interval=args.progress_interval,
     )
     started = time.monotonic()
     try:
@@ -180,6 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target")
     p.add_argument("--test", action="store_true", help="also restore into a scratch database")
+    add_progress_option(p)
     p.set_defaults(func=cmd_cron_backup)
 
     p = sub.add_parser(

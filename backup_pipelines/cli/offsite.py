@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
 from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.offsite import (
@@ -22,7 +22,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     target = config.target(args.target)
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
-    report = prune_target(target, timezone=config.timezone, storage=storage, dry_run=args.dry_run)
+    report = prune_target(
+        target,
+        timezone=config.timezone,
+        storage=storage,
+        dry_run=args.dry_run,
+        log=log,
+        progress=progress_for(args),
+    )
     r = target.settings.retention
     say(
         f"retention for '{target.name}': daily {r.daily}, weekly {r.weekly}, monthly {r.monthly} "
@@ -102,7 +109,7 @@ def cmd_offsite_sync(args: argparse.Namespace) -> int:
             hint="export S3_BACKUP_BUCKET or set offsite.bucket / offsite.enabled for the target",
         )
     storage = offsite_storage(target)
-    report = sync_offsite(target, storage, log=log)
+    report = sync_offsite(target, storage, log=log, progress=progress_for(args))
     for outcome in report.outcomes:
         state = "uploaded" if outcome.uploaded else "already there"
         say(f"{outcome.url}: {state} ({human_size(outcome.info.size)})")
@@ -124,6 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
+    add_progress_option(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
@@ -139,4 +147,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "offsite-sync", help="upload every local backup of a target still missing in S3"
     )
     p.add_argument("target")
+    add_progress_option(p)
     p.set_defaults(func=cmd_offsite_sync)

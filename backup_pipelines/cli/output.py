@@ -1,13 +1,56 @@
 """What every command shares: results on stdout (flushed, for pipes and cron), logs on stderr,
-and the targets file as commands read it."""
+progress (a live line at a terminal, periodic log lines otherwise), and the targets file as
+commands read it."""
 
+import argparse
 import logging
 import os
 import sys
 
 from backup_pipelines.engine.config import ProjectConfig, load_config
+from backup_pipelines.engine.progress import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    LiveLine,
+    ProgressReporter,
+)
 
 log = logging.getLogger("backup_pipelines")
+
+# The live progress line on stderr, when stderr is a terminal (set up with the logging).
+_live_line: LiveLine | None = None
+
+
+def use_live_line(live: LiveLine | None) -> None:
+    global _live_line
+    _live_line = live
+
+
+def progress_for(args: argparse.Namespace) -> ProgressReporter:
+    """Where a command's long steps report: the live line at a terminal, else log lines every
+    ``--progress-interval`` seconds (cron, pipes, log files)."""
+    interval = getattr(args, "progress_interval", DEFAULT_PROGRESS_INTERVAL_SECONDS)
+    return ProgressReporter(log, interval=interval, live=_live_line)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 to 86400)")
+    return value
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="how often long steps log their progress when stderr is not a terminal "
+        "(default %(default)s; at a terminal one live line shows it)",
+    )
 
 
 def say(text: str = "") -> None:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from backup_pipelines.cli.output import load_project, log, say
+from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
 
 EXIT_NOT_IN_ARCHIVE = 1
 EXIT_REFUSED = 2
@@ -111,7 +111,8 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_wal_status(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import archive_health, recovery_window
+    from backup_pipelines.engine.pitr.health import archive_health
+    from backup_pipelines.engine.pitr.window import recovery_window
     from backup_pipelines.engine.wal import wal_archive_for
 
     config = load_project(args.config)
@@ -141,11 +142,13 @@ def cmd_wal_status(args: argparse.Namespace) -> int:
 
 
 def cmd_base_backup(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.basebackup import run_base_backup, verify_base_backup
+    from backup_pipelines.engine.backup.base import run_base_backup
+    from backup_pipelines.engine.backup.base_reader import verify_base_backup
 
     config = load_project(args.config)
     target = config.target(args.target)
-    artifact = run_base_backup(target, log=log, purpose="manual")
+    progress = progress_for(args)
+    artifact = run_base_backup(target, log=log, purpose="manual", progress=progress)
     meta = artifact.meta
     say(f"base backup: {artifact.path}")
     say(
@@ -164,16 +167,18 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
         say("base backup FAILED verification: do not rely on it (not copied offsite)")
         return 1
     if target.settings.offsite.is_enabled:
-        from backup_pipelines.engine.offsite import upload_backup
-        from backup_pipelines.engine.pitr import base_backup_offsite_storage
+        from backup_pipelines.engine.offsite import base_backup_offsite_storage, upload_backup
 
-        outcome = upload_backup(artifact, base_backup_offsite_storage(target), log=log)
+        outcome = upload_backup(
+            artifact, base_backup_offsite_storage(target), log=log, progress=progress
+        )
         say(f"  offsite: {outcome.url}")
     return 0
 
 
 def cmd_pitr_restore(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
+    from backup_pipelines.engine.pitr.recover import pitr_restore
+    from backup_pipelines.engine.pitr.window import parse_target_time
 
     config = load_project(args.config)
     target = config.target(args.target)
@@ -187,6 +192,7 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
         start=args.start,
         keep_archiving=args.keep_archiving,
         log=log,
+        progress=progress_for(args),
     )
     say(result.summary())
     for warning in result.warnings:
@@ -205,10 +211,10 @@ def cmd_pitr_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_pitr_drill(args: argparse.Namespace) -> int:
-    from backup_pipelines.engine.pitr import pitr_drill
+    from backup_pipelines.engine.drills.pitr import pitr_drill
 
     config = load_project(args.config)
-    result = pitr_drill(config, config.target(args.target), log=log)
+    result = pitr_drill(config, config.target(args.target), log=log, progress=progress_for(args))
     say(f"PITR drill {'PASSED' if result.passed else 'FAILED'}: {result.message}")
     if result.rto_seconds is not None:
         say(f"  RTO {result.rto_seconds:.1f}s, RPO {result.rpo_seconds}s")
@@ -247,6 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for PITR now")
     p.add_argument("target")
     p.add_argument("--skip-verify", action="store_true", help="skip the manifest verification")
+    add_progress_option(p)
     p.set_defaults(func=cmd_base_backup)
 
     p = sub.add_parser(
@@ -266,10 +273,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave archive_mode as in the backup (only for a restore that becomes the new primary)",
     )
+    add_progress_option(p)
     p.set_defaults(func=cmd_pitr_restore)
 
     p = sub.add_parser(
         "pitr-drill", help="restore to a fresh point on a scratch port, check, clean up"
     )
     p.add_argument("target")
+    add_progress_option(p)
     p.set_defaults(func=cmd_pitr_drill)

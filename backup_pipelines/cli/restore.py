@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from backup_pipelines.cli.output import load_project, log, say
-from backup_pipelines.engine.drill import run_drill
-from backup_pipelines.engine.restore import (
-    DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    restore_cleanup,
-    restore_database,
-)
+from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
+from backup_pipelines.engine.drills.logical import run_drill
+from backup_pipelines.engine.restore import restore_database
+from backup_pipelines.engine.restore.cleanup import restore_cleanup
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -24,7 +21,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         confirm=args.confirm,
         log=log,
         allow_other_database=args.allow_other_database,
-        progress_interval=args.progress_interval,
+        progress=progress_for(args),
     )
     say(report.summary())
     return 0
@@ -37,7 +34,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
         args.target,
         log=log,
         backup=args.backup,
-        progress_interval=args.progress_interval,
+        progress=progress_for(args),
     )
     say(result.summary())
     if result.rto_seconds is not None:
@@ -99,13 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="restore a backup taken of another target or database (e.g. production into staging)",
     )
-    p.add_argument(
-        "--progress-interval",
-        type=float,
-        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
-        metavar="SECONDS",
-        help="how often long steps report progress (default %(default)s)",
-    )
+    add_progress_option(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser(
@@ -114,12 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target")
     p.add_argument("--backup", help="drill this backup instead of the newest one")
-    p.add_argument(
-        "--progress-interval",
-        type=float,
-        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
-        metavar="SECONDS",
-    )
+    add_progress_option(p)
     p.set_defaults(func=cmd_drill)
 
     p = sub.add_parser(

@@ -26,6 +26,7 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.config import OffsiteSettings, Target
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.storage import (
     PART_SIZE_METADATA_KEY,
     ObjectInfo,
@@ -91,17 +92,26 @@ def already_stored(artifact: BackupArtifact, storage: S3Storage) -> ObjectInfo |
 
 
 def upload_backup(
-    artifact: BackupArtifact, storage: S3Storage, *, log: Any = None
+    artifact: BackupArtifact,
+    storage: S3Storage,
+    *,
+    log: Any = None,
+    progress: ProgressReporter | None = None,
 ) -> UploadOutcome:
-    """Upload one local backup and its sidecars unless an identical copy is already there."""
+    """Upload one local backup and its sidecars unless an identical copy is already there.
+    The bytes S3 has received so far go to ``progress`` (default: lines in ``log``)."""
     log = log or logger
+    progress = reporter_for(progress, log)
     name = artifact.path.name
     existing = already_stored(artifact, storage)
     if existing is not None:
         log.info(f"{storage.url(name)} already holds this backup (same size and SHA-256)")
         return UploadOutcome(artifact, storage.url(name), False, existing)
     log.info(f"Uploading {artifact.path} ({artifact.meta.size_bytes} bytes) to {storage.url(name)}")
-    put = storage.put_file(artifact.path, name, expected_sha256=artifact.meta.sha256)
+    with progress.start(f"Upload of {storage.url(name)}", artifact.meta.size_bytes) as meter:
+        put = storage.put_file(
+            artifact.path, name, expected_sha256=artifact.meta.sha256, progress=meter.advance
+        )
     storage.put_file(artifact.sha256_path, name + SHA256_SUFFIX)
     storage.put_bytes(name + META_SUFFIX, _meta_for_upload(artifact))
     info = storage.head(name)
@@ -218,6 +228,7 @@ def sync_offsite(
     *,
     first: BackupArtifact | None = None,
     log: Any = None,
+    progress: ProgressReporter | None = None,
 ) -> SyncReport:
     """Upload ``first`` (the newest backup by default), then every local backup still missing.
 
@@ -237,7 +248,7 @@ def sync_offsite(
         queue.append(artifact)
     for index, artifact in enumerate(queue):
         try:
-            report.outcomes.append(upload_backup(artifact, storage, log=log))
+            report.outcomes.append(upload_backup(artifact, storage, log=log, progress=progress))
         except BackupPipelinesError as exc:
             report.error = exc
             report.pending = [a.path.name for a in queue[index:]]
@@ -340,3 +351,15 @@ def apply_lifecycle(target: Target, storage: S3Storage) -> list[dict[str, Any]]:
         ),
     )
     return rules
+
+
+def base_backup_offsite_storage(target: Target, *, client: Any = None) -> S3Storage:
+    """Where base backups are copied offsite: ``s3://<bucket>/<prefix>/<target>-pitr/base/``.
+
+    A sibling of the logical backups' ``<prefix>/<target>/`` folder (target names cannot contain
+    ``-``), so logical retention, listings and "restore latest" never see a base backup.
+    """
+    storage = offsite_storage(target, client=client)
+    parts = (target.settings.offsite.prefix.strip("/"), f"{target.name}-pitr", "base")
+    storage.prefix = "/".join(p for p in parts if p)
+    return storage

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from backup_pipelines.engine.artifacts import (
@@ -59,6 +60,7 @@ from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.errors import BackupPipelinesError, RefusedError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
 from backup_pipelines.engine.listing import human_duration
+from backup_pipelines.engine.progress import Progress, ProgressReporter, reporter_for
 from backup_pipelines.engine.storage import BackupStorage, list_stored_backups
 
 SAFETY_PURPOSES = frozenset({"pre-restore", "pre-rollback"})
@@ -394,20 +396,38 @@ def apply_retention(
     remote_storage: BackupStorage | None = None,
     dry_run: bool = False,
     max_gap: timedelta = DEFAULT_MAX_GAP,
+    progress: ProgressReporter | None = None,
+    label: str = "Pruning",
 ) -> RetentionReport:
     """Plan over every known backup and delete the pruned ones locally and offsite.
 
     Each pruned backup loses its data file first, then ``.sha256`` and ``.meta``: a crash in
     between leaves orphaned sidecars (removed later by :func:`cleanup_leftovers`), never a data
-    file without its checksum.
+    file without its checksum. With ``progress``, the backups deleted so far are reported
+    (as ``label``).
     """
     records = [BackupRecord(e.name, e.started_at, e.status, e.purpose) for e in entries]
     plan = plan_retention(records, policy, now, tz, max_gap=max_gap)
     report = RetentionReport(plan, entries, dry_run)
     for entry in entries:
         entry.decision = plan.decision(entry.name)
-        if entry.decision.keep or dry_run:
-            continue
+    doomed = [] if dry_run else [e for e in entries if e.decision and not e.decision.keep]
+    if progress is None or not doomed:
+        _delete(doomed, remote_storage, report, None)
+    else:
+        with progress.start(label, len(doomed), "backups") as meter:
+            _delete(doomed, remote_storage, report, meter)
+    return report
+
+
+def _delete(
+    doomed: list[InventoryEntry],
+    remote_storage: BackupStorage | None,
+    report: RetentionReport,
+    meter: Progress | None,
+) -> None:
+    """Delete each pruned backup locally and offsite; a failure is reported, not raised."""
+    for entry in doomed:
         if entry.local is not None:
             try:
                 for path in (entry.local.path, *entry.local.sidecars):
@@ -424,7 +444,8 @@ def apply_retention(
                 entry.deleted_from.append("s3")
             except Exception as exc:  # one failed delete must not stop the rest
                 report.errors.append(f"{entry.remote.location}: {exc}")
-    return report
+        if meter is not None:
+            meter.advance(1)
 
 
 def cleanup_leftovers(
@@ -468,8 +489,11 @@ def prune_target(
     storage: BackupStorage | None = None,
     dry_run: bool = False,
     now: datetime | None = None,
+    log: Any = None,
+    progress: ProgressReporter | None = None,
 ) -> RetentionReport:
     """Apply the target's retention to its local backups and (when given) its offsite copies.
+    The backups deleted so far go to ``progress`` (default: lines in ``log``).
 
     When the offsite listing fails, only the local backups are planned and pruned and the error
     is reported in ``report.errors`` (one line: what is wrong, what to do): an S3 outage or a
@@ -503,6 +527,8 @@ def prune_target(
         remote_storage=usable_storage,
         dry_run=dry_run,
         max_gap=max_gap_for(target.settings.max_age),
+        progress=reporter_for(progress, log),
+        label=f"Pruning '{target.name}'",
     )
     report.errors[:0] = errors
     report.unreadable = list_unreadable(target.backup_dir)

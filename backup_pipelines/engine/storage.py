@@ -192,6 +192,7 @@ class BackupStorage(ABC):
         *,
         metadata: dict[str, str] | None = None,
         expected_sha256: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PutResult: ...
 
     @abstractmethod
@@ -240,6 +241,7 @@ class LocalStorage(BackupStorage):
         *,
         metadata: dict[str, str] | None = None,
         expected_sha256: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PutResult:
         dest = self._path(name)
         ensure_private_dir(dest.parent, what="storage folder")
@@ -250,6 +252,8 @@ class LocalStorage(BackupStorage):
                 digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
             _require_digest(source, digest.hexdigest(), expected_sha256)
         return PutResult(name, self.url(name), size, digest.hexdigest(), None, 1, size)
 
@@ -560,15 +564,20 @@ class S3Storage(BackupStorage):
         *,
         metadata: dict[str, str] | None = None,
         expected_sha256: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PutResult:
-        """Stream ``source`` to S3. Only one part is held in memory at a time."""
+        """Stream ``source`` to S3. Only one part is held in memory at a time; ``progress`` is
+        called with the size of each part (or of the whole file) once S3 has it."""
         size = source.stat().st_size
         part_size = part_size_for(size, min_part_size=self.min_part_size, max_parts=self.max_parts)
         if size <= part_size:
             # Small enough for one request; the object still gets a SHA-256 checksum.
             data = source.read_bytes()
             _require_digest(source, hashlib.sha256(data).hexdigest(), expected_sha256)
-            return self.put_bytes(name, data, metadata=metadata)
+            result = self.put_bytes(name, data, metadata=metadata)
+            if progress is not None:
+                progress(len(data))
+            return result
         key = self.key(name)
         whole = hashlib.sha256()
         with source.open("rb") as handle:
@@ -628,6 +637,8 @@ class S3Storage(BackupStorage):
                         }
                     )
                     digests.append(part_digest)
+                    if progress is not None:
+                        progress(len(data))
                     del data
                 if second.hexdigest() != sha256_hex:
                     raise IntegrityError(

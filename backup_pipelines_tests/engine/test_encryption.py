@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.errors import EncryptionError
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.helpers import restore_and_compare

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import MetricsSettings
 from backup_pipelines.engine.metrics import (
     TargetMetrics,
@@ -21,7 +22,6 @@ from backup_pipelines.engine.metrics import (
     render,
     write_textfile,
 )
-from backup_pipelines.engine.pipeline import run_backup
 
 SAMPLE = [
     TargetMetrics(

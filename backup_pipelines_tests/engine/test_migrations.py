@@ -17,17 +17,16 @@ from backup_pipelines.engine.artifacts import load_artifact
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.engine.migrations import (
+from backup_pipelines.engine.migrations.errors import RollbackFailedError, RollbackRefusedError
+from backup_pipelines.engine.migrations.journal import (
     MigrationsFolder,
-    RollbackFailedError,
-    RollbackRefusedError,
     TrackingTable,
     drizzle_hash,
-    execute_rollback,
     legacy_drizzle_hash,
-    plan_rollback,
     split_statements,
 )
+from backup_pipelines.engine.migrations.plan import plan_rollback
+from backup_pipelines.engine.migrations.rollback import execute_rollback
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.migration_support import (
     FIXTURE_HISTORY,

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines.engine.basebackup import (
-    run_base_backup,
-    verify_base_backup,
-)
+from backup_pipelines.engine.backup.base import run_base_backup
+from backup_pipelines.engine.backup.base_reader import verify_base_backup
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.engine.pitr import (
-    PitrRangeError,
-    archive_health,
-    parse_target_time,
-    pitr_restore,
-    recovery_window,
-)
+from backup_pipelines.engine.pitr.health import archive_health
+from backup_pipelines.engine.pitr.recover import pitr_restore
+from backup_pipelines.engine.pitr.window import PitrRangeError, parse_target_time, recovery_window
 from backup_pipelines.engine.wal import wal_archive_for
 from backup_pipelines_tests.pitr_support import PASSWORD, PitrSetup, start_pitr_cluster
 

@@ -10,15 +10,16 @@ import boto3
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines.engine.basebackup import list_base_backups, run_base_backup
-from backup_pipelines.engine.offsite import offsite_storage, upload_backup
-from backup_pipelines.engine.pitr import (
-    apply_pitr_retention,
-    archive_health,
+from backup_pipelines.engine.backup.base import list_base_backups, run_base_backup
+from backup_pipelines.engine.offsite import (
     base_backup_offsite_storage,
-    parse_target_time,
-    pitr_restore,
+    offsite_storage,
+    upload_backup,
 )
+from backup_pipelines.engine.pitr.health import archive_health
+from backup_pipelines.engine.pitr.recover import pitr_restore
+from backup_pipelines.engine.pitr.retention import apply_pitr_retention
+from backup_pipelines.engine.pitr.window import parse_target_time
 from backup_pipelines.engine.storage import list_stored_backups
 from backup_pipelines.engine.wal import list_wal, segment_number, wal_archive_for
 from backup_pipelines_tests.pitr_support import PASSWORD, PitrSetup, start_pitr_cluster

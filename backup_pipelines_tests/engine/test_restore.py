@@ -19,15 +19,11 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import list_artifacts, load_artifact
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import (
-    RestoreRefusedError,
-    RestoreStepError,
-    drop_expired_previous_copies,
-    restore_database,
-)
+from backup_pipelines.engine.restore import RestoreRefusedError, RestoreStepError, restore_database
+from backup_pipelines.engine.restore.cleanup import drop_expired_previous_copies
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import (

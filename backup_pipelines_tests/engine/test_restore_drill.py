@@ -7,10 +7,11 @@ import secrets
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
 from backup_pipelines.devtools.sample_data import create_sample_roles
-from backup_pipelines.engine.drill import run_amcheck, run_drill
+from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.drills.amcheck import run_amcheck
+from backup_pipelines.engine.drills.logical import run_drill
 from backup_pipelines.engine.offsite import upload_backup
-from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import configured_offsite_storage
+from backup_pipelines.engine.restore.locate import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint

@@ -8,14 +8,10 @@ import secrets
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.offsite import upload_backup
-from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import (
-    RestoreRefusedError,
-    RestoreStepError,
-    configured_offsite_storage,
-    restore_database,
-)
+from backup_pipelines.engine.restore import RestoreRefusedError, RestoreStepError, restore_database
+from backup_pipelines.engine.restore.locate import configured_offsite_storage
 from backup_pipelines.engine.storage import default_s3_client
 from backup_pipelines_tests.helpers import fingerprint
 from backup_pipelines_tests.restore_helpers import backup_files, databases

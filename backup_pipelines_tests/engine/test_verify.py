@@ -9,7 +9,7 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
-from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.verify import verify_artifact
 
 log = logging.getLogger("test")

@@ -10,8 +10,9 @@ import boto3
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines.engine.basebackup import run_base_backup
-from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
+from backup_pipelines.engine.backup.base import run_base_backup
+from backup_pipelines.engine.pitr.recover import pitr_restore
+from backup_pipelines.engine.pitr.window import parse_target_time
 from backup_pipelines.engine.wal import object_stem
 from backup_pipelines_tests.pitr_support import PASSWORD, start_pitr_cluster
 

@@ -29,12 +29,12 @@ from backup_pipelines.devtools.sample_data import (
     create_sample_roles,
 )
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
-from backup_pipelines.engine.drill import run_amcheck, run_drill
+from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.drills.amcheck import run_amcheck
+from backup_pipelines.engine.drills.logical import restore_test, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
-from backup_pipelines.engine.restore import restore_test
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import restore_and_compare
 from backup_pipelines_tests.restore_helpers import (

@@ -44,8 +44,10 @@ REFUSALS = {
 
 
 def _all_error_classes() -> dict[str, type[errors.BackupPipelinesError]]:
-    for module in pkgutil.iter_modules(backup_pipelines.engine.__path__):
-        importlib.import_module(f"backup_pipelines.engine.{module.name}")
+    for module in pkgutil.walk_packages(
+        backup_pipelines.engine.__path__, "backup_pipelines.engine."
+    ):
+        importlib.import_module(module.name)
     found: dict[str, type[errors.BackupPipelinesError]] = {}
     pending = [errors.BackupPipelinesError]
     while pending:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
-from backup_pipelines.engine.restore import locate_backup
+from backup_pipelines.engine.restore.locate import locate_backup
 from backup_pipelines_tests.alert_receivers import webhook_receiver
 from backup_pipelines_tests.engine.storage_helpers import fake_backup
 from backup_pipelines_tests.fault_matrix.faketime import run_cli_at
@@ -217,8 +217,8 @@ def test_base_backup_retention_refuses_a_jumped_clock_and_keeps_the_wal(
 ) -> None:
     """Base backups and WAL follow the same rule: with a clock 40 days ahead (or behind) of the
     base backups nothing is pruned, WAL included; with the right clock retention runs."""
-    from backup_pipelines.engine.basebackup import list_base_backups, run_base_backup
-    from backup_pipelines.engine.pitr import apply_pitr_retention
+    from backup_pipelines.engine.backup.base import list_base_backups, run_base_backup
+    from backup_pipelines.engine.pitr.retention import apply_pitr_retention
     from backup_pipelines.engine.wal import list_wal, wal_archive_for
     from backup_pipelines_tests.pitr_support import start_pitr_cluster
 

@@ -22,7 +22,7 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import list_artifacts, load_artifact
-from backup_pipelines.engine.restore import locate_backup
+from backup_pipelines.engine.restore.locate import locate_backup
 from backup_pipelines_tests.conftest import VENV_BIN
 from backup_pipelines_tests.engine.storage_helpers import fake_backup
 from backup_pipelines_tests.fault_matrix.faketime import run_cli_at

@@ -21,7 +21,7 @@ import pytest
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.devtools.sample_data import create_sample_database
 from backup_pipelines.engine.artifacts import list_artifacts
-from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,

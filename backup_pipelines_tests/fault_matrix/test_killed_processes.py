@@ -22,8 +22,9 @@ import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
 from backup_pipelines.engine.artifacts import list_artifacts, list_partials
-from backup_pipelines.engine.pipeline import run_backup
-from backup_pipelines.engine.restore import RestoreRefusedError, restore_cleanup
+from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.restore import RestoreRefusedError
+from backup_pipelines.engine.restore.cleanup import restore_cleanup
 from backup_pipelines.engine.retention import prune_target
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import VENV_BIN

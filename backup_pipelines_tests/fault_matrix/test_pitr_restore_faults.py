@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from backup_pipelines.devtools.local_postgres import free_port
-from backup_pipelines.engine.basebackup import run_base_backup
+from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.wal import list_wal, wal_archive_for
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,
@@ -196,7 +196,7 @@ def test_pitr_drill_on_a_busy_drill_port_says_so(
 def test_failure_reason_is_the_servers_own_line() -> None:
     """The lines PostgreSQL 15 writes when its port is taken (copied from a real start), with a
     client's FATAL in between that is not the reason."""
-    from backup_pipelines.engine.pitr import server_failure_reason
+    from backup_pipelines.engine.pitr.server import server_failure_reason
 
     log = [
         "2026-11-29 03:35:05.053 UTC [13648] LOG:  starting PostgreSQL 15.18 (Debian 15.18-0+deb12u1)",

@@ -22,8 +22,8 @@ from botocore.config import Config
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
 from backup_pipelines.engine.artifacts import list_artifacts
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.offsite import check_offsite_copy, offsite_storage
-from backup_pipelines.engine.pipeline import run_backup
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import VENV_BIN
 from backup_pipelines_tests.fault_matrix.support import EXIT_FAILED, assert_clear_failure

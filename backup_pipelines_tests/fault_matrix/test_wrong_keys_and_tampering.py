@@ -23,8 +23,8 @@ import pytest
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.devtools.sample_data import create_sample_database
 from backup_pipelines.engine.artifacts import BackupArtifact
-from backup_pipelines.engine.drill import run_drill
-from backup_pipelines.engine.pipeline import run_backup
+from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.drills.logical import run_drill
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_FAILED,
     assert_clear_failure,

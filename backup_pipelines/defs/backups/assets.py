@@ -8,9 +8,9 @@ from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.pipeline import run_backup
 
 # Dagster's smallest freshness window (a shorter max_age still alerts through the sensor).
 MIN_FRESHNESS_WINDOW = timedelta(minutes=1)

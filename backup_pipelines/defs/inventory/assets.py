@@ -153,7 +153,9 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
             storage = None
             if target.settings.offsite.is_enabled:
                 storage = offsite_storage(target, client=offsite_s3.get_client())
-            report = prune_target(target, timezone=project.timezone, storage=storage)
+            report = prune_target(
+                target, timezone=project.timezone, storage=storage, log=context.log
+            )
         except BackupPipelinesError as exc:
             raise user_error(exc) from None
         for error in report.errors:

@@ -11,14 +11,9 @@ from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.migrations import (
-    HistoryEntry,
-    RollbackFailedError,
-    RollbackPlan,
-    RollbackResult,
-    execute_rollback,
-    plan_rollback,
-)
+from backup_pipelines.engine.migrations.errors import RollbackFailedError
+from backup_pipelines.engine.migrations.plan import HistoryEntry, RollbackPlan, plan_rollback
+from backup_pipelines.engine.migrations.rollback import RollbackResult, execute_rollback
 
 ROLLBACK_OP = "roll_back_migrations"
 

@@ -14,16 +14,13 @@ from backup_pipelines.defs.pitr.common import (
 )
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import latest_materialized_path, user_error
-from backup_pipelines.engine.basebackup import load_base_backup, run_base_backup
+from backup_pipelines.engine.backup.base import load_base_backup, run_base_backup
 from backup_pipelines.engine.config import ProjectConfig, TargetSettings
+from backup_pipelines.engine.drills.pitr import pitr_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
-from backup_pipelines.engine.pitr import (
-    PitrRetentionReport,
-    apply_pitr_retention,
-    base_backup_offsite_storage,
-    pitr_drill,
-)
+from backup_pipelines.engine.offsite import base_backup_offsite_storage
+from backup_pipelines.engine.pitr.retention import PitrRetentionReport, apply_pitr_retention
 
 
 def _alert_if_refused(
@@ -79,7 +76,7 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
             raise user_error(exc) from None
         meta = artifact.meta
         try:
-            retention = apply_pitr_retention(backup_engine.project(), target)
+            retention = apply_pitr_retention(backup_engine.project(), target, log=context.log)
             _alert_if_refused(context, backup_engine.project(), name, retention)
         except (BackupPipelinesError, OSError) as exc:
             # The new backup is complete and stays; pruning is retried by the next run.
@@ -150,7 +147,7 @@ def _offsite_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
             storage = base_backup_offsite_storage(target, client=offsite_s3.get_client())
             outcome = upload_backup(artifact, storage, log=context.log)
             retention = apply_pitr_retention(
-                backup_engine.project(), target, remote_storage=storage
+                backup_engine.project(), target, remote_storage=storage, log=context.log
             )
             _alert_if_refused(context, backup_engine.project(), name, retention)
         except BackupPipelinesError as exc:

@@ -15,9 +15,10 @@ from backup_pipelines.defs.pitr.common import (
 )
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import failure, latest_materialized_path
-from backup_pipelines.engine.basebackup import load_base_backup, verify_base_backup
+from backup_pipelines.engine.backup.base import load_base_backup
+from backup_pipelines.engine.backup.base_reader import verify_base_backup
 from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.pitr import ArchiveHealth, archive_health
+from backup_pipelines.engine.pitr.health import ArchiveHealth, archive_health
 
 
 def health_metadata(health: ArchiveHealth) -> dict[str, dg.MetadataValue]:

@@ -11,7 +11,8 @@ from backup_pipelines.defs.pitr.common import pitr_targets
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.pitr import parse_target_time, pitr_restore
+from backup_pipelines.engine.pitr.recover import pitr_restore
+from backup_pipelines.engine.pitr.window import parse_target_time
 
 PITR_RESTORE_OP = "restore_to_time"
 

@@ -12,7 +12,7 @@ from backup_pipelines.defs.shared import project_config
 from backup_pipelines.engine.config import load_config
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
-from backup_pipelines.engine.pitr import ArchiveHealth, archive_health
+from backup_pipelines.engine.pitr.health import ArchiveHealth, archive_health
 
 
 def _interval() -> int:

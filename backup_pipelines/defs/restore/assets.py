@@ -12,7 +12,7 @@ from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.config import TargetSettings
-from backup_pipelines.engine.drill import DrillResult, run_drill
+from backup_pipelines.engine.drills.logical import DrillResult, run_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
 
 RESTORE_DRILL = "restore_drill"

@@ -193,7 +193,7 @@ def test_base_backup_drill_and_restore_job(setup: PitrSetup) -> None:
 def test_sensor_and_check_catch_a_gap_and_alert_once(
     setup: PitrSetup, webhook: tuple[str, list[dict]]
 ) -> None:
-    from backup_pipelines.engine.basebackup import run_base_backup
+    from backup_pipelines.engine.backup.base import run_base_backup
 
     defs = pitr_definitions()
     run_base_backup(setup.target)

@@ -11,18 +11,11 @@ start and end, and the server version, so PITR can pick the right base backup wi
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import pwd
 import re
-import shutil
 import subprocess
-import tarfile
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,25 +28,20 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
-from backup_pipelines.engine.compression import CHUNK_SIZE, compressor, decompress_chunks
-from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL, Target
-from backup_pipelines.engine.encryption import decrypt_chunks, encryption_stage_factory
-from backup_pipelines.engine.errors import (
-    BackupFailedError,
-    BackupPipelinesError,
-    IntegrityError,
-    ToolError,
-)
-from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
-from backup_pipelines.engine.pipeline import (
+from backup_pipelines.engine.backup.files import (
     HashingSink,
     discard_failed_backup,
     ensure_target_dirs,
     target_lock,
 )
+from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
+from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL, Target
+from backup_pipelines.engine.encryption import encryption_stage_factory
+from backup_pipelines.engine.errors import BackupFailedError, IntegrityError
+from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
 from backup_pipelines.engine.processes import one_line, spawn
-from backup_pipelines.engine.verify import CheckOutcome, check_checksum
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.version import TOOL_VERSION
 from backup_pipelines.engine.wal import parse_lsn, pitr_settings, segment_of_lsn
 
@@ -142,10 +130,16 @@ def _server_now(info: ConnectionInfo) -> datetime:
 
 
 def run_base_backup(
-    target: Target, *, log: Any = None, purpose: str = "scheduled"
+    target: Target,
+    *,
+    log: Any = None,
+    purpose: str = "scheduled",
+    progress: ProgressReporter | None = None,
 ) -> BackupArtifact:
-    """Take one base backup of the target's cluster; returns the new artifact."""
+    """Take one base backup of the target's cluster; returns the new artifact. The bytes
+    pg_basebackup has sent so far go to ``progress`` (default: lines in ``log``)."""
     log = log or logger
+    progress = reporter_for(progress, log)
     settings = pitr_settings(target)
     info = ConnectionInfo.parse(
         target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
@@ -197,19 +191,22 @@ def run_base_backup(
                 proc, stderr = spawn(argv, env=info.child_env(), stdout=subprocess.PIPE)
                 assert proc.stdout is not None
                 tar_bytes = 0
-                while chunk := proc.stdout.read(CHUNK_SIZE):
-                    tar_bytes += len(chunk)
-                    write_stored(compress.compress(chunk))
-                write_stored(compress.flush())
-                returncode = proc.wait()
-                messages = one_line(info.redact(stderr.text()))
-                if returncode != 0:
-                    raise BackupFailedError(
-                        f"pg_basebackup failed for target '{target.name}' ({info.describe()}): "
-                        f"{messages or f'exit status {returncode}'}",
-                        hint="the backup role needs the REPLICATION attribute and a 'replication' "
-                        "line in pg_hba.conf; tablespaces are not supported (tar to stdout)",
-                    )
+                with progress.start("pg_basebackup") as meter:
+                    while chunk := proc.stdout.read(CHUNK_SIZE):
+                        tar_bytes += len(chunk)
+                        write_stored(compress.compress(chunk))
+                        meter.advance(len(chunk))
+                    write_stored(compress.flush())
+                    returncode = proc.wait()
+                    messages = one_line(info.redact(stderr.text()))
+                    if returncode != 0:
+                        raise BackupFailedError(
+                            f"pg_basebackup failed for target '{target.name}' "
+                            f"({info.describe()}): {messages or f'exit status {returncode}'}",
+                            hint="the backup role needs the REPLICATION attribute and a "
+                            "'replication' line in pg_hba.conf; tablespaces are not supported "
+                            "(tar to stdout)",
+                        )
                 if finish_stored is not None:
                     finish_stored()
                 handle.flush()
@@ -283,171 +280,3 @@ def _final_path(folder: Path, started: datetime, extension: str) -> Path:
         if not candidate.exists() and not partial_path(candidate).exists():
             return candidate
         moment = moment.fromtimestamp(moment.timestamp() + 1, UTC)
-
-
-# --- reading a base backup back --------------------------------------------------------------
-
-
-class _ChunkStream(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks (what tarfile's stream mode reads)."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-
-def extract_base_backup(artifact: BackupArtifact, meta: BaseBackupMeta, destination: Path) -> int:
-    """Stream-extract into ``destination`` (an existing empty folder) while verifying the stored
-    file's SHA-256; raises IntegrityError (after emptying ``destination``) on any mismatch."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    stored_size = 0
-
-    def hashed() -> Iterator[bytes]:
-        nonlocal stored_size
-        for chunk in artifact.stored_chunks():
-            digest.update(chunk)
-            stored_size += len(chunk)
-            yield chunk
-
-    members = 0
-    try:
-        stored = hashed()
-        if meta.encryption.get("mode", "none") != "none":
-            stored = decrypt_chunks(
-                meta.encryption, stored, name=artifact.path.name, target=meta.target
-            )
-        stream = io.BufferedReader(
-            _ChunkStream(decompress_chunks(meta.compression, stored, name=artifact.path.name)),
-            CHUNK_SIZE,
-        )
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
-            for member in archive:
-                archive.extract(member, destination, filter="data")
-                members += 1
-            # Drain the tar's end-of-archive blocks so the checksum covers the whole file.
-            while stream.read(CHUNK_SIZE):
-                pass
-        if digest.hexdigest() != meta.sha256 or stored_size != meta.size_bytes:
-            raise IntegrityError(
-                f"{artifact.path.name}: SHA-256 mismatch (file {digest.hexdigest()[:16]}…, "
-                f".meta {meta.sha256[:16]}…): the base backup was modified or damaged",
-                hint="use another base backup (or its offsite copy)",
-            )
-        if (
-            not (destination / "backup_manifest").exists()
-            or not (destination / "global" / "pg_control").exists()
-        ):
-            raise IntegrityError(
-                f"{artifact.path.name} does not contain a complete data directory "
-                "(backup_manifest or global/pg_control missing)"
-            )
-    except tarfile.TarError as exc:
-        empty_dir(destination)
-        raise IntegrityError(f"{artifact.path.name} is not a readable tar archive: {exc}") from None
-    except BaseException:
-        empty_dir(destination)
-        raise
-    return members
-
-
-def empty_dir(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                child.unlink()
-
-
-def chown_tree(root: Path, user: str) -> None:
-    """Give a restored data directory to the server's OS user (only possible, and needed, as root)."""
-    if os.geteuid() != 0:
-        return
-    entry = pwd.getpwnam(user)
-    for folder, dirs, files in os.walk(root):
-        os.lchown(folder, entry.pw_uid, entry.pw_gid)
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(folder, name), entry.pw_uid, entry.pw_gid)
-
-
-def check_manifest(artifact: BackupArtifact, meta: BaseBackupMeta, target: Target) -> CheckOutcome:
-    """Extract into a scratch folder and run ``pg_verifybackup`` against the backup's manifest
-    (file sizes and checksums, and the WAL range parsed with pg_waldump)."""
-    tools = find_tools(None, target.settings.pg_bin_dir)
-    try:
-        verifier = tools.path("pg_verifybackup")
-    except ToolError as exc:
-        return CheckOutcome("manifest", False, exc.message)
-    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=artifact.path.parent))
-    try:
-        try:
-            members = extract_base_backup(artifact, meta, scratch)
-        except BackupPipelinesError as exc:
-            return CheckOutcome("manifest", False, exc.message)
-        result = subprocess.run(
-            [verifier, "--quiet", str(scratch)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            return CheckOutcome(
-                "manifest",
-                False,
-                f"pg_verifybackup found problems in {artifact.path.name}: "
-                + "; ".join(detail[:10]),
-                {"members": members},
-            )
-        return CheckOutcome(
-            "manifest",
-            True,
-            f"pg_verifybackup: every file matches backup_manifest and WAL {meta.start_lsn}..{meta.end_lsn} "
-            f"parses ({members} tar members)",
-            {"members": members},
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def verify_base_backup(artifact: BackupArtifact, target: Target) -> list[CheckOutcome]:
-    """Checksum first (cheap); the manifest check only for a file whose checksum matches."""
-    _, meta = as_base(artifact)
-    outcomes = [check_checksum(artifact)]
-    if outcomes[0].passed:
-        outcomes.append(check_manifest(artifact, meta, target))
-    return outcomes
-
-
-@dataclass(frozen=True)
-class BaseRetentionOutcome:
-    kept: list[str]
-    removed: list[str]
-    wal_removed: list[str]
-    oldest_kept_first_segment: str | None
-
-
-def retained_base_backups(
-    backups: list[tuple[BackupArtifact, BaseBackupMeta]], keep: int
-) -> list[tuple[BackupArtifact, BaseBackupMeta]]:
-    """The newest ``keep`` backups that did not fail verification (failed ones never count)."""
-    usable = [(a, m) for a, m in backups if a.usable]
-    return usable[:keep]

@@ -8,6 +8,9 @@ target's own database is never touched.
 
 The measured RTO covers what a real restore would do: verify the backup, create the database,
 load it and check the counts. The RPO at that moment is the age of the backup drilled.
+
+The restore test of ``backup --test`` (:func:`restore_test`) is the same proof for one backup just
+taken: restore into a scratch database, compare the row counts, drop it.
 """
 
 from __future__ import annotations
@@ -22,116 +25,39 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.clock import age_seconds
 from backup_pipelines.engine.config import ProjectConfig, Target
-from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
+from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
-from backup_pipelines.engine.restore import (
+from backup_pipelines.engine.progress import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    ProgressReporter,
+    reporter_for,
+)
+from backup_pipelines.engine.restore.cleanup import drop_leftover_databases, work_dir_for
+from backup_pipelines.engine.restore.database import (
     SCRATCH_MARKER,
-    compare_counts,
-    configured_offsite_storage,
     create_database,
-    describe_mismatches,
     drop_database,
-    drop_leftover_databases,
+    mark_database,
+    scratch_name,
+    server_tools,
+)
+from backup_pipelines.engine.restore.locate import (
+    configured_offsite_storage,
     latest_local_backup,
     latest_offsite_backup,
     local_copy,
     locate_backup,
-    mark_database,
-    restore_into,
-    scratch_name,
-    server_tools,
-    work_dir_for,
 )
+from backup_pipelines.engine.restore.runner import compare_counts, describe_mismatches, restore_into
 from backup_pipelines.engine.storage import load_remote_artifact
 from backup_pipelines.engine.verify import verify_artifact
 
 logger = logging.getLogger("backup_pipelines")
-
-# The indexes amcheck's bt_index_check can verify: leaf btree indexes (relkind 'i'; a
-# partitioned table's index, relkind 'I', has no storage and is rejected) that are valid, ready
-# and live, of user tables and populated materialized views. Not temporary ones (another
-# session's temp table cannot be read), not system catalogs and not TOAST indexes: the drill
-# verifies what the dump restored.
-BTREE_INDEXES_SQL = """
-SELECT c.oid, c.oid::regclass::text
-FROM pg_index i
-JOIN pg_class c ON c.oid = i.indexrelid
-JOIN pg_class t ON t.oid = i.indrelid
-JOIN pg_am am ON am.oid = c.relam
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'i'
-  AND am.amname = 'btree'
-  AND t.relkind IN ('r', 'm')
-  AND (t.relkind <> 'm' OR t.relispopulated)
-  AND i.indisvalid AND i.indisready AND i.indislive
-  AND c.relpersistence <> 't'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%'
-  AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-ORDER BY 2
-"""
-
-
-@dataclass
-class AmcheckOutcome:
-    available: bool
-    detail: str
-    indexes_checked: int = 0
-    failures: dict[str, str] = field(default_factory=dict)
-
-
-def _amcheck_schema(conn: psycopg.Connection) -> str | None:
-    row = conn.execute(
-        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-        "WHERE e.extname = 'amcheck'"
-    ).fetchone()
-    return str(row[0]) if row else None
-
-
-def run_amcheck(conn: psycopg.Connection) -> AmcheckOutcome:
-    """``bt_index_check(heapallindexed => true)`` on every leaf btree index of ``conn``'s database.
-
-    ``conn`` must be in autocommit mode. When the extension cannot be created or used (not
-    installed, or the role may not create it or run its functions) the outcome says so; that
-    is not a failure of the backup. The extension may already be there, in any schema, when
-    the restored database brought it along.
-    """
-    try:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
-        schema = _amcheck_schema(conn)
-    except psycopg.Error as exc:
-        reason = (exc.diag.message_primary or str(exc)).strip()
-        return AmcheckOutcome(False, f"amcheck unavailable on the drill server: {reason}")
-    if schema is None:
-        return AmcheckOutcome(False, "amcheck unavailable on the drill server: not installed")
-    check = sql.SQL(
-        "SELECT {}.bt_index_check(index => %s::oid::regclass, heapallindexed => true)"
-    ).format(sql.Identifier(schema))
-    indexes = conn.execute(BTREE_INDEXES_SQL).fetchall()
-    failures: dict[str, str] = {}
-    for oid, name in indexes:
-        try:
-            conn.execute(check, (oid,))
-        except psycopg.errors.InsufficientPrivilege as exc:
-            reason = (exc.diag.message_primary or str(exc)).strip()
-            return AmcheckOutcome(False, f"amcheck unavailable on the drill server: {reason}")
-        except psycopg.errors.UndefinedTable:
-            continue  # dropped while we checked: nothing left to verify
-        except psycopg.Error as exc:
-            failures[name] = (exc.diag.message_primary or str(exc)).strip()
-    detail = (
-        f"bt_index_check passed on {len(indexes)} btree indexes"
-        if not failures
-        else f"bt_index_check failed on {len(failures)} of {len(indexes)} btree indexes: "
-        + "; ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
-    )
-    return AmcheckOutcome(True, detail, len(indexes), failures)
 
 
 @dataclass
@@ -201,6 +127,7 @@ def run_drill(
     log: Any = None,
     backup: str | None = None,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    progress: ProgressReporter | None = None,
 ) -> DrillResult:
     """Drill ``backup`` (default: the newest backup) of a target. Never touches the target's database.
 
@@ -208,6 +135,7 @@ def run_drill(
     with a backup or the drill server comes back as a failed :class:`DrillResult`.
     """
     log = log or logger
+    progress = reporter_for(progress, log, progress_interval)
     target = config.target(target_name)
     result = DrillResult(target=target.name, passed=False, started_at=datetime.now(UTC))
 
@@ -249,9 +177,7 @@ def run_drill(
             # Downloaded once and restored from disk; the download counts towards the RTO.
             try:
                 artifact = cleanup.enter_context(
-                    local_copy(
-                        artifact, work_dir_for(target), log=log, progress_interval=progress_interval
-                    )
+                    local_copy(artifact, work_dir_for(target), log=log, progress=progress)
                 )
             except BackupPipelinesError as exc:
                 return failed("download", exc.message)
@@ -263,7 +189,7 @@ def run_drill(
             clock,
             failed,
             log=log,
-            progress_interval=progress_interval,
+            progress=progress,
         )
 
 
@@ -276,7 +202,7 @@ def _verify_restore_check(
     failed: Callable[[str, str], DrillResult],
     *,
     log: Any,
-    progress_interval: float,
+    progress: ProgressReporter,
 ) -> DrillResult:
     try:
         outcomes = verify_artifact(artifact)
@@ -307,7 +233,7 @@ def _verify_restore_check(
                 jobs=target.settings.restore_jobs,
                 work_dir=work_dir_for(target),
                 log=log,
-                progress_interval=progress_interval,
+                progress=progress,
             )
         except BackupPipelinesError as exc:
             return failed("restore", f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
@@ -353,3 +279,76 @@ def _verify_restore_check(
                 failed("cleanup", problem)
             else:
                 log.error(problem)
+
+
+# --- the restore test of `backup --test` --------------------------------------------------------
+
+
+@dataclass
+class RestoreTestResult:
+    """Outcome of restoring a backup into a scratch database and comparing row counts."""
+
+    passed: bool
+    scratch_database: str
+    duration_seconds: float
+    tables_checked: int
+    rows_checked: int
+    mismatches: dict[str, dict[str, int | None]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.passed:
+            return (
+                f"restore test passed: {self.tables_checked} tables, {self.rows_checked} rows "
+                f"match the backup's metadata ({self.duration_seconds:.1f}s)"
+            )
+        return "restore test FAILED, row counts differ: " + describe_mismatches(self.mismatches)
+
+
+def restore_test(
+    target: Target,
+    artifact: BackupArtifact,
+    *,
+    log: Any,
+    progress: ProgressReporter | None = None,
+) -> RestoreTestResult:
+    """Restore into a scratch database, compare every table's row count with ``.meta``, drop it."""
+    admin = ConnectionInfo.parse(
+        target.scratch_dsn(), source=f"target '{target.name}' scratch server"
+    )
+    tools = server_tools(admin, target)
+    name = scratch_name("bp_test", target.name)
+    scratch = admin.with_dbname(name)
+    started = time.monotonic()
+    drop_leftover_databases(admin, target, SCRATCH_MARKER, log=log)
+    create_database(admin, name, artifact)
+    try:
+        mark_database(admin, name, SCRATCH_MARKER, target)
+        try:
+            restore_into(
+                artifact,
+                scratch,
+                tools=tools,
+                jobs=target.settings.restore_jobs,
+                work_dir=work_dir_for(target),
+                log=log,
+                progress=progress,
+            )
+        except BackupPipelinesError as exc:
+            raise RestoreFailedError(
+                f"restore test of {Path(artifact.location).name} failed: {exc.message}",
+                hint=exc.hint
+                or "the backup cannot be restored as is; keep the previous backups and investigate",
+            ) from None
+        with connect(scratch) as conn:
+            restored = table_row_counts(conn, with_children=artifact.meta.row_counts_with_children)
+    finally:
+        drop_database(admin, name)
+    mismatches = compare_counts(artifact.meta.row_counts, restored)
+    return RestoreTestResult(
+        passed=not mismatches,
+        scratch_database=name,
+        duration_seconds=round(time.monotonic() - started, 3),
+        tables_checked=len(restored),
+        rows_checked=sum(restored.values()),
+        mismatches=mismatches,
+    )

@@ -1,4 +1,5 @@
-"""The backup pipeline: pg_dump -> compress -> hash -> file, in one streaming pass.
+"""The logical backup of one database: pg_dump -> compress -> (encrypt) -> hash -> file, in one
+streaming pass.
 
 Memory stays flat whatever the database size: data moves in 1 MiB chunks from pg_dump's stdout
 through the compressor and the hash into a ``.partial`` file. Only when pg_dump has exited 0,
@@ -9,18 +10,15 @@ final name, so a crash or a failure at any point leaves nothing that looks like 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import hashlib
 import logging
 import os
 import queue
 import re
-import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,18 +35,17 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
+from backup_pipelines.engine.backup.files import (
+    HashingSink,
+    discard_failed_backup,
+    ensure_target_dirs,
+    target_lock,
+)
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
-from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError, TargetBusyError
-from backup_pipelines.engine.fsutil import (
-    ensure_private_dir,
-    exclusive_lock,
-    fsync_dir,
-    open_private,
-    partial_path,
-    write_atomic,
-)
+from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
+from backup_pipelines.engine.fsutil import fsync_dir, open_private, partial_path, write_atomic
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
     PgTools,
@@ -58,26 +55,12 @@ from backup_pipelines.engine.postgres import (
     server_major,
     table_row_counts,
 )
-from backup_pipelines.engine.processes import one_line, spawn, stop
+from backup_pipelines.engine.processes import one_line, spawn
+from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
 
 logger = logging.getLogger("backup_pipelines")
-
-
-class HashingSink:
-    """The last stage: counts and hashes exactly the bytes that are stored."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self.digest.update(data)
-            self.handle.write(data)
-            self.size += len(data)
 
 
 PREFETCH_CHUNKS = 8  # at most 8 MiB in flight between pg_dump and the compressor
@@ -141,27 +124,6 @@ class DumpSource:
     encoding: str
     collate: str
     ctype: str
-
-
-def ensure_target_dirs(target: Target, *, log: Any = None) -> Path:
-    """``backup_root`` and the target's folder in it, ready to write (new folders are 0700)."""
-    ensure_private_dir(target.backup_dir.parent, what="backup_root", log=log)
-    return ensure_private_dir(
-        target.backup_dir, what=f"backup folder of target '{target.name}'", log=log
-    )
-
-
-def target_lock(backup_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """One backup per target directory at a time (a second one fails fast, it does not queue)."""
-    lock_path = backup_dir / ".lock"
-    return exclusive_lock(
-        lock_path,
-        lambda: TargetBusyError(
-            f"another backup of this target is running (lock {lock_path}); this one was "
-            "refused and changed nothing",
-            hint="wait for it to finish; a lock of a dead process is released automatically",
-        ),
-    )
 
 
 def _lock_wait_ms(target: Target) -> int | None:
@@ -236,63 +198,6 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
     )
 
 
-def _mount_of(directory: Path) -> tuple[str, str]:
-    """The mount point holding ``directory`` and its filesystem type (from /proc/mounts)."""
-    resolved = directory.resolve()
-    best, fstype = "/", "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 3:
-                continue
-            mount = fields[1].replace("\\040", " ")
-            if resolved.is_relative_to(mount) and len(mount) >= len(best):
-                best, fstype = mount, fields[2]
-    return best, fstype
-
-
-def describe_free_space(directory: Path) -> str:
-    """``filesystem /srv/backups (ext4): 1.2 MiB free of 50.0 GiB``: the disk that filled up."""
-    from backup_pipelines.engine.listing import human_size
-
-    usage = shutil.disk_usage(directory)
-    mount, fstype = _mount_of(directory)
-    return (
-        f"filesystem {mount} ({fstype}): {human_size(usage.free)} free of {human_size(usage.total)}"
-    )
-
-
-def discard_failed_backup(
-    exc: BaseException,
-    *,
-    what: str,
-    folder: Path,
-    proc: subprocess.Popen[bytes] | None,
-    aborts: Sequence[Callable[[], object]],
-    leftovers: Sequence[Path],
-) -> BaseException:
-    """Undo a failed backup: stop the producer, abort extra stages (gpg), remove every file
-    written. Returns the error to raise, with a full disk turned into an actionable one."""
-    if proc is not None:
-        stop(proc)
-    for abort in aborts:
-        with contextlib.suppress(Exception):
-            abort()
-    for leftover in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return BackupFailedError(
-            f"disk full while writing {what} to {folder} ({describe_free_space(folder)} after "
-            "removing the unfinished files); nothing of this backup was kept",
-            hint="free space on that filesystem, move backup_root to a larger volume, or prune "
-            "old backups (`backup-pipelines prune <target>`)",
-        )
-    if isinstance(exc, OSError) and not isinstance(exc, BackupPipelinesError):
-        return BackupFailedError(f"writing {what} failed: {exc}")
-    return exc
-
-
 def _final_path(backup_dir: Path, database: str, started: datetime, extension: str) -> Path:
     # Two backups in the same second (a manual run beside a scheduled one) must not collide.
     moment = started
@@ -309,10 +214,12 @@ def run_backup(
     log: Any = None,
     stage_factory: Any = None,
     purpose: str = "scheduled",
+    progress: ProgressReporter | None = None,
 ) -> BackupArtifact:
     """Back up one target and return the new artifact. Raises BackupPipelinesError on failure.
 
     ``purpose`` is recorded in ``.meta`` (``scheduled``, ``manual``, ``pre-restore``, ...).
+    The bytes pg_dump has written so far go to ``progress`` (default: lines in ``log``).
 
     ``stage_factory`` (used by encryption) wraps the hashing sink with more stages; it takes the
     sink and returns ``(writer, finish, encryption_meta)`` or ``(..., abort)`` with a cleanup
@@ -385,6 +292,7 @@ def run_backup(
                 started,
                 clock,
                 log,
+                reporter_for(progress, log),
                 stage_factory,
                 counter,
                 counts,
@@ -405,6 +313,7 @@ def _dump_to_file(
     started: datetime,
     clock: float,
     log: Any,
+    progress: ProgressReporter,
     stage_factory: Any,
     counter: threading.Thread,
     counts: dict[str, int],
@@ -440,20 +349,23 @@ def _dump_to_file(
             _grow_pipe(proc.stdout)
             dump_bytes = 0
             compress = codec.compress
-            for chunk in prefetched_chunks(proc.stdout):
-                dump_bytes += len(chunk)
-                write_stored(compress(chunk))
-            write_stored(codec.flush())
-            returncode = proc.wait()
-            if returncode != 0:
-                text = stderr.text()
-                if _PG_DUMP_LOCK_TIMEOUT.search(text):
-                    raise lock_wait_failure(target, source.info)
-                detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
-                raise BackupFailedError(
-                    f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
-                    hint=_pg_dump_hint(text),
-                )
+            with progress.start("pg_dump") as meter:
+                for chunk in prefetched_chunks(proc.stdout):
+                    dump_bytes += len(chunk)
+                    write_stored(compress(chunk))
+                    meter.advance(len(chunk))
+                write_stored(codec.flush())
+                returncode = proc.wait()
+                if returncode != 0:
+                    text = stderr.text()
+                    if _PG_DUMP_LOCK_TIMEOUT.search(text):
+                        raise lock_wait_failure(target, source.info)
+                    detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
+                    raise BackupFailedError(
+                        f"pg_dump failed for target '{target.name}' "
+                        f"({source.info.describe()}): {detail}",
+                        hint=_pg_dump_hint(text),
+                    )
             warnings = stderr.text()
             if warnings:
                 log.warning(f"pg_dump said: {source.info.redact(warnings)}")

@@ -1,0 +1,9 @@
+"""Taking backups.
+
+- ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
+  file, in one streaming pass): ``run_backup``.
+- ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
+- ``base_reader``: reading a base backup back (extract with its checksum, pg_verifybackup).
+- ``files``: what both write with: the target's folder and lock, the hashing sink, undoing a
+  failed backup.
+"""
