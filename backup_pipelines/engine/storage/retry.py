@@ -105,11 +105,15 @@ def is_transient(exc: BaseException) -> bool:
 
 def is_stream_error(exc: BaseException) -> bool:
     """A connection that broke while a response body was being read (botocore cannot retry it:
-    the response was already handed over)."""
-    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+    the response was already handed over). A body that simply ends early (the connection closed
+    before Content-Length bytes) is one too: botocore reports it as IncompleteReadError."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
-    return isinstance(exc, ResponseStreamingError | ReadTimeoutError | Urllib3Error | OSError)
+    return isinstance(
+        exc,
+        ResponseStreamingError | IncompleteReadError | ReadTimeoutError | Urllib3Error | OSError,
+    )
 
 
 def _is_unreachable(exc: BaseException) -> bool:
@@ -141,7 +145,7 @@ def _setup_problem(exc: BaseException) -> tuple[str, str] | None:
 
 
 def _attempts_made(exc: BaseException, client: Any) -> str:
-    metadata = getattr(exc, "response", {}).get("ResponseMetadata", {})
+    metadata = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {})
     if "RetryAttempts" in metadata:
         return f"{int(metadata['RetryAttempts']) + 1} attempts"
     configured = configured_attempts(client)
