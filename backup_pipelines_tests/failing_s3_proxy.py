@@ -54,8 +54,7 @@ class FailingS3Proxy:
     @property
     def url(self) -> str:
         assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def fail(self, rule: Callable[[Seen], bool], times: int, action: str = "503") -> None:
         with self._lock:
@@ -136,7 +135,7 @@ class FailingS3Proxy:
 
             def _forward(self, body: bytes, *, cut: bool) -> None:
                 target = urlsplit(proxy.upstream)
-                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                connection = http.client.HTTPConnection(target.netloc, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))

@@ -149,7 +149,9 @@ def test_the_dagster_resource_follows_the_same_policy(
     from backup_pipelines.defs.shared import OFFSITE_S3
 
     make_project({"prod": {"dsn_env": "UNUSED", "offsite": {"bucket": bucket}}})
-    resource = defs().resources[OFFSITE_S3]
+    resources = defs().resources
+    assert resources is not None
+    resource = resources[OFFSITE_S3]
     assert resource.max_attempts == S3_RETRIES
     storage = S3Storage(bucket, client=resource.get_client())
     is_put = _object(bucket, "from-dagster.bin")

@@ -182,7 +182,7 @@ class LocalStorage(BackupStorage):
             return []
         found: list[ObjectInfo] = []
         try:
-            self._walk(self.root, "", prefix, found)
+            _walk(self.root, "", prefix, found)
         except PermissionError as exc:
             raise StorageError(
                 f"cannot read {self.what} {self.root} as uid {os.geteuid()}: {exc.strerror}",
@@ -191,24 +191,6 @@ class LocalStorage(BackupStorage):
             ) from None
         found.sort(key=lambda info: info.name)
         return found
-
-    def _walk(self, folder: Path, relative: str, prefix: str, found: list[ObjectInfo]) -> None:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                name = relative + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    below = name + "/"
-                    # Only descend where names can still start with ``prefix``.
-                    if below.startswith(prefix) or prefix.startswith(below):
-                        self._walk(Path(entry.path), below, prefix, found)
-                    continue
-                if not name.startswith(prefix):
-                    continue
-                with contextlib.suppress(FileNotFoundError):  # deleted while listing
-                    info = entry.stat()
-                    if stat.S_ISREG(info.st_mode):
-                        modified = datetime.fromtimestamp(info.st_mtime, UTC)
-                        found.append(ObjectInfo(name, info.st_size, modified))
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -231,3 +213,23 @@ def _same_file_system(source: Path, folder: Path) -> bool:
         if exc.errno == errno.ENOENT:
             raise
         return False
+
+
+def _walk(folder: Path, relative: str, prefix: str, found: list[ObjectInfo]) -> None:
+    """Append the files under ``folder`` whose names start with ``prefix`` to ``found``."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = relative + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                below = name + "/"
+                # Only descend where names can still start with ``prefix``.
+                if below.startswith(prefix) or prefix.startswith(below):
+                    _walk(Path(entry.path), below, prefix, found)
+                continue
+            if not name.startswith(prefix):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                info = entry.stat()
+                if stat.S_ISREG(info.st_mode):
+                    modified = datetime.fromtimestamp(info.st_mtime, UTC)
+                    found.append(ObjectInfo(name, info.st_size, modified))

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -327,7 +328,7 @@ class S3Storage(BackupStorage):
                 kwargs["ContinuationToken"] = token
             response = self.call(
                 f"list {self.url(prefix)}",
-                lambda kwargs=kwargs: self.client.list_objects_v2(**kwargs),
+                partial(self._list_page, kwargs),
             )
             for item in response.get("Contents", []):
                 infos.append(
@@ -341,6 +342,9 @@ class S3Storage(BackupStorage):
             if not response.get("IsTruncated"):
                 return infos
             token = response.get("NextContinuationToken")
+
+    def _list_page(self, kwargs: dict[str, Any]) -> Any:
+        return self.client.list_objects_v2(**kwargs)
 
     def delete(self, name: str) -> None:
         self.call(

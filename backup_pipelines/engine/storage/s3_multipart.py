@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,17 +134,7 @@ def put_multipart(
                 part_checksum = single_checksum(part_digest)
                 response = storage.call(
                     f"upload part {number} of {storage.url(name)}",
-                    lambda data=data, number=number, part_checksum=part_checksum: (
-                        storage.client.upload_part(
-                            Bucket=storage.bucket,
-                            Key=key,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=data,
-                            ChecksumAlgorithm="SHA256",
-                            ChecksumSHA256=part_checksum,
-                        )
-                    ),
+                    partial(_upload_part, storage, key, upload_id, number, data, part_checksum),
                 )
                 parts.append(
                     {
@@ -181,3 +172,17 @@ def put_multipart(
     checksum = composite_checksum(digests)
     storage.confirm(name, checksum, completed.get("ChecksumSHA256"))
     return storage.result(name, sent, sha256_hex, checksum, len(parts), part_size)
+
+
+def _upload_part(
+    storage: S3Storage, key: str, upload_id: str, number: int, data: bytes, checksum: str
+) -> Any:
+    return storage.client.upload_part(
+        Bucket=storage.bucket,
+        Key=key,
+        UploadId=upload_id,
+        PartNumber=number,
+        Body=data,
+        ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=checksum,
+    )
