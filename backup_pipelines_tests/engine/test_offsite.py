@@ -234,9 +234,7 @@ def test_s3_down_mid_upload_keeps_local_and_next_run_catches_up(
         stop()  # the network goes away between two parts
 
     broken.meta.events.register("after-call.s3.UploadPart", kill_after_first_part)
-    storage = offsite_storage(
-        target, client=broken, min_part_size=5 * MiB, attempts=3, backoff_seconds=0.05
-    )
+    storage = offsite_storage(target, client=broken, min_part_size=5 * MiB)
     report = sync_offsite(target, storage, first=newest)
     assert parts_sent == [1]
     assert isinstance(report.error, StorageUnreachableError)
@@ -363,7 +361,7 @@ def test_retention_still_prunes_locally_when_s3_is_unreachable(make_project, aws
         endpoint_url=f"http://127.0.0.1:{free_port()}",
         config=Config(retries={"max_attempts": 1}, connect_timeout=1),
     )
-    storage = offsite_storage(target, client=dead, attempts=1)
+    storage = offsite_storage(target, client=dead)
     report = prune_target(target, storage=storage)
     assert len(report.errors) == 1 and "not pruned" in report.errors[0]
     assert {a.path for a in list_artifacts(target.backup_dir)} == {made[0].path}

@@ -1,4 +1,5 @@
-"""Storage backends against a real local folder and moto's S3 server over HTTP."""
+"""What is particular to each backend, against a real local folder and moto's S3 server over
+HTTP (what they share is ``test_storage_contract.py``; retries are ``test_storage_retry.py``)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,52 @@ def test_local_storage_round_trip(tmp_path: Path) -> None:
     assert store.head("prod/a.bin") is None
     with pytest.raises(StorageError):
         store.put_bytes("../escape", b"x")
+
+
+def test_a_folder_that_must_exist_is_never_created(tmp_path: Path) -> None:
+    """An archive volume that is not mounted must fail loudly, not fill the disk underneath."""
+    root = tmp_path / "mnt" / "archive"
+    store = LocalStorage(root, what="archive folder", create_root=False)
+    with pytest.raises(
+        StorageError, match=r"archive folder .* does not exist \(or is not mounted\)"
+    ):
+        store.check_writable()
+    with pytest.raises(StorageError) as caught:
+        store.put_bytes("a/b.bin", b"x")
+    assert caught.value.code == "NoSuchFolder"
+    with pytest.raises(StorageError):
+        store.spool_path("a/b.bin")
+    assert not root.exists() and not root.parent.exists()
+    root.mkdir(parents=True, mode=0o700)
+    store.put_bytes("a/b.bin", b"x")
+    assert (root / "a").stat().st_mode & 0o777 == 0o700
+    assert (root / "a/b.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_symlink_inside_the_root_cannot_lead_outside(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not yours")
+    store = LocalStorage(tmp_path / "store")
+    store.root.mkdir()
+    (store.root / "link").symlink_to(outside)
+    with pytest.raises(StorageError, match="escapes"):
+        store.read_bytes("link/secret")
+    with pytest.raises(StorageError, match="escapes"):
+        store.put_bytes("link/new", b"x")
+    assert not (outside / "new").exists()
+
+
+def test_tidy_removes_empty_folders_but_never_the_root(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "store")
+    store.put_bytes("0000000100000000/a.zst", b"a")
+    store.put_bytes("0000000100000001/b.zst", b"b")
+    store.delete("0000000100000000/a.zst")
+    store.tidy()
+    assert sorted(p.name for p in store.root.iterdir()) == ["0000000100000001"]
+    store.delete("0000000100000001/b.zst")
+    store.tidy()
+    assert store.root.is_dir() and list(store.root.iterdir()) == []
 
 
 def test_s3_multipart_with_small_part_ceiling_records_checksum_sse_and_class(

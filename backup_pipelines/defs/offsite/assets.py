@@ -19,6 +19,7 @@ from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import UploadOutcome, offsite_storage, sync_offsite
+from backup_pipelines.engine.storage import S3_RETRIES
 
 
 def offsite_enabled_targets() -> dict[str, TargetSettings]:
@@ -138,6 +139,7 @@ def offsite_assets() -> dg.Definitions:
         assets=[build_offsite_copy(n, s) for n, s in offsite_enabled_targets().items()],
         # Always defined: backup_inventory uses it too. Credentials, region and endpoint come from
         # the standard AWS_* environment (AWS_ENDPOINT_URL_S3 for S3-compatible stores).
-        # Few botocore attempts: the engine retries each request again with its own backoff.
-        resources={OFFSITE_S3: S3Resource(max_attempts=3)},
+        # The engine's one retry policy (engine/storage/retry.py): botocore retries each
+        # request, S3_RETRIES times after the first try; the engine adds no loop around it.
+        resources={OFFSITE_S3: S3Resource(max_attempts=S3_RETRIES)},
     )
