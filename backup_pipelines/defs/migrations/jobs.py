@@ -8,7 +8,6 @@ import dagster as dg
 from pydantic import Field
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.migrations import (
@@ -19,6 +18,8 @@ from backup_pipelines.engine.migrations import (
     execute_rollback,
     plan_rollback,
 )
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import job_tags
 
 ROLLBACK_OP = "roll_back_migrations"
 
@@ -141,8 +142,9 @@ def roll_back_migrations(
     description="Roll back the last N schema migrations (drizzle) of one target after a "
     "safety backup, all in one transaction. Run config: target, steps, confirm (the target "
     "name again), dry_run. A failed down migration changes nothing and names the migration, "
-    "the database error and the safety backup.",
-    tags={"kind": "migration-rollback"},
+    "the database error and the safety backup. Its runs carry the target's tag, so a "
+    "rollback waits for a running backup or restore of the same target.",
+    tags=job_tags("migration_rollback"),
 )
 def rollback_migrations() -> None:
     roll_back_migrations()
