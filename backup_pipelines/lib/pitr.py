@@ -15,7 +15,7 @@ def health_metadata(health: ArchiveHealth) -> dict[str, dg.MetadataValue]:
         "newest_segment": dg.MetadataValue.text(health.newest_segment or ""),
         "first_needed_segment": dg.MetadataValue.text(health.first_needed_segment or ""),
         "gaps": dg.MetadataValue.json([g.__dict__ for g in health.gaps]),
-        "lag_limit_seconds": dg.MetadataValue.float(health.lag_limit_seconds),
+        "lag_limit_seconds": dg.MetadataValue.float(float(health.lag_limit_seconds)),
         "archiver": dg.MetadataValue.json(health.archiver),
     }
     if health.age_seconds is not None:
