@@ -19,6 +19,7 @@ def project_config() -> ProjectConfig:
     return set_aside_unschedulable(load_config(isolate_targets=True))
 
 
+@cache
 def dagster_accepts_cron(cron: str) -> bool:
     """Whether Dagster's scheduler takes ``cron``: a schedule is built with it and rejected or not."""
     try:

@@ -108,6 +108,9 @@ def test_a_launchpad_restore_queues_behind_the_running_backup_of_its_target(
     assert taken.returncode == 0, taken.stderr
 
     port = free_port()
+    # Starting a run makes the code server load the definitions in a new process before it
+    # answers; on a small, busy test machine that can take longer than Dagster's 60 s default.
+    monkeypatch.setenv("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
     with (
         production_instance(pg, tmp_path, monkeypatch) as production,
         background(
@@ -177,13 +180,14 @@ def test_a_launchpad_restore_queues_behind_the_running_backup_of_its_target(
         tags = instance.get_run_by_id(restore_app).tags  # type: ignore[union-attr]
         assert tags[TAG_TARGET] == "app" and tags[TAG_DB_HOST] == f"127.0.0.1:{pg.port}"
 
-        # Another target's restore is not held back: it runs to the end meanwhile ...
-        other = wait_for(
-            finished(restore_other), SLOW, "the restore of other", daemon, tmp_path / "daemon.log"
+        # Another target's restore is not held back: the daemon starts it meanwhile ...
+        wait_for(
+            lambda: status(restore_other) != dg.DagsterRunStatus.QUEUED,
+            SLOW,
+            "the restore of other to leave the queue",
+            daemon,
+            tmp_path / "daemon.log",
         )
-        assert other.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-        assert other.dagster_run.tags[TAG_TARGET] == "other"
-        assert _counts(pg, other_db) == before["other"]
         # ... while app's restore waits in the queue for app's backup.
         assert status(backup_id) == dg.DagsterRunStatus.STARTED
         assert status(restore_app) == dg.DagsterRunStatus.QUEUED
@@ -203,4 +207,23 @@ def test_a_launchpad_restore_queues_behind_the_running_backup_of_its_target(
         ).read_text()[-4000:]
         assert backup.end_time is not None and restored.start_time is not None
         assert restored.start_time >= backup.end_time
+        materialized = instance.get_latest_materialization_event(
+            dg.AssetKey(["app", "logical_backup"])
+        )
+        assert materialized is not None and materialized.asset_materialization is not None
+        taken_by_the_backup = Path(str(materialized.asset_materialization.metadata["path"].value))
+        outputs = instance.get_records_for_run(
+            restore_app, of_type=dg.DagsterEventType.STEP_OUTPUT
+        ).records
+        (output,) = [r.event_log_entry.dagster_event for r in outputs]
+        assert output is not None and output.step_output_data is not None
+        restored_backup = str(output.step_output_data.metadata["backup"].value)
+        assert taken_by_the_backup.name in restored_backup
         assert _counts(pg, sample_db) == before["app"]
+        other = wait_for(
+            finished(restore_other), SLOW, "the restore of other", daemon, tmp_path / "daemon.log"
+        )
+        assert other.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+        assert other.dagster_run.tags[TAG_TARGET] == "other"
+        assert other.start_time is not None and other.start_time < backup.end_time
+        assert _counts(pg, other_db) == before["other"]
