@@ -94,12 +94,14 @@ def test_a_launchpad_restore_queues_behind_the_running_backup_of_its_target(
     request.addfinalizer(
         lambda: pg.psql(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)', check=False)
     )
-    off = {"backup": "off", "restore_drill": "off"}
+    # No scheduled work in the way; the databases the restores replace are dropped at once.
+    quiet = {"schedules": {"backup": "off", "restore_drill": "off"}}
+    drop_replaced = {"restore": {"drop_previous_after_hours": 0}}
     make_project(
         {
             # pg_dump waits for the table lock as long as it takes (the backup keeps running).
-            "app": {"dsn_env": "DB_APP", "schedules": off, "lock_wait_timeout": "off"},
-            "other": {"dsn_env": "DB_OTHER", "schedules": off},
+            "app": {"dsn_env": "DB_APP", "lock_wait_timeout": "off", **quiet, **drop_replaced},
+            "other": {"dsn_env": "DB_OTHER", **quiet, **drop_replaced},
         },
         env={"DB_APP": pg.dsn(sample_db), "DB_OTHER": pg.dsn(other_db)},
     )
