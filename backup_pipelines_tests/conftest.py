@@ -78,13 +78,13 @@ def make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectFact
         monkeypatch.setenv(CONFIG_ENV_VAR, str(path))
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        from backup_pipelines.defs.shared import project_config
+        from backup_pipelines.lib.project import project_config
 
         project_config.cache_clear()
         return load_config(path)
 
     yield factory  # type: ignore[misc]
-    from backup_pipelines.defs.shared import project_config
+    from backup_pipelines.lib.project import project_config
 
     project_config.cache_clear()
 

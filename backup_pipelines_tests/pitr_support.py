@@ -150,7 +150,7 @@ def start_pitr_cluster(
     monkeypatch.setenv(DSN_ENV, f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/postgres")
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
-    from backup_pipelines.defs.shared import project_config
+    from backup_pipelines.lib.project import project_config
 
     project_config.cache_clear()
     config = load_config(config_path)

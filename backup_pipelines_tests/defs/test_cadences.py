@@ -1,21 +1,15 @@
 """Schedule ticks evaluated at chosen times give the expected run requests, per target."""
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
 
 from backup_pipelines.definitions import defs as load_defs
-from backup_pipelines.defs.cadences import (
-    TAG_CADENCE,
-    TAG_DB_HOST,
-    TAG_TARGET,
-    build_cadence_schedules,
-    fires_at,
-    schedule_name,
-)
 from backup_pipelines.engine.errors import ConfigError
+from backup_pipelines.lib.cadences import build_cadence_schedules, fires_at, schedule_name
+from backup_pipelines.lib.tags import TAG_CADENCE, TAG_DB_HOST, TAG_TARGET
 
 SUNDAY = datetime(2026, 11, 22)  # a Sunday
 
@@ -167,8 +161,6 @@ def test_unknown_cadence_is_a_clear_config_error(make_project) -> None:
 
 
 def test_max_age_durations_and_opt_out(make_project) -> None:
-    from datetime import timedelta
-
     config = make_project(
         {
             "default": {"dsn_env": "A"},
@@ -190,3 +182,39 @@ def test_max_age_durations_and_opt_out(make_project) -> None:
     assert specs["elsewhere"].freshness_policy is None
     with pytest.raises(ConfigError, match=r"target 'bad', field 'max_age'.*not a duration"):
         make_project({"bad": {"dsn_env": "A", "max_age": "soon"}})
+
+
+def _dagster_ticks(cron: str, timezone: str, start: datetime, end: datetime) -> set[float]:
+    """When Dagster's scheduler runs ``cron``, from its own cron iteration: each time window
+    of a partitions definition on that cron starts at one tick."""
+    partitions = dg.TimeWindowPartitionsDefinition(
+        start=start, cron_schedule=cron, timezone=timezone, fmt="%Y-%m-%dT%H:%M%z"
+    )
+    keys = partitions.get_partition_keys(current_time=end + timedelta(days=40))
+    ticks = (datetime.strptime(key, "%Y-%m-%dT%H:%M%z").timestamp() for key in keys)
+    return {t for t in ticks if t < end.timestamp()}
+
+
+@pytest.mark.parametrize("timezone", ["Europe/Berlin", "America/New_York"])
+def test_fires_at_agrees_with_dagster_across_daylight_saving_changes(timezone: str) -> None:
+    """Coinciding ticks are detected exactly when Dagster runs them: a 02:30 that does not exist
+    runs at 03:00, a 02:30 that happens twice runs once, hourly schedules run at both."""
+    zone = ZoneInfo(timezone)
+    start, end = datetime(2026, 1, 1, tzinfo=zone), datetime(2027, 1, 1, tzinfo=zone)
+    changes = [
+        hour
+        for hour in range(int(start.timestamp()), int(end.timestamp()), 3600)
+        if datetime.fromtimestamp(hour, zone).utcoffset()
+        != datetime.fromtimestamp(hour + 3600, zone).utcoffset()
+    ]
+    assert len(changes) == 2
+    minutes = [change + m * 60 for change in changes for m in range(-240, 241)]
+    for cron in ("0 2 * * *", "30 2 * * *", "0 * * * *", "30 2 * * 0", "*/20 1-3 * * *"):
+        ticks = _dagster_ticks(cron, timezone, start, end)
+        for moment in minutes:
+            expected = moment in ticks
+            when = datetime.fromtimestamp(moment, UTC)
+            assert fires_at(cron, when, timezone) == expected, (
+                f"{cron} at {datetime.fromtimestamp(moment, zone).isoformat()}: "
+                f"Dagster {'runs' if expected else 'does not run'} it"
+            )

@@ -39,6 +39,7 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.lib.run_coordinator import TargetTaggingRunCoordinator
 from backup_pipelines_tests.conftest import DB_PASSWORD, REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -151,7 +152,9 @@ def _backup_run(instance: dg.DagsterInstance) -> dg.DagsterRun:
 
 def _assert_production_limits(instance: dg.DagsterInstance, max_runs: int) -> None:
     """The queue, the per-database limit and the per-server pools of the production instance."""
-    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    # Dagster's queue, tagging each submitted run with its target.
+    assert isinstance(instance.run_coordinator, TargetTaggingRunCoordinator)
+    assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
     concurrency = instance.get_concurrency_config()
     runs = concurrency.run_queue_config
     assert runs is not None and runs.max_concurrent_runs == max_runs
@@ -470,11 +473,16 @@ def test_k8s_rendered_instance_matches_the_helm_values() -> None:
             "tag_concurrency_limits": concurrency["runs"]["tagConcurrencyLimits"],
         },
     }
-    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
-    assert rendered["run_coordinator"]["config"] == {
-        "dequeue_use_threads": queued["dequeueUseThreads"],
-        "dequeue_num_workers": queued["dequeueNumWorkers"],
-    }
+    coordinator = values["dagsterDaemon"]["runCoordinator"]
+    assert coordinator["type"] == "CustomRunCoordinator"
+    custom = coordinator["config"]["customRunCoordinator"]
+    assert rendered["run_coordinator"] == custom
+    assert custom["module"] == TargetTaggingRunCoordinator.__module__
+    assert custom["class"] == TargetTaggingRunCoordinator.__name__
+    assert set(custom["config"]) == {"dequeue_use_threads", "dequeue_num_workers"}
+    # The webserver and the daemon import that coordinator: they run the project's image.
+    assert values["dagsterWebserver"]["image"] == image
+    assert values["dagsterDaemon"]["image"] == image
     retention = values["retention"]
     assert rendered["retention"] == {
         "schedule": {"purge_after_days": retention["schedule"]["purgeAfterDays"]},

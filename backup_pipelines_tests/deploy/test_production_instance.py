@@ -4,11 +4,8 @@ Also: the systemd units parse and point at real commands, and local dev needs no
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -16,94 +13,44 @@ import pytest
 import yaml
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.lib.run_coordinator import TargetTaggingRunCoordinator
 from backup_pipelines_tests.conftest import DB_PASSWORD, REPO_ROOT, VENV_BIN
+from backup_pipelines_tests.deploy.daemon_support import (
+    DEPLOY,
+    WORKSPACE,
+    background,
+    production_instance,
+    wait_for,
+)
 
-DEPLOY = REPO_ROOT / "deploy"
 SCHEDULE_TAG = "dagster/schedule_name"
 EVERY_MINUTE = "cron_x_x_x_x_x_backup_schedule"
-
-
-def _wait(
-    predicate,
-    timeout: float,
-    what: str,
-    proc: subprocess.Popen | None = None,
-    log: Path | None = None,
-):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    detail = log.read_text()[-4000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{detail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def test_production_instance_on_postgres_runs_a_queued_backup(
     pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dagster_db = f"dagster_{os.getpid()}"
-    pg.psql(f'DROP DATABASE IF EXISTS "{dagster_db}"')
-    pg.psql(f'CREATE DATABASE "{dagster_db}"')
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(DEPLOY / "dagster.production.yaml", home / "dagster.yaml")
     # Every minute, so the daemon's scheduler fires during the test (RUNNING by default).
     config = make_project(
         {"app": {"dsn_env": "DB_APP", "schedules": {"backup": "* * * * *"}}},
         env={"DB_APP": pg.dsn(sample_db)},
     )
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_PG_HOST": "127.0.0.1",
-        "DAGSTER_PG_PORT": str(pg.port),
-        "DAGSTER_PG_DB": dagster_db,
-        "DAGSTER_PG_USER": "postgres",
-        "DAGSTER_PG_PASSWORD": DB_PASSWORD,
-        "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "compute_logs"),
-    }
-    for key in (
-        "DAGSTER_HOME",
-        "DAGSTER_PG_HOST",
-        "DAGSTER_PG_PORT",
-        "DAGSTER_PG_DB",
-        "DAGSTER_PG_USER",
-        "DAGSTER_PG_PASSWORD",
-        "DAGSTER_COMPUTE_LOG_DIR",
-    ):
-        monkeypatch.setenv(key, env[key])
-
     daemon_log = tmp_path / "daemon.log"
-    with daemon_log.open("wb") as log:
-        daemon = subprocess.Popen(
-            [str(VENV_BIN / "dagster-daemon"), "run", "-w", str(DEPLOY / "workspace.yaml")],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with (
+        production_instance(pg, tmp_path, monkeypatch) as production,
+        background(
+            [str(VENV_BIN / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+            production.env,
+            daemon_log,
+        ) as daemon,
+    ):
         # Two runs for the same database, launched at once: the queue must run them one by one.
         command = [
             str(VENV_BIN / "dagster"),
             "job",
             "launch",
             "-w",
-            str(DEPLOY / "workspace.yaml"),
+            str(WORKSPACE),
             "-j",
             "logical_backups",
             "--tags",
@@ -111,7 +58,11 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
         ]
         launches = [
             subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                command,
+                env=production.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             for _ in range(2)
         ]
@@ -121,7 +72,7 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
 
         with dg.DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-            assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+            assert isinstance(instance.run_coordinator, TargetTaggingRunCoordinator)
             terminal = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
 
             def backup_runs() -> list[dg.RunRecord]:
@@ -135,7 +86,7 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
                     return manual
                 return None
 
-            records = _wait(
+            records = wait_for(
                 finished, 240, "the daemon to dequeue and finish both runs", daemon, daemon_log
             )
             assert [r.dagster_run.status for r in records] == [dg.DagsterRunStatus.SUCCESS] * 2, (
@@ -159,7 +110,8 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
             assert dg.DagsterEventType.RUN_ENQUEUED in events
             assert dg.DagsterEventType.ASSET_CHECK_EVALUATION in events
             stored = pg.psql(
-                f"SELECT status FROM runs WHERE run_id = '{run.run_id}'", dbname=dagster_db
+                f"SELECT status FROM runs WHERE run_id = '{run.run_id}'",
+                dbname=production.dagster_db,
             )
             assert stored == "SUCCESS"
 
@@ -171,7 +123,7 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
                         return run
                 return None
 
-            tick_run = _wait(scheduled, 180, "a run started by the schedule", daemon, daemon_log)
+            tick_run = wait_for(scheduled, 180, "a run started by the schedule", daemon, daemon_log)
             assert tick_run.status == dg.DagsterRunStatus.SUCCESS
             assert tick_run.tags["backup_pipelines/target"] == "app"
             assert tick_run.tags["backup_pipelines/db_host"] == f"127.0.0.1:{pg.port}"
@@ -181,20 +133,19 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
             for earlier, later in zip(done, done[1:], strict=False):
                 assert earlier.end_time <= later.start_time
             # The daemon also evaluates the sensors against this instance.
-            _wait(
+            wait_for(
                 lambda: (
-                    pg.psql("SELECT count(*) FROM job_ticks", dbname=dagster_db) not in ("", "0")
+                    pg.psql("SELECT count(*) FROM job_ticks", dbname=production.dagster_db)
+                    not in ("", "0")
                 ),
                 120,
                 "a sensor tick stored in PostgreSQL",
                 daemon,
                 daemon_log,
             )
+        home = production.home
         assert not any(home.glob("**/*.db")), "production state must not fall back to SQLite"
         assert DB_PASSWORD not in daemon_log.read_text()
-    finally:
-        _stop(daemon)
-        pg.psql(f'DROP DATABASE IF EXISTS "{dagster_db}" WITH (FORCE)', check=False)
 
 
 def test_production_yaml_settings() -> None:
@@ -225,7 +176,7 @@ def test_local_dev_instance_needs_no_database(
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert isinstance(instance.run_coordinator, TargetTaggingRunCoordinator)
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
 
 

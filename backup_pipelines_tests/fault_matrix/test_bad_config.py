@@ -426,7 +426,7 @@ def test_metrics_keep_reporting_a_broken_target_as_failing(tmp_path: Path, run_c
 
 @pytest.fixture
 def broken_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    from backup_pipelines.defs.shared import project_config
+    from backup_pipelines.lib.project import project_config
 
     path = two_targets(tmp_path, "postgresql://u@127.0.0.1:1/db")
     monkeypatch.setenv("BACKUP_PIPELINES_CONFIG", str(path))
@@ -437,7 +437,7 @@ def broken_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 def test_definitions_load_the_good_target_and_show_the_broken_one(broken_project: Path) -> None:
     from backup_pipelines.definitions import defs as load_defs
-    from backup_pipelines.defs.cadences import TAG_TARGET
+    from backup_pipelines.lib.tags import TAG_TARGET
 
     defs = load_defs()
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
@@ -497,7 +497,7 @@ def test_a_broken_target_alerts_once_and_resolves_when_fixed(
 ) -> None:
     from backup_pipelines.definitions import defs as load_defs
     from backup_pipelines.defs.resources import BackupEngineResource
-    from backup_pipelines.defs.shared import project_config
+    from backup_pipelines.lib.project import project_config
 
     with webhook_receiver() as hooks:
         document = yaml.safe_load(broken_project.read_text())

@@ -129,7 +129,7 @@ def test_a_backup_taken_with_a_fast_clock_is_never_the_newest(
     assert drill.returncode == 0, drill.stderr
     assert good.path.name in drill.stdout and ahead.path.name not in drill.stdout
 
-    from backup_pipelines.defs.monitoring.status import newest_backup_timestamp
+    from backup_pipelines.lib.status import newest_backup_timestamp
 
     with dg.instance_for_test() as instance:
         assert newest_backup_timestamp(instance, config, "prod") == pytest.approx(

@@ -4,13 +4,15 @@ from datetime import timedelta
 
 import dagster as dg
 
-from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import asset_attributes, host_pool
 
 # Dagster's smallest freshness window (a shorter max_age still alerts through the sensor).
 MIN_FRESHNESS_WINDOW = timedelta(minutes=1)
@@ -60,9 +62,7 @@ def _description(name: str, settings: TargetSettings) -> str:
 def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     @dg.asset(
         key=target_key(name, LOGICAL_BACKUP),
-        group_name=name,
-        kinds={"postgres"},
-        tags={"target": name},
+        **asset_attributes(name, "postgres"),
         description=_description(name, settings),
         # Backups per database server are capped by this pool's limit (dagster.yaml).
         pool=host_pool(name),

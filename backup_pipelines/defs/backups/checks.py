@@ -4,18 +4,14 @@ file is tampered with, truncated or suspiciously small."""
 import dagster as dg
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import (
-    LOGICAL_BACKUP,
-    failure,
-    latest_materialized_path,
-    project_config,
-    target_key,
-)
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum, check_readable
+from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.results import failure, latest_materialized_path
 
 
 def _latest_artifact(

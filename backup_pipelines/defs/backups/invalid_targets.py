@@ -11,7 +11,9 @@ from datetime import timedelta
 
 import dagster as dg
 
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key
+from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
+from backup_pipelines.lib.project import invalid_target_message, project_config
+from backup_pipelines.lib.tags import asset_attributes
 
 # A target nobody backs up turns "too old" in the UI after a day, like a healthy one would.
 PLACEHOLDER_FRESHNESS_WINDOW = timedelta(hours=24)
@@ -27,15 +29,6 @@ def placeholder_prefix(name: str, taken: set[str]) -> str:
     return prefix
 
 
-def invalid_target_message(name: str, problems: str, source: object) -> str:
-    lines = "; ".join(problems.splitlines())
-    return (
-        f"target '{name}' is not backed up: its settings in {source} are invalid: {lines}. "
-        "Fix the targets file (`backup-pipelines check-config` lists every problem), then "
-        "reload the code location; the other targets are not affected."
-    )
-
-
 def build_invalid_target(name: str, problems: str, prefix: str) -> dg.AssetsDefinition:
     source = project_config().source_path
     message = invalid_target_message(name, problems, source)
@@ -43,9 +36,7 @@ def build_invalid_target(name: str, problems: str, prefix: str) -> dg.AssetsDefi
 
     @dg.asset(
         key=target_key(prefix, LOGICAL_BACKUP),
-        group_name=prefix,
-        kinds={"postgres"},
-        tags={"target": prefix, "configuration": "invalid"},
+        **asset_attributes(prefix, "postgres", configuration="invalid"),
         description=(
             f"**CONFIGURATION ERROR: target `{name}` is not backed up.** Its settings in "
             f"`{source}` are invalid, so none of its backups, checks, drills or schedules "

@@ -4,19 +4,15 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import (
-    BACKUP_INVENTORY,
-    LOGICAL_BACKUP,
-    OFFSITE_COPY,
-    project_config,
-    target_key,
-    user_error,
-)
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.offsite import offsite_storage
 from backup_pipelines.engine.retention import RetentionReport, prune_target
+from backup_pipelines.lib.names import BACKUP_INVENTORY, LOGICAL_BACKUP, OFFSITE_COPY, target_key
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import asset_attributes
 
 INVENTORY_COLUMNS = [
     dg.TableColumn("backup", "string"),
@@ -126,9 +122,7 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
     @dg.asset(
         key=key,
         deps=[target_key(name, upstream)],
-        group_name=name,
-        kinds={"python"},
-        tags={"target": name},
+        **asset_attributes(name, "python"),
         description=_description(name, settings),
         check_specs=[
             dg.AssetCheckSpec(

@@ -8,12 +8,13 @@ import dagster as dg
 from pydantic import Field
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.migrations.errors import RollbackFailedError
 from backup_pipelines.engine.migrations.plan import HistoryEntry, RollbackPlan, plan_rollback
 from backup_pipelines.engine.migrations.rollback import RollbackResult, execute_rollback
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import job_tags
 
 ROLLBACK_OP = "roll_back_migrations"
 
@@ -136,8 +137,9 @@ def roll_back_migrations(
     description="Roll back the last N schema migrations (drizzle) of one target after a "
     "safety backup, all in one transaction. Run config: target, steps, confirm (the target "
     "name again), dry_run. A failed down migration changes nothing and names the migration, "
-    "the database error and the safety backup.",
-    tags={"kind": "migration-rollback"},
+    "the database error and the safety backup. Its runs carry the target's tag, so a "
+    "rollback waits for a running backup or restore of the same target.",
+    tags=job_tags("migration_rollback"),
 )
 def rollback_migrations() -> None:
     roll_back_migrations()

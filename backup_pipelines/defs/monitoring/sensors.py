@@ -20,22 +20,17 @@ from typing import Any
 
 import dagster as dg
 
-from backup_pipelines.defs.backups.invalid_targets import invalid_target_message
-from backup_pipelines.defs.cadences import TAG_TARGET
-from backup_pipelines.defs.monitoring.status import (
-    backup_in_progress,
-    collect_metrics,
-    newest_backup_timestamp,
-)
-from backup_pipelines.defs.pitr.common import WAL_ARCHIVE_HEALTHY
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.listing import future_dated, future_note, human_age
 from backup_pipelines.engine.metrics import export
 from backup_pipelines.engine.notify import Alert, send_alert
+from backup_pipelines.lib.names import LOGICAL_BACKUP, WAL_ARCHIVE_HEALTHY
+from backup_pipelines.lib.project import invalid_target_message, project_config
+from backup_pipelines.lib.status import backup_in_progress, collect_metrics, newest_backup_timestamp
+from backup_pipelines.lib.tags import TAG_TARGET
 
 MAX_REASON_CHARS = 1500
 CHECK_HISTORY_PER_TICK = 50

@@ -6,29 +6,14 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import (
-    LOGICAL_BACKUP,
-    OFFSITE_COPY,
-    OFFSITE_S3,
-    latest_materialized_path,
-    project_config,
-    target_key,
-    user_error,
-)
 from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import UploadOutcome, offsite_storage, sync_offsite
-from backup_pipelines.engine.storage import S3_RETRIES
-
-
-def offsite_enabled_targets() -> dict[str, TargetSettings]:
-    """Targets with offsite copies: `offsite.enabled`, or a bucket in config / $S3_BACKUP_BUCKET."""
-    return {
-        name: settings
-        for name, settings in project_config().targets.items()
-        if settings.offsite.is_enabled
-    }
+from backup_pipelines.lib.names import LOGICAL_BACKUP, OFFSITE_COPY, OFFSITE_S3, target_key
+from backup_pipelines.lib.project import offsite_enabled_targets
+from backup_pipelines.lib.results import latest_materialized_path, user_error
+from backup_pipelines.lib.tags import asset_attributes
 
 
 def _description(name: str, settings: TargetSettings) -> str:
@@ -83,9 +68,7 @@ def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
     @dg.asset(
         key=target_key(name, OFFSITE_COPY),
         deps=[target_key(name, LOGICAL_BACKUP)],
-        group_name=name,
-        kinds={"s3"},
-        tags={"target": name},
+        **asset_attributes(name, "s3"),
         description=_description(name, settings),
     )
     def offsite_copy(

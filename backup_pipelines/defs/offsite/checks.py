@@ -3,17 +3,13 @@
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from backup_pipelines.defs.offsite.assets import offsite_enabled_targets
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import (
-    OFFSITE_COPY,
-    failure,
-    latest_materialized_path,
-    target_key,
-)
 from backup_pipelines.engine.artifacts import load_artifact
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import check_offsite_copy, offsite_storage
+from backup_pipelines.lib.names import OFFSITE_COPY, target_key
+from backup_pipelines.lib.project import offsite_enabled_targets
+from backup_pipelines.lib.results import failure, latest_materialized_path
 
 
 def build_offsite_check(name: str) -> dg.AssetChecksDefinition:

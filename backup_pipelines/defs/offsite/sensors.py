@@ -6,16 +6,10 @@ materialization with a run of ``<target>/offsite_copy`` (when offsite copies are
 """
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from backup_pipelines.defs.offsite.assets import offsite_enabled_targets
-from backup_pipelines.defs.shared import (
-    BACKUP_INVENTORY,
-    LOGICAL_BACKUP,
-    OFFSITE_COPY,
-    project_config,
-    target_key,
-)
+from backup_pipelines.lib.names import BACKUP_INVENTORY, LOGICAL_BACKUP, OFFSITE_COPY, target_key
+from backup_pipelines.lib.project import offsite_enabled_targets, project_config
+from backup_pipelines.lib.tags import TAG_KIND, job_tags, target_run_tags
 
 JOB_NAME = "offsite_and_retention"
 
@@ -27,22 +21,12 @@ def follow_up_keys(name: str) -> list[dg.AssetKey]:
     return keys
 
 
-def build_job() -> UnresolvedAssetJobDefinition:
-    return dg.define_asset_job(
-        name=JOB_NAME,
-        selection=dg.AssetSelection.assets(
-            *[key for name in project_config().targets for key in follow_up_keys(name)]
-        ),
-        description="Copy the newest backups to S3 and apply calendar retention.",
-    )
-
-
-def build_sensor(name: str, job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+def build_sensor(name: str) -> dg.SensorDefinition:
     keys = follow_up_keys(name)
 
     @dg.asset_sensor(
         asset_key=target_key(name, LOGICAL_BACKUP),
-        job=job,
+        job_name=JOB_NAME,
         name=f"{name}_offsite_and_retention",
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
@@ -50,12 +34,15 @@ def build_sensor(name: str, job: UnresolvedAssetJobDefinition) -> dg.SensorDefin
         + " then ".join(k.path[-1] for k in keys)
         + ".",
     )
-    def follow_backup(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
-        yield dg.RunRequest(
+    def follow_backup(
+        context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
+    ) -> dg.RunRequest:
+        return dg.RunRequest(
             # One follow-up per backup (reported backups have no run id: use their time).
             run_key=f"{name}:{asset_event.run_id or asset_event.timestamp}",
             asset_selection=keys,
-            tags={"target": name},
+            # The same limits as the backup itself: one run per target, per server.
+            tags={**target_run_tags(name), TAG_KIND: JOB_NAME},
         )
 
     return follow_backup
@@ -63,7 +50,14 @@ def build_sensor(name: str, job: UnresolvedAssetJobDefinition) -> dg.SensorDefin
 
 @dg.definitions
 def offsite_sensors() -> dg.Definitions:
-    job = build_job()
+    job = dg.define_asset_job(
+        name=JOB_NAME,
+        selection=dg.AssetSelection.assets(
+            *[key for name in project_config().targets for key in follow_up_keys(name)]
+        ),
+        description="Copy the newest backups to S3 and apply calendar retention.",
+        tags=job_tags(JOB_NAME),
+    )
     return dg.Definitions(
-        jobs=[job], sensors=[build_sensor(name, job) for name in project_config().targets]
+        jobs=[job], sensors=[build_sensor(name) for name in project_config().targets]
     )

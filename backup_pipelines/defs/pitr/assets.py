@@ -4,16 +4,7 @@
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from backup_pipelines.defs.pitr.common import (
-    BASE_BACKUP,
-    BASE_BACKUP_OFFSITE,
-    PITR_DRILL,
-    WAL_ARCHIVE,
-    key,
-    pitr_targets,
-)
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import latest_materialized_path, user_error
 from backup_pipelines.engine.backup.base import load_base_backup, run_base_backup
 from backup_pipelines.engine.config import ProjectConfig, TargetSettings
 from backup_pipelines.engine.drills.pitr import pitr_drill
@@ -21,6 +12,16 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
 from backup_pipelines.engine.offsite import base_backup_offsite_storage
 from backup_pipelines.engine.pitr.retention import PitrRetentionReport, apply_pitr_retention
+from backup_pipelines.lib.names import (
+    BASE_BACKUP,
+    BASE_BACKUP_OFFSITE,
+    PITR_DRILL,
+    WAL_ARCHIVE,
+    target_key,
+)
+from backup_pipelines.lib.project import pitr_targets
+from backup_pipelines.lib.results import latest_materialized_path, user_error
+from backup_pipelines.lib.tags import asset_attributes
 
 
 def _alert_if_refused(
@@ -50,10 +51,8 @@ def _alert_if_refused(
 
 def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     @dg.asset(
-        key=key(name, BASE_BACKUP),
-        group_name=name,
-        kinds={"postgres"},
-        tags={"target": name},
+        key=target_key(name, BASE_BACKUP),
+        **asset_attributes(name, "postgres"),
         description=(
             f"Physical base backup of the **{name}** cluster for point-in-time recovery.\n\n"
             "`pg_basebackup -Ft -X fetch` streams one tar (with its `backup_manifest`) through "
@@ -114,11 +113,9 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
 
 def _offsite_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     @dg.asset(
-        key=key(name, BASE_BACKUP_OFFSITE),
-        deps=[key(name, BASE_BACKUP)],
-        group_name=name,
-        kinds={"s3"},
-        tags={"target": name},
+        key=target_key(name, BASE_BACKUP_OFFSITE),
+        deps=[target_key(name, BASE_BACKUP)],
+        **asset_attributes(name, "s3"),
         description=(
             f"Offsite copy of the newest verified **{name}** base backup, like logical backups' "
             f"`offsite_copy`, in `s3://<offsite bucket>/<prefix>/{name}-pitr/base/` (a sibling of "
@@ -139,7 +136,7 @@ def _offsite_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
             return dg.MaterializeResult(
                 metadata={"uploaded": False, "reason": "offsite copies are not configured"}
             )
-        path = latest_materialized_path(context, key(name, BASE_BACKUP))
+        path = latest_materialized_path(context, target_key(name, BASE_BACKUP))
         if path is None:
             raise dg.Failure(description="no base backup materialized yet", allow_retries=False)
         try:
@@ -169,10 +166,8 @@ def _wal_archive_spec(name: str, settings: TargetSettings) -> dg.AssetSpec:
     assert pitr is not None
     where = " and ".join(str(p) for p in (pitr.archive_dir, pitr.archive_s3) if p is not None)
     return dg.AssetSpec(
-        key=key(name, WAL_ARCHIVE),
-        group_name=name,
-        kinds={"postgres"},
-        tags={"target": name},
+        key=target_key(name, WAL_ARCHIVE),
+        **asset_attributes(name, "postgres"),
         description=(
             f"The WAL archive of **{name}** ({where}), filled by PostgreSQL's `archive_command` "
             "(`backup-pipelines wal-push`). Observed every "
@@ -186,11 +181,9 @@ def _wal_archive_spec(name: str, settings: TargetSettings) -> dg.AssetSpec:
 
 def _drill_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     @dg.asset(
-        key=key(name, PITR_DRILL),
-        deps=[key(name, BASE_BACKUP), key(name, WAL_ARCHIVE)],
-        group_name=name,
-        kinds={"postgres"},
-        tags={"target": name},
+        key=target_key(name, PITR_DRILL),
+        deps=[target_key(name, BASE_BACKUP), target_key(name, WAL_ARCHIVE)],
+        **asset_attributes(name, "postgres"),
         description=(
             f"Automated point-in-time recovery drill for **{name}**: marks a moment on the live "
             "server with two empty transactions (one before, one after), archives the WAL, "

@@ -3,62 +3,28 @@
 
 import dagster as dg
 
-from backup_pipelines.defs.pitr.common import (
+from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.engine.backup.base import load_base_backup
+from backup_pipelines.engine.backup.base_reader import verify_base_backup
+from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.pitr.health import archive_health
+from backup_pipelines.lib.names import (
     BASE_BACKUP,
     BASE_BACKUP_VERIFIED,
     PITR_DRILL,
     PITR_DRILL_PASSED,
     WAL_ARCHIVE,
     WAL_ARCHIVE_HEALTHY,
-    key,
-    pitr_targets,
+    target_key,
 )
-from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import failure, latest_materialized_path
-from backup_pipelines.engine.backup.base import load_base_backup
-from backup_pipelines.engine.backup.base_reader import verify_base_backup
-from backup_pipelines.engine.errors import BackupPipelinesError
-from backup_pipelines.engine.pitr.health import ArchiveHealth, archive_health
-
-
-def health_metadata(health: ArchiveHealth) -> dict[str, dg.MetadataValue]:
-    """What the UI shows for one look at the WAL archive (observation and check alike)."""
-    metadata: dict[str, dg.MetadataValue] = {
-        "result": dg.MetadataValue.text(health.summary()),
-        "archive": dg.MetadataValue.text(health.archive),
-        "segments": dg.MetadataValue.int(health.segments),
-        "newest_segment": dg.MetadataValue.text(health.newest_segment or ""),
-        "first_needed_segment": dg.MetadataValue.text(health.first_needed_segment or ""),
-        "gaps": dg.MetadataValue.json([g.__dict__ for g in health.gaps]),
-        "lag_limit_seconds": dg.MetadataValue.float(health.lag_limit_seconds),
-        "archiver": dg.MetadataValue.json(health.archiver),
-    }
-    if health.age_seconds is not None:
-        metadata["newest_age_seconds"] = dg.MetadataValue.float(health.age_seconds)
-    if health.newest_archived_at is not None:
-        metadata["newest_archived_at"] = dg.MetadataValue.text(
-            health.newest_archived_at.isoformat()
-        )
-    if health.unarchived_segments is not None:
-        metadata["unarchived_segments"] = dg.MetadataValue.int(health.unarchived_segments)
-    if health.server_error:
-        metadata["server_error"] = dg.MetadataValue.text(health.server_error)
-    return metadata
-
-
-def health_check_evaluation(target: str, health: ArchiveHealth) -> dg.AssetCheckEvaluation:
-    return dg.AssetCheckEvaluation(
-        asset_key=key(target, WAL_ARCHIVE),
-        check_name=WAL_ARCHIVE_HEALTHY,
-        passed=health.healthy,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata=health_metadata(health),
-    )
+from backup_pipelines.lib.pitr import health_metadata
+from backup_pipelines.lib.project import pitr_targets
+from backup_pipelines.lib.results import failure, latest_materialized_path
 
 
 def _checks(name: str) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(
-        asset=key(name, BASE_BACKUP),
+        asset=target_key(name, BASE_BACKUP),
         name=BASE_BACKUP_VERIFIED,
         blocking=True,
         description="Recomputes the base backup's SHA-256, extracts it into a scratch folder and "
@@ -68,7 +34,7 @@ def _checks(name: str) -> list[dg.AssetChecksDefinition]:
     def base_backup_verified(
         context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource
     ) -> dg.AssetCheckResult:
-        path = latest_materialized_path(context, key(name, BASE_BACKUP))
+        path = latest_materialized_path(context, target_key(name, BASE_BACKUP))
         if path is None:
             return failure("no base backup materialized yet: materialize base_backup first")
         try:
@@ -92,7 +58,7 @@ def _checks(name: str) -> list[dg.AssetChecksDefinition]:
         )
 
     @dg.asset_check(
-        asset=key(name, WAL_ARCHIVE),
+        asset=target_key(name, WAL_ARCHIVE),
         name=WAL_ARCHIVE_HEALTHY,
         description="Fails when the WAL archive has a gap since the oldest kept base backup, "
         "`pg_stat_archiver` shows archive_command failing, or finished WAL waits longer than "
@@ -110,14 +76,14 @@ def _checks(name: str) -> list[dg.AssetChecksDefinition]:
         )
 
     @dg.asset_check(
-        asset=key(name, PITR_DRILL),
+        asset=target_key(name, PITR_DRILL),
         name=PITR_DRILL_PASSED,
         blocking=True,
         description="Passes when the newest PITR drill restored to its target moment exactly, "
         "promoted, accepted writes and opened every database.",
     )
     def pitr_drill_passed(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        event = context.instance.get_latest_materialization_event(key(name, PITR_DRILL))
+        event = context.instance.get_latest_materialization_event(target_key(name, PITR_DRILL))
         if event is None or event.asset_materialization is None:
             return failure("no PITR drill has run yet: materialize pitr_drill")
         metadata = event.asset_materialization.metadata

@@ -7,12 +7,13 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from backup_pipelines.defs.pitr.common import pitr_targets
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import user_error
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.pitr.recover import pitr_restore
 from backup_pipelines.engine.pitr.window import parse_target_time
+from backup_pipelines.lib.project import pitr_targets
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import job_tags
 
 PITR_RESTORE_OP = "restore_to_time"
 
@@ -82,7 +83,9 @@ def pitr_restore_op(
 @dg.job(
     name="pitr_restore",
     description="Point-in-time restore of a PITR target into a NEW data directory (never over an "
-    "existing cluster); run config: ops.restore_to_time.config.",
+    "existing cluster); run config: ops.restore_to_time.config. Its runs carry the target's "
+    "tag, so a restore waits for a running backup of the same target.",
+    tags=job_tags("pitr_restore"),
 )
 def pitr_restore_job() -> None:
     pitr_restore_op()

@@ -6,13 +6,9 @@ backups on the ``weekly`` cadence (Sunday 03:00) and drills on Sunday 05:00, aft
 
 import dagster as dg
 
-from backup_pipelines.defs.cadences import build_cadence_schedules
-from backup_pipelines.defs.pitr.common import (
-    BASE_BACKUP,
-    BASE_BACKUP_OFFSITE,
-    PITR_DRILL,
-    pitr_targets,
-)
+from backup_pipelines.lib.cadences import build_cadence_schedules
+from backup_pipelines.lib.names import BASE_BACKUP, BASE_BACKUP_OFFSITE, PITR_DRILL
+from backup_pipelines.lib.project import pitr_targets
 
 DEFAULT_BASE_BACKUP_CADENCES = ("weekly",)
 DEFAULT_PITR_DRILL_CADENCES = ("0 5 * * 0",)

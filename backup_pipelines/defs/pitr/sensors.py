@@ -6,13 +6,14 @@ import json
 
 import dagster as dg
 
-from backup_pipelines.defs.pitr.checks import health_check_evaluation, health_metadata
-from backup_pipelines.defs.pitr.common import WAL_ARCHIVE, key, pitr_targets
-from backup_pipelines.defs.shared import project_config
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.defs.resources import BackupEngineResource
+from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.notify import Alert, send_alert
 from backup_pipelines.engine.pitr.health import ArchiveHealth, archive_health
+from backup_pipelines.lib.names import WAL_ARCHIVE, target_key
+from backup_pipelines.lib.pitr import health_check_evaluation, health_metadata
+from backup_pipelines.lib.project import pitr_targets
 
 
 def _interval() -> int:
@@ -20,7 +21,7 @@ def _interval() -> int:
     return min(intervals, default=120)
 
 
-def _alert(config, target: str, health: ArchiveHealth, link: str) -> Alert:  # type: ignore[no-untyped-def]
+def _alert(target: str, health: ArchiveHealth, link: str) -> Alert:
     if health.healthy:
         return Alert(
             title="WAL archive healthy again",
@@ -53,9 +54,15 @@ def _alert(config, target: str, health: ArchiveHealth, link: str) -> Alert:  # t
     "wal_archive observation and the wal_archive_healthy check, and alerts the notifiers when "
     "an archive turns unhealthy (once, until it recovers).",
 )
-def wal_archive_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+def wal_archive_sensor(
+    context: dg.SensorEvaluationContext, backup_engine: BackupEngineResource
+) -> dg.SensorResult:
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    config = load_config(project_config().source_path, isolate_targets=True)
+    try:
+        config: ProjectConfig = backup_engine.project()
+    except BackupPipelinesError as exc:
+        context.log.error(f"cannot read the targets file: {exc}")
+        return dg.SensorResult(skip_reason="the targets file cannot be read (see the tick log)")
     events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
     states: dict[str, str] = {}
     for name in pitr_targets():
@@ -68,7 +75,9 @@ def wal_archive_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
                 name, [f"the WAL archive could not be checked: {type(exc).__name__}: {exc}"], "?"
             )
         events.append(
-            dg.AssetObservation(asset_key=key(name, WAL_ARCHIVE), metadata=health_metadata(health))
+            dg.AssetObservation(
+                asset_key=target_key(name, WAL_ARCHIVE), metadata=health_metadata(health)
+            )
         )
         events.append(health_check_evaluation(name, health))
         state = "healthy" if health.healthy else "unhealthy"
@@ -76,7 +85,7 @@ def wal_archive_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         was = previous.get(name, "healthy")
         if state != was and (state == "unhealthy" or config.alerts.send_resolved):
             link = f"{config.alerts.ui_base_url.rstrip('/')}/assets/{name}/{WAL_ARCHIVE}"
-            report = send_alert(config, _alert(config, name, health, link))
+            report = send_alert(config, _alert(name, health, link))
             context.log.info(
                 f"{name}: WAL archive {state}; alert delivered to {report.delivered or 'no notifier'}"
                 + (f", failed: {list(report.failed)}" if report.failed else "")

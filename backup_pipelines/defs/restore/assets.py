@@ -8,16 +8,20 @@ evaluated by the same step, from the same drill.
 
 import dagster as dg
 
-from backup_pipelines.defs.cadences import host_pool
 from backup_pipelines.defs.resources import BackupEngineResource
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key, user_error
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.drills.logical import DrillResult, run_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
-
-RESTORE_DRILL = "restore_drill"
-DRILL_PASSED_CHECK = "restore_drill_passed"
-RTO_CHECK = "rto_within_target"
+from backup_pipelines.lib.names import (
+    DRILL_PASSED_CHECK,
+    LOGICAL_BACKUP,
+    RESTORE_DRILL,
+    RTO_CHECK,
+    target_key,
+)
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.tags import asset_attributes, host_pool
 
 
 def drill_metadata(result: DrillResult, rto_target_seconds: float) -> dict[str, dg.MetadataValue]:
@@ -153,9 +157,7 @@ def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinit
 
     @dg.asset(
         key=key,
-        group_name=name,
-        kinds={"postgres"},
-        tags={"target": name},
+        **asset_attributes(name, "postgres"),
         deps=[target_key(name, LOGICAL_BACKUP)],
         pool=host_pool(name),
         description=_description(name, settings),

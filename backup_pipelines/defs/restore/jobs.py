@@ -12,6 +12,7 @@ from backup_pipelines.defs.resources import BackupEngineResource
 from backup_pipelines.engine.confirm import ConfirmationError
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.restore import RestoreReport, RestoreStepError, restore_database
+from backup_pipelines.lib.tags import job_tags
 
 RESTORE_OP = "restore_from_backup"
 
@@ -119,8 +120,9 @@ def restore_database_op(
     name="restore_database",
     description="Replace a target's database with a backup (local file, s3:// offsite copy or "
     "'latest'), safely: nothing is touched without `confirm: <target>`, and any failure leaves "
-    "the live database as it was. Same engine as `backup-pipelines restore`.",
-    tags={"backup_pipelines/kind": "restore"},
+    "the live database as it was. Same engine as `backup-pipelines restore`. Its runs carry "
+    "the target's tag, so a restore waits for a running backup of the same target.",
+    tags=job_tags("restore"),
 )
 def restore_database_job() -> None:
     restore_database_op()

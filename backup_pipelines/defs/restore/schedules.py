@@ -7,19 +7,21 @@ turns the drill off; each tick requests one run per target.
 """
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from backup_pipelines.defs.cadences import build_cadence_schedules
-from backup_pipelines.defs.restore.assets import RESTORE_DRILL
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, project_config, target_key
+from backup_pipelines.lib.cadences import build_cadence_schedules
+from backup_pipelines.lib.names import LOGICAL_BACKUP, RESTORE_DRILL, target_key
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.tags import job_tags
 
 RESTORE_DRILL_KIND = "restore_drill"
+RESTORE_DRILLS_JOB = "restore_drills"
 DEFAULT_DRILL_CADENCES = ("weekly",)
 
 
-def build_restore_drills_job() -> UnresolvedAssetJobDefinition:
-    return dg.define_asset_job(
-        name="restore_drills",
+@dg.definitions
+def restore_drill_schedules() -> dg.Definitions:
+    job = dg.define_asset_job(
+        name=RESTORE_DRILLS_JOB,
         selection=dg.AssetSelection.assets(
             *[
                 target_key(n, name)
@@ -29,19 +31,15 @@ def build_restore_drills_job() -> UnresolvedAssetJobDefinition:
         ),
         description="Back up each selected target, then restore the newest backup into a scratch "
         "database and check it (row counts, amcheck, RTO).",
+        tags=job_tags(RESTORE_DRILL_KIND),
     )
-
-
-@dg.definitions
-def restore_drill_schedules() -> dg.Definitions:
-    job = build_restore_drills_job()
     return dg.Definitions(
         jobs=[job],
         schedules=build_cadence_schedules(
             kind=RESTORE_DRILL_KIND,
             asset_names=[LOGICAL_BACKUP, RESTORE_DRILL],
             default_cadences=DEFAULT_DRILL_CADENCES,
-            job=job,
+            job_name=RESTORE_DRILLS_JOB,
             description="Weekly backup and restore drill of that backup",
         ),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster_aws.s3 import S3Resource
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
@@ -44,6 +45,23 @@ def pitr_definitions() -> dg.Definitions:
         dg.Definitions(
             resources={"backup_engine": BackupEngineResource(), "offsite_s3": S3Resource()}
         ),
+    )
+
+
+def sensor_context(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    cursor: str | None = None,
+    config_path: str | None = None,
+) -> dg.SensorEvaluationContext:
+    """A tick of wal_archive_sensor, which reads the targets file through its resource."""
+    from backup_pipelines.defs.resources import BackupEngineResource
+
+    return dg.build_sensor_context(
+        instance=instance,
+        definitions=defs,
+        cursor=cursor,
+        resources={"backup_engine": BackupEngineResource(config_path=config_path)},
     )
 
 
@@ -202,7 +220,7 @@ def test_sensor_and_check_catch_a_gap_and_alert_once(
         setup.switch_and_wait()
     sensor = defs.resolve_sensor_def("wal_archive_sensor")
     with dg.instance_for_test() as instance:
-        healthy = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        healthy = sensor(sensor_context(instance, defs))
         checks = [e for e in healthy.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
         assert [c.passed for c in checks] == [True]
         assert webhook[1] == []
@@ -211,9 +229,7 @@ def test_sensor_and_check_catch_a_gap_and_alert_once(
         missing = sorted(e.name for e in list_wal(archive) if e.kind == "segment")[-2]
         archive.primary.delete(missing)
 
-        broken = sensor(
-            dg.build_sensor_context(instance=instance, definitions=defs, cursor=healthy.cursor)
-        )
+        broken = sensor(sensor_context(instance, defs, healthy.cursor))
         evaluation = [e for e in broken.asset_events if isinstance(e, dg.AssetCheckEvaluation)][0]
         assert evaluation.passed is False
         assert evaluation.check_name == "wal_archive_healthy"
@@ -227,9 +243,7 @@ def test_sensor_and_check_catch_a_gap_and_alert_once(
         assert "gap in the WAL archive" in alert["reason"]
 
         # Still broken: no second alert for the same incident.
-        again = sensor(
-            dg.build_sensor_context(instance=instance, definitions=defs, cursor=broken.cursor)
-        )
+        again = sensor(sensor_context(instance, defs, broken.cursor))
         assert len(webhook[1]) == 1
         assert json.loads(again.cursor or "{}") == {TARGET: "unhealthy"}
 
@@ -247,3 +261,31 @@ def test_sensor_and_check_catch_a_gap_and_alert_once(
         [result] = executed.get_asset_check_evaluations()
         assert result.passed is False
         assert missing in str(result.metadata["result"].value)
+
+
+def test_wal_archive_sensor_reads_the_targets_file_through_its_resource(
+    tmp_path: Path, make_project, webhook: tuple[str, list[dict]]
+) -> None:  # type: ignore[no-untyped-def]
+    """The file the backup_engine resource names is the one read at each tick (notifiers,
+    archive settings), like every other sensor, not the one the definitions loaded from."""
+    targets = {"prod": {"dsn_env": "UNSET_DSN", "pitr": {"archive_dir": str(tmp_path / "wal")}}}
+    make_project(targets)  # the definitions' file: no notifiers
+    other = tmp_path / "other_targets.yaml"
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "backup_root": str(tmp_path / "backups"),
+                "notifiers": [{"type": "webhook", "url": webhook[0]}],
+                "targets": targets,
+            }
+        )
+    )
+    defs = pitr_definitions()
+    sensor = defs.resolve_sensor_def("wal_archive_sensor")
+    with dg.instance_for_test() as instance:
+        result = sensor(sensor_context(instance, defs, config_path=str(other)))
+    (evaluation,) = [e for e in result.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+    assert evaluation.passed is False
+    # The alert went to the notifier that only the resource's file names.
+    assert [alert["target"] for alert in webhook[1]] == ["prod"]
+    assert "WAL archive unhealthy" in webhook[1][0]["title"]

@@ -9,13 +9,18 @@ from typing import Any
 
 import dagster as dg
 
-from backup_pipelines.defs.restore.assets import DRILL_PASSED_CHECK, RESTORE_DRILL
-from backup_pipelines.defs.shared import LOGICAL_BACKUP, OFFSITE_COPY, target_key
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.clock import is_future, utc_now
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.metrics import TargetMetrics, invalid_target_metrics
+from backup_pipelines.lib.names import (
+    DRILL_PASSED_CHECK,
+    LOGICAL_BACKUP,
+    OFFSITE_COPY,
+    RESTORE_DRILL,
+    target_key,
+)
 
 # The ERROR checks that make an otherwise materialized asset "not good".
 ERROR_CHECKS: dict[str, tuple[str, ...]] = {

@@ -15,9 +15,9 @@ How a target says when its scheduled work runs (times in the targets file's ``ti
 Built-in cadences: ``hourly`` (every hour on the hour), ``daily`` (02:00), ``weekly`` (Sunday
 03:00) and ``monthly`` (the 1st at 04:00), the guide's cron lines.
 
-Using it from another area (e.g. ``defs/restore/schedules.py``)::
+Using it from an area (e.g. ``defs/restore/schedules.py``)::
 
-    from backup_pipelines.defs.cadences import build_cadence_schedules
+    from backup_pipelines.lib.cadences import build_cadence_schedules
 
     @dg.definitions
     def restore_drill_schedules() -> dg.Definitions:
@@ -32,65 +32,38 @@ This gives one RUNNING schedule per cadence in use, named ``<cadence>_<kind>_sch
 (``weekly_restore_drill_schedule``; a raw cron string gives ``cron_<fields>_<kind>_schedule``).
 Each tick requests one run per target whose cadences include it, selecting
 ``<target>/<asset_name>`` for every name in ``asset_names``, with ``run_key``
-``<kind>:<target>:<tick time>`` (a tick never runs twice) and these run tags:
-
-- ``backup_pipelines/target``: the target (``dagster.yaml`` allows one run per target at a time),
-- ``backup_pipelines/db_host``: its database server (``dagster.yaml`` caps runs per server),
-- ``backup_pipelines/kind`` and ``backup_pipelines/cadence``.
+``<kind>:<target>:<tick time>`` (a tick never runs twice) and the run tags of
+``backup_pipelines.lib.tags`` (target, database server, kind and cadence).
 
 When two cadences of the same kind fire at the same moment for a target (``hourly`` and ``daily``
 at 02:00), only the first one listed for the target requests a run, so the database is not
-backed up twice in the same minute.
+backed up twice in the same minute. Each cadence keeps its own schedule (their names are what
+people see and switch off), so this is decided when a tick is evaluated, with Dagster's own
+rules for when a cron string fires (``fires_at``).
 """
 
-import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
-from dagster._utils.schedules import cron_string_iterator, is_valid_cron_string
+from croniter import croniter
 
-from backup_pipelines.defs.shared import project_config, target_key
 from backup_pipelines.engine.config import ProjectConfig
-
-TAG_TARGET = "backup_pipelines/target"
-TAG_DB_HOST = "backup_pipelines/db_host"
-TAG_KIND = "backup_pipelines/kind"
-TAG_CADENCE = "backup_pipelines/cadence"
+from backup_pipelines.lib.names import target_key
+from backup_pipelines.lib.project import project_config
+from backup_pipelines.lib.tags import (
+    TAG_CADENCE,
+    TAG_KIND,
+    job_tags,
+    target_run_tags,
+)
 
 BACKUP_KIND = "backup"
 HIGH_TRAFFIC_CADENCE = "hourly"
-
-
-def db_host(target: str, config: ProjectConfig | None = None) -> str:
-    """The database server a target lives on: ``db_host`` from config, else host:port of its
-    connection URL when the variable is set where the definitions load, else the target name."""
-    config = config or project_config()
-    settings = config.targets[target]
-    if settings.db_host:
-        return settings.db_host
-    dsn = os.environ.get(settings.dsn_env, "").strip()
-    if dsn.startswith(("postgresql://", "postgres://")):
-        try:
-            parts = urlsplit(dsn)
-            if parts.hostname:
-                return f"{parts.hostname}:{parts.port or 5432}"
-        except ValueError:
-            pass
-    return target
-
-
-def host_pool(target: str, config: ProjectConfig | None = None) -> str:
-    """Dagster pool for work that loads a target's database server (limit set in dagster.yaml)."""
-    return "pg_host_" + re.sub(r"[^A-Za-z0-9_.:-]", "_", db_host(target, config))
-
-
-def target_run_tags(target: str, config: ProjectConfig | None = None) -> dict[str, str]:
-    """Tags that put a run under the per-target and per-server concurrency limits."""
-    return {TAG_TARGET: target, TAG_DB_HOST: db_host(target, config)}
+# Hours in which Dagster's scheduler applies its daylight-saving rules (see fires_at).
+DST_HOURS = frozenset({1, 2, 3})
 
 
 def target_cadences(
@@ -126,10 +99,31 @@ def schedule_name(kind: str, cadence: str) -> str:
 
 
 def fires_at(cron: str, moment: datetime, timezone: str) -> bool:
-    """Whether ``cron`` has a tick exactly at ``moment`` (to the minute)."""
-    moment = moment.replace(second=0, microsecond=0)
-    upcoming = next(cron_string_iterator(moment.timestamp(), cron, timezone))
-    return upcoming.timestamp() == moment.timestamp()
+    """Whether Dagster's scheduler runs ``cron`` (in ``timezone``) at ``moment``, to the minute.
+
+    Dagster's documented rules for daylight saving time apply: a time the clocks skip when they
+    go forward runs at the end of the gap (03:00 for a 02:30 schedule), except on a schedule
+    that runs every hour, which skips it; a time that happens twice when the clocks go back
+    runs once, at the second occurrence, except every hour, which runs at both. Like Dagster,
+    the second-occurrence rule only applies between 01:00 and 03:59, where clocks change in
+    most places; elsewhere the first occurrence runs.
+    """
+    zone = ZoneInfo(timezone)
+    local = datetime.fromtimestamp(moment.replace(second=0, microsecond=0).timestamp(), zone)
+    every_hour = croniter.expand(cron)[0][1] == ["*"]
+    wall = local.replace(tzinfo=None, fold=0)
+    if croniter.match(cron, wall):
+        happens_twice = local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset()
+        if every_hour or not happens_twice:
+            return True
+        return local.fold == (1 if local.hour in DST_HOURS else 0)
+    if every_hour:
+        return False
+    # The first minute after the clocks went forward runs every time the jump skipped.
+    before = datetime.fromtimestamp(local.timestamp() - 60, zone)
+    jump = (local.utcoffset() or timedelta(0)) - (before.utcoffset() or timedelta(0))
+    skipped = int(jump.total_seconds() // 60)
+    return any(croniter.match(cron, wall - jump + timedelta(minutes=m)) for m in range(skipped))
 
 
 def build_cadence_schedules(
@@ -137,7 +131,7 @@ def build_cadence_schedules(
     asset_names: Sequence[str],
     default_cadences: Sequence[str] = ("weekly",),
     *,
-    job: UnresolvedAssetJobDefinition | None = None,
+    job_name: str | None = None,
     targets: Iterable[str] | None = None,
     description: str | None = None,
 ) -> list[dg.ScheduleDefinition]:
@@ -145,8 +139,9 @@ def build_cadence_schedules(
 
     ``asset_names``: the asset names under each target to run (``<target>/<name>``), upstream
     first. ``default_cadences``: for targets whose ``schedules:`` does not mention ``kind``.
-    ``job``: an asset job covering those assets; by default one named ``scheduled_<kind>`` is
-    made. ``targets``: restrict to these targets (default: every configured target).
+    ``job_name``: an asset job covering those assets, defined by the caller next to the
+    schedules; by default one named ``scheduled_<kind>`` is made. ``targets``: restrict to these
+    targets (default: every configured target).
     """
     config = project_config()
     names = list(targets) if targets is not None else list(config.targets)
@@ -154,37 +149,44 @@ def build_cadence_schedules(
     in_use = list(dict.fromkeys(c for cadences in per_target.values() for c in cadences))
     if not in_use:
         return []
-    for cadence in in_use:
-        if not is_valid_cron_string(config.cadence_cron(cadence)):
-            raise dg.DagsterInvalidDefinitionError(
-                f"cadence {cadence!r} ({config.cadence_cron(cadence)!r}) is not a cron string "
-                "Dagster accepts; fix 'schedules:' or 'cadences:' in the targets file"
-            )
-    if job is None:
+    job = None
+    if job_name is None:
         job = dg.define_asset_job(
             name=f"scheduled_{kind}",
             selection=dg.AssetSelection.assets(
                 *[target_key(t, n) for t in names if per_target[t] for n in asset_names]
             ),
             description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target.",
+            tags=job_tags(kind),
         )
-    return [
-        _cadence_schedule(kind, cadence, asset_names, per_target, job, config, description)
-        for cadence in in_use
-    ]
+    schedules = []
+    for cadence in in_use:
+        cron = config.cadence_cron(cadence)
+        members = [t for t, cadences in per_target.items() if cadence in cadences]
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=schedule_name(kind, cadence),
+                cron_schedule=cron,
+                execution_timezone=config.timezone,
+                job=job,
+                job_name=job_name,
+                execution_fn=_cadence_tick(kind, cadence, asset_names, per_target, config),
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+                description=(description or f"Scheduled {kind.replace('_', ' ')}")
+                + f" on the {cadence} cadence ({cron}, {config.timezone}) for: "
+                + f"{', '.join(members)}.",
+            )
+        )
+    return schedules
 
 
-def _cadence_schedule(
+def _cadence_tick(
     kind: str,
     cadence: str,
     asset_names: Sequence[str],
     per_target: dict[str, tuple[str, ...]],
-    job: UnresolvedAssetJobDefinition,
     config: ProjectConfig,
-    description: str | None,
-) -> dg.ScheduleDefinition:
-    cron = config.cadence_cron(cadence)
-    timezone = config.timezone
+) -> Callable[[dg.ScheduleEvaluationContext], Iterator[dg.SkipReason | dg.RunRequest]]:
     members = [t for t, cadences in per_target.items() if cadence in cadences]
     label = cadence if cadence in config.named_cadences else "custom"
 
@@ -194,30 +196,17 @@ def _cadence_schedule(
         for target in members:
             # Another cadence listed earlier fires now too: its schedule covers this target.
             earlier = per_target[target][: per_target[target].index(cadence)]
-            if any(fires_at(config.cadence_cron(c), moment, timezone) for c in earlier):
+            if any(fires_at(config.cadence_cron(c), moment, config.timezone) for c in earlier):
                 continue
             requests.append(
                 dg.RunRequest(
                     run_key=f"{kind}:{target}:{moment.isoformat()}",
                     asset_selection=[target_key(target, name) for name in asset_names],
-                    tags={
-                        **target_run_tags(target, config),
-                        TAG_KIND: kind,
-                        TAG_CADENCE: label,
-                    },
+                    tags={**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label},
                 )
             )
         if not requests:
             yield dg.SkipReason(f"every target on the {cadence} cadence ran under another one")
         yield from requests
 
-    return dg.ScheduleDefinition(
-        name=schedule_name(kind, cadence),
-        cron_schedule=cron,
-        execution_timezone=timezone,
-        job=job,
-        execution_fn=evaluate,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=(description or f"Scheduled {kind.replace('_', ' ')}")
-        + f" on the {cadence} cadence ({cron}, {timezone}) for: {', '.join(members)}.",
-    )
+    return evaluate
