@@ -4,6 +4,7 @@ Also: the systemd units parse and point at real commands, and local dev needs no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ def _wait(
             return value
         if proc is not None and proc.poll() is not None:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     detail = log.read_text()[-4000:] if log and log.exists() else ""
     raise AssertionError(f"timed out waiting for {what}\n{detail}")
 
@@ -50,8 +51,13 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+    # The code server it started (`dagster api grpc`, same process group) outlives SIGTERM and
+    # would linger for hours: nothing of the group may survive the test.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.daemon
 def test_production_instance_on_postgres_runs_a_queued_backup(
     pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,6 +224,7 @@ def test_production_yaml_settings() -> None:
     assert settings["retention"]["sensor"]["purge_after_days"]["success"] == 30
 
 
+@pytest.mark.slow
 def test_local_dev_instance_needs_no_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,6 +236,7 @@ def test_local_dev_instance_needs_no_database(
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", ["dagster-webserver.service", "dagster-daemon.service"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
