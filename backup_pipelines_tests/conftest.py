@@ -8,7 +8,10 @@ S3 server and its own secrets, so workers never see each other's databases or pa
 Tiers (markers, see pyproject.toml): a test is marked ``postgres`` / ``s3`` / ``slow`` by the
 fixtures it uses (``pg``, ``s3_endpoint``, ``run_cli``), and ``daemon`` / ``browser`` / ``slow``
 by hand where it starts such things itself. Every other test is marked ``fast``: ``make check``
-runs them (``-m fast``), ``make test`` runs everything.
+runs them (``-m fast``), ``make test`` runs everything. Tests that reach a server only through
+``request.getfixturevalue`` (say a storage contract parametrized over backends) mark those
+parameters themselves (``pytest.param("s3", marks=pytest.mark.s3)``); the cases that need no
+server, such as an in-memory storage backend's, are fast without any marker.
 """
 
 from __future__ import annotations
