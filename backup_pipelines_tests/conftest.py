@@ -1,13 +1,27 @@
-"""Shared fixtures: real PostgreSQL clusters, a real S3 server (moto over HTTP), project configs.
+"""Shared fixtures: real PostgreSQL clusters, a real S3 server (moto over HTTP), project configs,
+the command line (in-process and as a real process), and the test tiers.
 
 Nothing here mocks PostgreSQL or its tools: every test talks to a real server started here.
+Session fixtures are per process: under pytest-xdist every worker has its own cluster, its own
+S3 server and its own secrets, so workers never see each other's databases or passwords.
+
+Tiers (markers, see pyproject.toml): a test is marked ``postgres`` / ``s3`` / ``slow`` by the
+fixtures it uses (``pg``, ``s3_endpoint``, ``run_cli``), and ``daemon`` / ``browser`` / ``slow``
+by hand where it starts such things itself. Every other test is marked ``fast``: ``make check``
+runs them (``-m fast``), ``make test`` runs everything. Tests that reach a server only through
+``request.getfixturevalue`` (say a storage contract parametrized over backends) mark those
+parameters themselves (``pytest.param("s3", marks=pytest.mark.s3)``); the cases that need no
+server, such as an in-memory storage backend's, are fast without any marker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
+import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -30,8 +44,102 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
 
-# A password no test would print by accident: leak tests grep for it everywhere.
+# A password no test would print by accident: leak tests grep for it everywhere (also in every
+# process's command line). Random per process, so parallel workers never find each other's.
 DB_PASSWORD = "pw-" + secrets.token_hex(8)
+
+# Markers set from the fixtures a test uses (their closure, so indirect use counts too).
+FIXTURE_MARKERS = {"pg": "postgres", "s3_endpoint": "s3", "run_cli": "slow"}
+# A test with none of these is in the fast tier.
+HEAVY_MARKERS = ("postgres", "s3", "daemon", "browser", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier before ``-m`` selects (tryfirst: before pytest's own hook).
+
+    Then the daemon and browser tests (minutes each) move to the front, so that under
+    pytest-xdist they start first on different workers instead of ending the run alone. Only
+    those move: every other test keeps its place next to its module's fixtures.
+    """
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in fixtures:
+                item.add_marker(marker)
+        if not any(item.get_closest_marker(marker) for marker in HEAVY_MARKERS):
+            item.add_marker("fast")
+    items.sort(key=lambda item: 0 if item.get_closest_marker("daemon") else 1)
+
+
+# What a fast test may not start: each costs seconds (an interpreter, a server, a cluster, a
+# second OS user). A test that does is told to carry the marker that says so.
+SLOW_PROGRAMS = {
+    "backup-pipelines": "slow",
+    "chromium": "browser",
+    "dagster": "slow",
+    "dagster-daemon": "daemon",
+    "dagster-webserver": "daemon",
+    "faketime": "slow",
+    "initdb": "postgres",
+    "moto_server": "s3",
+    "pg_createcluster": "postgres",
+    "pg_ctl": "postgres",
+    "pg_ctlcluster": "postgres",
+    "postgres": "postgres",
+    "runuser": "slow",
+    "useradd": "slow",
+}
+# Dagster's compute-log capture starts this tiny helper (no imports) for every step it runs.
+ALLOWED_SCRIPTS = ("watch_orphans.py",)
+
+
+def _slow_program(argv: list[str]) -> str | None:
+    """The slow program a command line starts, if any (``sh -c SCRIPT``: any program in it)."""
+    if not argv:
+        return None
+    programs = [argv[0]]
+    if Path(argv[0]).name in ("sh", "bash") and "-c" in argv and "-n" not in argv:  # -n: parse
+        script = argv[argv.index("-c") + 1]
+        programs += [word for word in script.split() if "/" in word]
+    if any(word.endswith(ALLOWED_SCRIPTS) for word in argv):
+        return None
+    for program in programs:
+        name = Path(program.strip("'\"")).name
+        if name in SLOW_PROGRAMS or re.fullmatch(r"python[0-9.]*", name):
+            return name
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Keep the fast tier fast: a test marked ``fast`` fails when it starts a slow program."""
+    if request.node.get_closest_marker("fast") is None:
+        yield
+        return
+    started: list[str] = []
+    original = subprocess.Popen.__init__
+
+    def watched(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        if kwargs.get("shell") and argv:
+            argv = ["sh", "-c", *argv]
+        program = _slow_program([os.fsdecode(a) for a in argv])
+        if program is not None:
+            started.append(program)
+        original(self, args, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", watched)
+        yield
+    if started:
+        markers = sorted({SLOW_PROGRAMS.get(p, "slow") for p in started})
+        pytest.fail(
+            f"this test is in the fast tier but starts {', '.join(sorted(set(started)))}: "
+            f"mark it {' and '.join(f'@pytest.mark.{m}' for m in markers)} (make check must "
+            "stay under a minute)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +157,30 @@ def pg() -> Iterator[LocalCluster]:
 _db_counter = itertools.count(1)
 
 
-@pytest.fixture
-def sample_db(pg: LocalCluster) -> Iterator[str]:
-    """A fresh ShiftManager sample database (dropped afterwards); yields its name."""
-    name = f"shiftmanager_{os.getpid()}_{next(_db_counter)}"
+@pytest.fixture(scope="session")
+def sample_template(pg: LocalCluster) -> str:
+    """The ShiftManager sample database, built once per cluster as a template to copy from.
+
+    Copying a template is a file copy (under a second); building the sample data takes seconds.
+    No one may connect to it (a session on the template would make CREATE DATABASE fail), and
+    autovacuum leaves a database that allows no connections alone.
+    """
+    name = f"sample_template_{os.getpid()}"
     create_sample_database(pg.dsn(), name, employees=300, shifts=3000)
+    pg.psql(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false')
+    return name
+
+
+@pytest.fixture
+def sample_db(pg: LocalCluster, sample_template: str) -> Iterator[str]:
+    """A fresh ShiftManager sample database (dropped afterwards); yields its name.
+
+    A copy of :func:`sample_template`: the same schema, data, roles' grants and large objects
+    as a database built by ``create_sample_database`` (only large objects' OIDs differ, as
+    they do between any two builds).
+    """
+    name = f"shiftmanager_{os.getpid()}_{next(_db_counter)}"
+    pg.psql(f'CREATE DATABASE "{name}" TEMPLATE "{sample_template}"')
     yield name
     with contextlib.suppress(Exception):
         pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -89,8 +216,63 @@ def make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProjectFact
     project_config.cache_clear()
 
 
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture
-def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+def cli(capfd: pytest.CaptureFixture[str]) -> CliRunner:
+    """``backup-pipelines ARGS`` run by its own ``main()`` inside the test process.
+
+    The same argument parsing, engine calls, error handling, messages and exit status as the
+    installed command, without a new interpreter per call (about 1.5 s of CPU each). Each call
+    sees the environment as a child process would (``env`` added for this call only; what
+    ``main()`` changes, e.g. ``$BACKUP_PIPELINES_CONFIG`` for ``--config``, is undone
+    afterwards), reads ``input`` as its stdin, and its stdout and stderr (file descriptors too,
+    so the output of the tools it starts) are returned as a ``CompletedProcess``. Tests whose
+    point is the process itself (killing it, racing it, its command line, a terminal, the
+    installed entry point) use :func:`run_cli` instead.
+    """
+
+    def run(
+        *args: str, input: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        from backup_pipelines.cli import main
+
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        capfd.readouterr()
+        with pytest.MonkeyPatch.context() as mp:
+            # Registered first, so leaving the context restores whatever main() set.
+            if CONFIG_ENV_VAR in os.environ:
+                mp.setenv(CONFIG_ENV_VAR, os.environ[CONFIG_ENV_VAR])
+            else:
+                mp.delenv(CONFIG_ENV_VAR, raising=False)
+            for key, value in (env or {}).items():
+                mp.setenv(key, value)
+            mp.setattr(sys, "stdin", io.StringIO(input or ""))
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: usage errors and --help
+                # What the interpreter makes of it: None is 0, a message is printed and 1.
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            finally:
+                for handler in root.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                root.handlers[:] = handlers
+                root.setLevel(level)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["backup-pipelines", *args], code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def run_cli() -> CliRunner:
     """Run the installed ``backup-pipelines`` command as a user would, in a child process."""
 
     def run(

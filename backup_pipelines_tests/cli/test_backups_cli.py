@@ -47,42 +47,40 @@ def test_backup_with_test_then_list_and_verify(
     assert verify.returncode == 0 and verify.stdout.strip().endswith("OK")
 
 
-def test_verify_fails_on_tampered_file(
-    pg: LocalCluster, sample_db: str, make_project, run_cli
-) -> None:
+def test_verify_fails_on_tampered_file(pg: LocalCluster, sample_db: str, make_project, cli) -> None:
     config = make_project({"production": {"dsn_env": "DB"}}, env={"DB": pg.dsn(sample_db)})
-    assert run_cli("backup", "production").returncode == 0
+    assert cli("backup", "production").returncode == 0
     backup = next(config.target("production").backup_dir.glob("*.sql.gz"))
     with backup.open("r+b") as handle:
         handle.seek(200)
         handle.write(b"tampered")
-    result = run_cli("verify", str(backup))
+    result = cli("verify", str(backup))
     assert result.returncode == 1
     assert "SHA-256 mismatch" in result.stderr
     assert "do not restore from this file" in result.stderr
 
 
-def test_bad_config_and_missing_env_exit_2_with_the_field(tmp_path: Path, run_cli) -> None:
+def test_bad_config_and_missing_env_exit_2_with_the_field(tmp_path: Path, cli) -> None:
     config = tmp_path / "targets.yaml"
     config.write_text(
         "backup_root: b\ntargets:\n  production:\n    dsn_env: DB\n    compresion: gzip\n"
     )
-    result = run_cli("--config", str(config), "backup", "production")
+    result = cli("--config", str(config), "backup", "production")
     assert result.returncode == 2
     assert "target 'production', field 'compresion': unknown key" in result.stderr
 
     config.write_text("backup_root: b\ntargets:\n  production:\n    dsn_env: DB_NOT_SET_ANYWHERE\n")
-    result = run_cli("--config", str(config), "backup", "production")
+    result = cli("--config", str(config), "backup", "production")
     assert result.returncode == 2
     assert "environment variable DB_NOT_SET_ANYWHERE is not set" in result.stderr
-    check = run_cli("--config", str(config), "check-config")
+    check = cli("--config", str(config), "check-config")
     assert check.returncode == 2 and "DB_NOT_SET_ANYWHERE" in check.stdout
 
 
-def test_unreachable_database_exits_non_zero(tmp_path: Path, run_cli) -> None:
+def test_unreachable_database_exits_non_zero(tmp_path: Path, cli) -> None:
     config = tmp_path / "targets.yaml"
     config.write_text(f"backup_root: {tmp_path}/b\ntargets:\n  production:\n    dsn_env: DB\n")
-    result = run_cli(
+    result = cli(
         "--config",
         str(config),
         "backup",

@@ -70,10 +70,10 @@ def test_dry_run_prints_the_plan_and_changes_nothing(
 
 
 def test_rollback_with_confirmation(
-    pg: LocalCluster, app_db: str, history: list[str], make_project, run_cli
+    pg: LocalCluster, app_db: str, history: list[str], make_project, cli
 ) -> None:
     configure(make_project, pg, app_db)
-    result = run_cli("rollback", "3", "app", "--confirm", "app", input="")
+    result = cli("rollback", "3", "app", "--confirm", "app", input="")
     assert result.returncode == 0, result.stderr
     assert "Rolled back 3 migration(s) of 'app'" in result.stdout
     for tag in ("0005_archive_cancelled_shifts", "0004_shift_swaps", "0003_shift_status_no_show"):
@@ -99,25 +99,25 @@ def test_rollback_with_confirmation(
     ],
 )
 def test_refusals_exit_2_and_change_nothing(
-    pg: LocalCluster, app_db: str, make_project, run_cli, args: list[str], expected: str
+    pg: LocalCluster, app_db: str, make_project, cli, args: list[str], expected: str
 ) -> None:
     target = configure(make_project, pg, app_db)
     before = state(pg, app_db)
-    result = run_cli(*args, input="")  # stdin is not a terminal: no prompt
+    result = cli(*args, input="")  # stdin is not a terminal: no prompt
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in result.stderr
     assert state(pg, app_db) == before
     assert not target.backup_dir.exists() or not any(target.backup_dir.glob("*.sql.gz"))
 
 
-def test_steps_must_be_a_number(make_project, run_cli) -> None:
-    result = run_cli("rollback", "three", "app")
+def test_steps_must_be_a_number(make_project, cli) -> None:
+    result = cli("rollback", "three", "app")
     assert result.returncode == 2
     assert "steps must be a whole number" in result.stderr
 
 
 def test_failed_down_migration_names_it_and_changes_nothing(
-    pg: LocalCluster, app_db: str, make_project, run_cli, tmp_path: Path
+    pg: LocalCluster, app_db: str, make_project, cli, tmp_path: Path
 ) -> None:
     folder = copy_history(tmp_path / "drizzle")
     down = folder / "0004_shift_swaps.down.sql"
@@ -125,7 +125,7 @@ def test_failed_down_migration_names_it_and_changes_nothing(
     down.write_text(down.read_text().replace('"swap_state"', '"swap_state_typo"'))
     configure(make_project, pg, app_db, folder)
     before = state(pg, app_db)
-    result = run_cli("rollback", "2", "app", "--confirm", "app", input="")
+    result = cli("rollback", "2", "app", "--confirm", "app", input="")
     assert result.returncode == 1
     assert "down migration 0004_shift_swaps failed at statement 2 of 2" in result.stderr
     assert 'type "public.swap_state_typo" does not exist' in result.stderr

@@ -85,15 +85,15 @@ def test_log_file_rotates_daily_keeping_30_days(tmp_path: Path) -> None:
         configure_logging(False, None)
 
 
-def test_unknown_target_is_a_usage_error(make_project, run_cli) -> None:
+def test_unknown_target_is_a_usage_error(make_project, cli) -> None:
     make_project({"app": {"dsn_env": "DB_APP"}})
-    result = run_cli("cron-backup", "nope")
+    result = cli("cron-backup", "nope")
     assert result.returncode == 2
     assert "unknown target 'nope'" in result.stderr
 
 
 def test_check_freshness_exit_status_and_notify(
-    pg: LocalCluster, sample_db: str, make_project, run_cli
+    pg: LocalCluster, sample_db: str, make_project, cli
 ) -> None:
     with webhook_receiver() as hooks:
         make_project(
@@ -101,14 +101,14 @@ def test_check_freshness_exit_status_and_notify(
             env={"DB_APP": pg.dsn(sample_db)},
             notifiers=[{"type": "webhook", "url": hooks.url}],
         )
-        never = run_cli("check-freshness", "--notify")
+        never = cli("check-freshness", "--notify")
         assert never.returncode == 1 and "app: STALE - no backup at all" in never.stdout
-        assert run_cli("backup", "app", "--skip-verify").returncode == 0
-        fresh = run_cli("check-freshness", "app")
+        assert cli("backup", "app", "--skip-verify").returncode == 0
+        fresh = cli("check-freshness", "app")
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
         assert "app: ok" in fresh.stdout
         time.sleep(4.5)
-        stale = run_cli("check-freshness", "--notify")
+        stale = cli("check-freshness", "--notify")
         assert stale.returncode == 1 and "app: STALE - newest backup is" in stale.stdout
         bodies = hooks.bodies()
     assert [b["target"] for b in bodies] == ["app", "app"]

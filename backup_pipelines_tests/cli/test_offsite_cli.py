@@ -127,7 +127,7 @@ def test_s3_lifecycle_prints_and_applies(make_project, run_cli, aws_env: str) ->
     assert {r["ID"] for r in rules} == {archive["ID"], expire["ID"]}
 
 
-def test_check_config_reports_an_unloadable_key(make_project, run_cli, monkeypatch) -> None:
+def test_check_config_reports_an_unloadable_key(make_project, cli, monkeypatch) -> None:
     monkeypatch.delenv("MISSING_PASSPHRASE", raising=False)
     make_project(
         {
@@ -138,10 +138,10 @@ def test_check_config_reports_an_unloadable_key(make_project, run_cli, monkeypat
         },
         env={"DATABASE_URL_PRODUCTION": "postgresql://u@127.0.0.1:1/db"},
     )
-    result = run_cli("check-config")
+    result = cli("check-config")
     assert result.returncode == 2
     assert "MISSING_PASSPHRASE is not set" in result.stdout
-    backup = run_cli("backup", "production")
+    backup = cli("backup", "production")
     # The same problem gives the same status everywhere: a key that cannot be loaded is bad
     # configuration (2), whether check-config or a backup finds it.
     assert backup.returncode == 2

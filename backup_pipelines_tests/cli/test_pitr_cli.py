@@ -25,6 +25,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[PitrSetup]:
     pitr.close()
 
 
+@pytest.mark.postgres
 def test_operator_flow_base_backup_status_and_restore(setup: PitrSetup, run_cli) -> None:  # type: ignore[no-untyped-def]
     shown = run_cli("wal-setup", TARGET, "--archive-timeout", "30")
     assert shown.returncode == 0, shown.stderr

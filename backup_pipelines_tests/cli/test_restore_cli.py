@@ -86,7 +86,7 @@ def test_cli_restore_round_trip(
 
 
 def test_cli_refusals_exit_non_zero_and_touch_nothing(
-    pg: LocalCluster, sample_db: str, make_project, run_cli, tmp_path
+    pg: LocalCluster, sample_db: str, make_project, cli, tmp_path
 ) -> None:
     other = f"{sample_db}_other"
     pg.psql(f'CREATE DATABASE "{other}" TEMPLATE "{sample_db}"')
@@ -115,7 +115,7 @@ def test_cli_refusals_exit_non_zero_and_touch_nothing(
             ((str(backup.path), "nope", "--confirm", "nope"), 2, "unknown target 'nope'"),
         ]
         for args, code, message in cases:
-            result = run_cli("restore", *args, input="")
+            result = cli("restore", *args, input="")
             assert result.returncode == code, (args, result.stderr)
             assert message in result.stderr, (args, result.stderr)
             assert "What to do:" in result.stderr

@@ -62,6 +62,7 @@ def test_schedules_exist_running_in_the_configured_timezone(project_defs: dg.Def
     assert schedules["hourly_backup_schedule"].cron_schedule == "0 * * * *"
 
 
+@pytest.mark.slow
 def test_daily_tick_requests_one_run_per_daily_target(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
     runs = _tick(project_defs, "daily_backup_schedule", SUNDAY.replace(hour=2, tzinfo=tz))
@@ -80,6 +81,7 @@ def test_daily_tick_requests_one_run_per_daily_target(project_defs: dg.Definitio
     assert next_day["app"].run_key != runs["app"].run_key
 
 
+@pytest.mark.slow
 def test_hourly_tick_backs_up_high_traffic_targets_only_once(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
     at_five = _tick(project_defs, "hourly_backup_schedule", SUNDAY.replace(hour=5, tzinfo=tz))
@@ -97,6 +99,7 @@ def test_hourly_tick_backs_up_high_traffic_targets_only_once(project_defs: dg.De
     assert result.skip_message
 
 
+@pytest.mark.slow
 def test_custom_cadences(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
     late = _tick(

@@ -3,6 +3,7 @@ webserver) as child processes: what the deploy tests start."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -54,6 +55,10 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+    # The code server it started (`dagster api grpc`, same process group) outlives SIGTERM and
+    # would linger for hours: nothing of the group may survive the test.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ SCHEDULE_TAG = "dagster/schedule_name"
 EVERY_MINUTE = "cron_x_x_x_x_x_backup_schedule"
 
 
+@pytest.mark.daemon
 def test_production_instance_on_postgres_runs_a_queued_backup(
     pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

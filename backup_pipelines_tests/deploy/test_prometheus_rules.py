@@ -25,6 +25,7 @@ def _promtool() -> str:
     return promtool
 
 
+@pytest.mark.slow
 def test_promtool_rule_unit_tests_pass() -> None:
     check = subprocess.run(
         [_promtool(), "check", "rules", "alerts.yml"], cwd=RULES_DIR, capture_output=True, text=True

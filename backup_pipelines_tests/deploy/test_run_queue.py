@@ -79,6 +79,7 @@ def _code_location_loaded(port: int) -> Callable[[], bool]:
     return loaded
 
 
+@pytest.mark.daemon
 @pytest.mark.timeout(1200)
 def test_a_launchpad_restore_queues_behind_the_running_backup_of_its_target(
     pg: LocalCluster,

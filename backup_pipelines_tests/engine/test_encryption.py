@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -25,8 +26,10 @@ from backup_pipelines_tests.helpers import restore_and_compare
 
 log = logging.getLogger("test")
 
-PASS_A = "correct horse battery staple A"
-PASS_B = "another passphrase entirely B"
+# Random per process: the leak test scans every process's command line for PASS_A, and an
+# operator's `gpg --passphrase PASS_A` in another test worker must not count as our leak.
+PASS_A = "correct horse battery staple A " + secrets.token_hex(4)
+PASS_B = "another passphrase entirely B " + secrets.token_hex(4)
 KEY_PASS = "secret key protection passphrase"
 
 
@@ -402,6 +405,7 @@ def test_passphrase_file_must_be_private(
     )
 
 
+@pytest.mark.slow
 def test_encryption_and_decryption_stream_with_flat_memory(monkeypatch, tmp_path: Path) -> None:
     import hashlib
     import tracemalloc
@@ -449,6 +453,7 @@ def test_encryption_and_decryption_stream_with_flat_memory(monkeypatch, tmp_path
     assert decrypt_peak < 8 << 20, decrypt_peak
 
 
+@pytest.mark.slow
 def test_public_key_with_a_passphrase_protected_secret_key(
     gpg_keys, monkeypatch, tmp_path: Path
 ) -> None:
@@ -485,6 +490,7 @@ def test_public_key_with_a_passphrase_protected_secret_key(
         )
 
 
+@pytest.mark.slow
 def test_a_key_that_cannot_encrypt_is_refused_before_the_backup(gpg_keys) -> None:
     from backup_pipelines.engine.config import EncryptionSettings
     from backup_pipelines.engine.encryption import encryption_stage_factory

@@ -262,7 +262,7 @@ def test_full_disk_fails_cleanly(
 
 
 def test_killed_backup_leaves_nothing_that_looks_complete(
-    pg: LocalCluster, make_project, run_cli
+    pg: LocalCluster, make_project, cli
 ) -> None:
     """SIGKILL mid-dump (no chance to clean up): only a .partial file may remain, and it is not a backup."""
     big = "bigdb_kill"
@@ -297,7 +297,7 @@ def test_killed_backup_leaves_nothing_that_looks_complete(
         names = sorted(p.name for p in backup_dir.iterdir() if p.name != ".lock")
         assert names and all(name.endswith(".partial") for name in names), names
         assert list_artifacts(backup_dir) == []
-        listing = run_cli("list", "prod")
+        listing = cli("list", "prod")
         assert "no backups" in listing.stdout and "1 .partial leftover" in listing.stdout
     finally:
         pg.psql(f'DROP DATABASE IF EXISTS "{big}" WITH (FORCE)')

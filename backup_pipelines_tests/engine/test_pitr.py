@@ -32,6 +32,7 @@ def _restored(setup: PitrSetup, data_dir: Path, port: int) -> LocalCluster:
     return LocalCluster(root=data_dir.parent, port=port, password=PASSWORD)
 
 
+@pytest.mark.postgres
 def test_round_trip_restores_exactly_the_rows_before_the_target(
     setup: PitrSetup, tmp_path: Path
 ) -> None:
@@ -99,6 +100,7 @@ def test_round_trip_restores_exactly_the_rows_before_the_target(
     assert (data_dir / "PG_VERSION").exists()
 
 
+@pytest.mark.postgres
 def test_failing_archiving_shows_as_lag_and_failures_never_as_a_crash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

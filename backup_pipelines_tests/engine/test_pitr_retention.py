@@ -40,6 +40,7 @@ def setup(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PitrSetup]:
     pitr.close()
 
 
+@pytest.mark.postgres
 def test_retention_prunes_old_base_backups_and_only_wal_before_the_oldest_kept(
     setup: PitrSetup,
 ) -> None:
@@ -98,6 +99,7 @@ def test_retention_prunes_old_base_backups_and_only_wal_before_the_oldest_kept(
         copy.pg_ctl("-m", "immediate", "stop")
 
 
+@pytest.mark.postgres
 def test_no_kept_base_backup_means_no_wal_is_pruned(setup: PitrSetup) -> None:
     for _ in range(2):
         setup.sql("SELECT txid_current()")

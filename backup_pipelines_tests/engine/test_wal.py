@@ -71,43 +71,42 @@ def test_push_then_fetch_returns_identical_bytes(archive: Path, tmp_path: Path, 
     assert destination.read_bytes() == data
 
 
-def test_same_name_same_content_succeeds_again(archive: Path, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_same_name_same_content_succeeds_again(archive: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, _segment_bytes(2))
-    assert run_cli("wal-push", str(source)).returncode == 0
+    assert cli("wal-push", str(source)).returncode == 0
     before = _archived_files(archive)
-    again = run_cli("wal-push", str(source))
+    again = cli("wal-push", str(source))
     assert again.returncode == 0, again.stderr
     assert "already archived with identical content" in again.stderr
     assert _archived_files(archive) == before
 
 
 def test_same_name_other_content_is_refused_and_nothing_overwritten(
-    archive: Path, tmp_path: Path, run_cli
+    archive: Path, tmp_path: Path, cli
 ) -> None:  # type: ignore[no-untyped-def]
     original = _segment_bytes(3)
     source = _write_segment(tmp_path / "a", SEGMENT, original)
-    assert run_cli("wal-push", str(source)).returncode == 0
+    assert cli("wal-push", str(source)).returncode == 0
     impostor = _write_segment(tmp_path / "b", SEGMENT, _segment_bytes(4))
-    refused = run_cli("wal-push", str(impostor))
+    refused = cli("wal-push", str(impostor))
     assert refused.returncode == 1
     assert "DIFFERENT file under this name" in refused.stderr
     assert "Nothing was overwritten" in refused.stderr
     destination = tmp_path / "fetched"
-    assert run_cli("wal-fetch", SEGMENT, str(destination)).returncode == 0
+    assert cli("wal-fetch", SEGMENT, str(destination)).returncode == 0
     assert destination.read_bytes() == original
 
 
-def test_archive_unavailable_fails_without_creating_it(
-    archive: Path, tmp_path: Path, run_cli
-) -> None:  # type: ignore[no-untyped-def]
+def test_archive_unavailable_fails_without_creating_it(archive: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     archive.rmdir()  # an unmounted archive volume
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, _segment_bytes(5))
-    result = run_cli("wal-push", str(source))
+    result = cli("wal-push", str(source))
     assert result.returncode == 1
     assert "does not exist (or is not mounted)" in result.stderr
     assert not archive.exists()
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_leaves_nothing_partial(archive: Path, tmp_path: Path) -> None:
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, os.urandom(2 << 20))  # incompressible
 
@@ -126,25 +125,25 @@ def test_disk_full_mid_write_leaves_nothing_partial(archive: Path, tmp_path: Pat
     assert _archived_files(archive) == []  # no .partial, no data without a record
 
 
-def test_fetch_of_missing_file_exits_1(archive: Path, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_fetch_of_missing_file_exits_1(archive: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     destination = tmp_path / "RECOVERYXLOG"
-    result = run_cli("wal-fetch", "00000002.history", str(destination))
+    result = cli("wal-fetch", "00000002.history", str(destination))
     assert result.returncode == 1
-    result = run_cli("wal-fetch", SEGMENT, str(destination))
+    result = cli("wal-fetch", SEGMENT, str(destination))
     assert result.returncode == 1
     assert "not in the WAL archive" in result.stderr
     assert not destination.exists()
 
 
-def test_corrupted_archived_segment_is_refused(archive: Path, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_corrupted_archived_segment_is_refused(archive: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, _segment_bytes(6))
-    assert run_cli("wal-push", str(source)).returncode == 0
+    assert cli("wal-push", str(source)).returncode == 0
     stored = archive / (object_stem(SEGMENT) + ".zst")
     damaged = bytearray(stored.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     stored.write_bytes(bytes(damaged))
     destination = tmp_path / "RECOVERYXLOG"
-    result = run_cli("wal-fetch", SEGMENT, str(destination))
+    result = cli("wal-fetch", SEGMENT, str(destination))
     assert result.returncode == 2
     assert 1 < result.returncode <= 125
     assert "REFUSED" in result.stderr
@@ -153,23 +152,23 @@ def test_corrupted_archived_segment_is_refused(archive: Path, tmp_path: Path, ru
 
 
 def test_damaged_copy_is_repaired_by_pushing_the_identical_original(
-    archive: Path, tmp_path: Path, run_cli
+    archive: Path, tmp_path: Path, cli
 ) -> None:  # type: ignore[no-untyped-def]
     data = _segment_bytes(7)
     source = _write_segment(tmp_path / "pg_wal", SEGMENT, data)
-    assert run_cli("wal-push", str(source)).returncode == 0
+    assert cli("wal-push", str(source)).returncode == 0
     stored = archive / (object_stem(SEGMENT) + ".zst")
     stored.write_bytes(b"garbage")
-    again = run_cli("wal-push", str(source))
+    again = cli("wal-push", str(source))
     assert again.returncode == 0, again.stderr
     assert "damaged" in again.stderr
     destination = tmp_path / "fetched"
-    assert run_cli("wal-fetch", SEGMENT, str(destination)).returncode == 0
+    assert cli("wal-fetch", SEGMENT, str(destination)).returncode == 0
     assert destination.read_bytes() == data
 
 
 def test_history_backup_label_and_partial_files_are_archived(
-    archive: Path, tmp_path: Path, run_cli
+    archive: Path, tmp_path: Path, cli
 ) -> None:  # type: ignore[no-untyped-def]
     names = {
         "00000002.history": b"1\t0/3000000\tbefore 2026-11-24 10:00:00+00\n",
@@ -178,23 +177,23 @@ def test_history_backup_label_and_partial_files_are_archived(
     }
     for name, data in names.items():
         source = _write_segment(tmp_path / "pg_wal", name, data)
-        assert run_cli("wal-push", str(source)).returncode == 0, name
+        assert cli("wal-push", str(source)).returncode == 0, name
         destination = tmp_path / f"out-{name}"
-        assert run_cli("wal-fetch", name, str(destination)).returncode == 0
+        assert cli("wal-fetch", name, str(destination)).returncode == 0
         assert destination.read_bytes() == data
 
 
 def test_unexpected_names_and_missing_files_fail_with_status_1(
-    archive: Path, tmp_path: Path, run_cli
+    archive: Path, tmp_path: Path, cli
 ) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "notes.txt"
     bad.write_text("not wal")
-    result = run_cli("wal-push", str(bad))
+    result = cli("wal-push", str(bad))
     assert result.returncode == 1
     assert "not a WAL file name" in result.stderr
-    result = run_cli("wal-push", str(tmp_path / SEGMENT))
+    result = cli("wal-push", str(tmp_path / SEGMENT))
     assert result.returncode == 1
-    result = run_cli("--config", str(tmp_path / "missing.yaml"), "wal-push", str(bad))
+    result = cli("--config", str(tmp_path / "missing.yaml"), "wal-push", str(bad))
     assert result.returncode == 1
 
 

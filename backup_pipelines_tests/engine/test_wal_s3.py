@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,56 +31,62 @@ def _keys(client, bucket: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []))
 
 
-def test_s3_archive_contract(aws_env: str, tmp_path: Path, make_project, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_s3_archive_contract(aws_env: str, tmp_path: Path, make_project, cli) -> None:  # type: ignore[no-untyped-def]
     client, bucket = _bucket(aws_env)
     make_project({"main": {"dsn_env": "UNUSED", "pitr": {"archive_s3": f"s3://{bucket}/wal/main"}}})
     data = b"\x01" * 8192 + os.urandom(32 << 10) + b"\0" * (1 << 20)
     source = tmp_path / SEGMENT
     source.write_bytes(data)
-    assert run_cli("wal-push", str(source)).returncode == 0
+    assert cli("wal-push", str(source)).returncode == 0
     stem = f"wal/main/{object_stem(SEGMENT)}"
     assert _keys(client, bucket) == [f"{stem}.meta", f"{stem}.zst"]
     head = client.head_object(Bucket=bucket, Key=f"{stem}.zst")
     assert head["ServerSideEncryption"] == "AES256"
-    again = run_cli("wal-push", str(source))
+    again = cli("wal-push", str(source))
     assert again.returncode == 0 and "identical content" in again.stderr
 
     other = tmp_path / "other" / SEGMENT
     other.parent.mkdir()
     other.write_bytes(os.urandom(4096))
-    refused = run_cli("wal-push", str(other))
+    refused = cli("wal-push", str(other))
     assert refused.returncode == 1 and "DIFFERENT" in refused.stderr
 
     out = tmp_path / "fetched"
-    assert run_cli("wal-fetch", SEGMENT, str(out)).returncode == 0
+    assert cli("wal-fetch", SEGMENT, str(out)).returncode == 0
     assert out.read_bytes() == data
-    assert run_cli("wal-fetch", "000000010000000000000099", str(out)).returncode == 1
+    assert cli("wal-fetch", "000000010000000000000099", str(out)).returncode == 1
 
     # A damaged object in the bucket is refused, never handed to PostgreSQL.
     client.put_object(Bucket=bucket, Key=f"{stem}.zst", Body=b"not zstd at all")
     damaged = tmp_path / "damaged"
-    result = run_cli("wal-fetch", SEGMENT, str(damaged))
+    result = cli("wal-fetch", SEGMENT, str(damaged))
     assert result.returncode == 2 and "REFUSED" in result.stderr
     assert not damaged.exists()
 
 
 def test_s3_unreachable_fails_and_leaves_nothing(
-    aws_env: str, tmp_path: Path, make_project, run_cli
+    aws_env: str, tmp_path: Path, make_project, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
+    # wal-push spools through the temp folder: this test's own, so no other test's spool
+    # (another worker archiving the same segment name) can be mistaken for a leftover.
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
     client, bucket = _bucket(aws_env)
     make_project({"main": {"dsn_env": "UNUSED", "pitr": {"archive_s3": f"s3://{bucket}/wal"}}})
     source = tmp_path / SEGMENT
     source.write_bytes(os.urandom(64 << 10))
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = run_cli("wal-push", str(source), env={"AWS_ENDPOINT_URL_S3": dead})
+    result = cli("wal-push", str(source), env={"AWS_ENDPOINT_URL_S3": dead})
     assert result.returncode == 1, result.stderr
     assert "unreachable" in result.stderr.lower() or "S3" in result.stderr
     assert time.monotonic() - started < 60
     assert _keys(client, bucket) == []
-    assert not list(Path("/tmp").glob("bp-wal-*/" + SEGMENT + "*"))
+    assert not list(spool.glob("bp-wal-*/" + SEGMENT + "*"))
 
 
+@pytest.mark.postgres
 def test_archive_to_s3_and_recover_from_it(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     client, bucket = _bucket(aws_env)
     setup = start_pitr_cluster(

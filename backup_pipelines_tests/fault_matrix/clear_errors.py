@@ -53,7 +53,11 @@ def assert_reported(result: subprocess.CompletedProcess[str], *phrases: str) -> 
 
 @contextlib.contextmanager
 def second_os_user() -> Iterator[str]:
-    """A throwaway OS user (and group) for permission cases; removed afterwards."""
+    """A throwaway OS user (and group) for permission cases; removed afterwards.
+
+    useradd and userdel lock /etc/passwd: tests that use this carry
+    ``@pytest.mark.xdist_group("os-users")`` so parallel workers never race for the lock.
+    """
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second OS user")
     name = f"bpt{uuid.uuid4().hex[:8]}"

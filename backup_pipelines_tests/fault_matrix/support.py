@@ -5,17 +5,14 @@ and real faults: a full filesystem (tmpfs), a port someone else listens on."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from backup_pipelines.engine.config import CONFIG_ENV_VAR
 
 # The CLI's log format: "2026-01-01 12:00:00,123 LEVEL message".
 _RECORD_START = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} (\w+) ")
@@ -69,42 +66,6 @@ def assert_clear_message(message: str, *needles: str) -> None:
         assert lines[1].startswith("What to do: "), message
     for needle in needles:
         assert needle in message, f"{needle!r} not in: {message}"
-
-
-CliRunner = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    """``backup-pipelines ARGS`` run by its own ``main()`` inside the test process.
-
-    The same argument parsing, engine calls, error handling, messages and exit status as the
-    installed command, without a new interpreter per call (about 1.5 s of CPU each); the tests
-    that need a process of its own (to kill it, to race it) start the real command instead.
-    """
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        from backup_pipelines.cli import main
-
-        # main() points CONFIG_ENV_VAR at --config: let monkeypatch restore it afterwards.
-        if CONFIG_ENV_VAR in os.environ:
-            monkeypatch.setenv(CONFIG_ENV_VAR, os.environ[CONFIG_ENV_VAR])
-        else:
-            monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse: usage errors
-            code = exc.code if isinstance(exc.code, int) else 2
-        finally:
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["backup-pipelines", *args], code, out, err)
-
-    return run
 
 
 @contextlib.contextmanager

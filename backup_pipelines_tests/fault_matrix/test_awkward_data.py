@@ -314,6 +314,7 @@ def test_an_index_that_does_not_match_its_table_still_fails_the_drill(
 # --- the sample database (demo, tests, benchmarks) is awkward on purpose ---------------------
 
 
+@pytest.mark.postgres
 def test_sample_roles_are_created_once_even_by_concurrent_processes() -> None:
     """Roles belong to the cluster: several sample databases created at once, or one after
     another, share them without a "role already exists" failure."""

@@ -1,8 +1,11 @@
 """Fault matrix, bad configuration: every broken targets file gets one clear line and exit 2.
 
-Each case runs the real ``backup-pipelines`` command against a real file and asserts the exit
-status, a single error line that says what is wrong (and where), and no traceback. The last
-part proves the Dagster side: one target's bad settings never take the others down.
+Each case runs the command line against a real file and asserts the exit status, a single error
+line that says what is wrong (and where), and no traceback: most through ``main()`` in the test
+process (``cli``, the same code and exit status without an interpreter start per case), a few
+through the installed ``backup-pipelines`` command (``run_cli``) so the entry point's exit
+statuses are proven too. The last part proves the Dagster side: one target's bad settings
+never take the others down.
 """
 
 from __future__ import annotations
@@ -59,22 +62,24 @@ def test_non_utf8_targets_file(tmp_path: Path, run_cli) -> None:
     assert_clear_error(result, 2, "not UTF-8", "line 4", "save it as UTF-8")
 
 
-def test_config_pointing_at_a_folder(tmp_path: Path, run_cli) -> None:
-    result = run_cli("--config", str(tmp_path), "check-config")
+def test_config_pointing_at_a_folder(tmp_path: Path, cli) -> None:
+    result = cli("--config", str(tmp_path), "check-config")
     assert_clear_error(result, 2, "is a folder, not a file", "backup_targets.yaml")
 
 
-def test_config_missing(tmp_path: Path, run_cli) -> None:
-    result = run_cli("--config", str(tmp_path / "nope.yaml"), "list", "prod")
+def test_config_missing(tmp_path: Path, cli) -> None:
+    result = cli("--config", str(tmp_path / "nope.yaml"), "list", "prod")
     assert_clear_error(result, 2, "targets file not found")
 
 
-def test_config_that_is_not_a_regular_file(run_cli) -> None:
+def test_config_that_is_not_a_regular_file(cli) -> None:
     # /dev/zero would be read forever; a device is refused before reading.
-    result = run_cli("--config", "/dev/zero", "check-config")
+    result = cli("--config", "/dev/zero", "check-config")
     assert_clear_error(result, 2, "not a regular file")
 
 
+@pytest.mark.xdist_group("os-users")
+@pytest.mark.slow
 def test_config_unreadable_for_the_user_running_the_command() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bp-unreadable-"))
     try:
@@ -99,12 +104,12 @@ def test_config_unreadable_for_the_user_running_the_command() -> None:
     ],
     ids=["empty", "a-list", "unclosed-bracket", "tab-indent", "nul-byte"],
 )
-def test_unusable_yaml(tmp_path: Path, run_cli, text: str, phrases: list[str]) -> None:
-    result = run_cli("--config", str(write(tmp_path, text)), "check-config")
+def test_unusable_yaml(tmp_path: Path, cli, text: str, phrases: list[str]) -> None:
+    result = cli("--config", str(write(tmp_path, text)), "check-config")
     assert_clear_error(result, 2, *phrases)
 
 
-def test_duplicate_target_names_are_refused_with_both_lines(tmp_path: Path, run_cli) -> None:
+def test_duplicate_target_names_are_refused_with_both_lines(tmp_path: Path, cli) -> None:
     """Plain YAML keeps the second 'prod': backups would silently go to another database."""
     text = (
         "backup_root: b\n"
@@ -116,7 +121,7 @@ def test_duplicate_target_names_are_refused_with_both_lines(tmp_path: Path, run_
         "  prod:\n"
         "    dsn_env: DATABASE_URL_OTHER\n"
     )
-    result = run_cli("--config", str(write(tmp_path, text)), "backup", "prod")
+    result = cli("--config", str(write(tmp_path, text)), "backup", "prod")
     assert_clear_error(result, 2, "duplicate key 'prod'", "at line 7", "first at line 3")
 
 
@@ -129,8 +134,8 @@ def test_duplicate_target_names_are_refused_with_both_lines(tmp_path: Path, run_
     ],
     ids=["top-level", "inside-a-target", "flow-mapping"],
 )
-def test_duplicate_keys_at_any_level(tmp_path: Path, run_cli, text: str) -> None:
-    result = run_cli("--config", str(write(tmp_path, text)), "check-config")
+def test_duplicate_keys_at_any_level(tmp_path: Path, cli, text: str) -> None:
+    result = cli("--config", str(write(tmp_path, text)), "check-config")
     assert_clear_error(result, 2, "duplicate key")
 
 
@@ -187,14 +192,14 @@ BAD_VALUES = [
     ids=[f"{'-'.join(map(str, t))}-{i}" for i, (t, _p) in enumerate(BAD_VALUES)],
 )
 def test_bad_values_are_refused_with_target_and_field(
-    tmp_path: Path, run_cli, target: dict, phrases: list[str]
+    tmp_path: Path, cli, target: dict, phrases: list[str]
 ) -> None:
     path = write(tmp_path, document(tmp_path, **target))
     line = assert_clear_error(
-        run_cli("--config", str(path), "backup", "prod"), 2, "target 'prod'", *phrases
+        cli("--config", str(path), "backup", "prod"), 2, "target 'prod'", *phrases
     )
     assert "What to do" in line
-    assert_reported(run_cli("--config", str(path), "check-config"), "target 'prod'", *phrases)
+    assert_reported(cli("--config", str(path), "check-config"), "target 'prod'", *phrases)
 
 
 @pytest.mark.parametrize(
@@ -228,19 +233,17 @@ def test_bad_values_are_refused_with_target_and_field(
         "ca-file",
     ],
 )
-def test_bad_top_level_values(tmp_path: Path, run_cli, top: dict, phrases: list[str]) -> None:
+def test_bad_top_level_values(tmp_path: Path, cli, top: dict, phrases: list[str]) -> None:
     text = yaml.safe_dump(
         {"backup_root": str(tmp_path / "b"), **top, "targets": {"prod": {"dsn_env": "DB"}}}
     )
-    result = run_cli("--config", str(write(tmp_path, text)), "check-config")
+    result = cli("--config", str(write(tmp_path, text)), "check-config")
     assert_clear_error(result, 2, *phrases)
 
 
-def test_empty_backup_root_never_uses_the_folder_of_the_targets_file(
-    tmp_path: Path, run_cli
-) -> None:
+def test_empty_backup_root_never_uses_the_folder_of_the_targets_file(tmp_path: Path, cli) -> None:
     path = write(tmp_path, 'backup_root: ""\ntargets:\n  prod: {dsn_env: DB}\n')
-    result = run_cli("--config", str(path), "backup", "prod", env={"DB": "postgresql://u@h/db"})
+    result = cli("--config", str(path), "backup", "prod", env={"DB": "postgresql://u@h/db"})
     assert_clear_error(result, 2, "backup_root is empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["targets.yaml"]
 
@@ -268,14 +271,12 @@ BAD_CRONS = [
 
 @pytest.mark.parametrize(("cron", "phrase"), BAD_CRONS, ids=[c for c, _ in BAD_CRONS])
 def test_bad_cron_values_fail_at_load_and_in_check_config(
-    tmp_path: Path, run_cli, cron: str, phrase: str
+    tmp_path: Path, cli, cron: str, phrase: str
 ) -> None:
     path = write(tmp_path, document(tmp_path, schedules={"backup": cron}))
-    report = assert_reported(
-        run_cli("--config", str(path), "check-config"), "target 'prod'", phrase
-    )
+    report = assert_reported(cli("--config", str(path), "check-config"), "target 'prod'", phrase)
     assert "schedules.backup" in report
-    result = run_cli("--config", str(path), "backup", "prod")
+    result = cli("--config", str(path), "backup", "prod")
     assert_clear_error(result, 2, "target 'prod' cannot be used", phrase)
 
 
@@ -298,6 +299,7 @@ FIELD = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(FIELD, min_size=4, max_size=6))
 def test_what_passes_us_passes_dagster(fields: list[str]) -> None:
@@ -331,17 +333,17 @@ def test_what_passes_us_passes_dagster(fields: list[str]) -> None:
         "unknown-option",
     ],
 )
-def test_malformed_connection_url(tmp_path: Path, run_cli, url: str, phrase: str) -> None:
+def test_malformed_connection_url(tmp_path: Path, cli, url: str, phrase: str) -> None:
     path = write(tmp_path, document(tmp_path))
-    result = run_cli("--config", str(path), "backup", "prod", env={"DB_PROD": url})
+    result = cli("--config", str(path), "backup", "prod", env={"DB_PROD": url})
     assert_clear_error(result, 2, "target 'prod'", "DB_PROD", phrase)
-    check = run_cli("--config", str(path), "check-config", env={"DB_PROD": url})
+    check = cli("--config", str(path), "check-config", env={"DB_PROD": url})
     assert_reported(check, "target 'prod'", phrase)
     for output in (result, check):
         assert DB_PASSWORD not in output.stdout + output.stderr
 
 
-def test_check_config_catches_missing_client_tools(tmp_path: Path, run_cli) -> None:
+def test_check_config_catches_missing_client_tools(tmp_path: Path, cli) -> None:
     empty = tmp_path / "pgbin"
     empty.mkdir()
     (empty / "pg_dump").write_text("#!/bin/sh\n")  # present but not executable
@@ -354,7 +356,7 @@ def test_check_config_catches_missing_client_tools(tmp_path: Path, run_cli) -> N
             },
         }
     )
-    result = run_cli(
+    result = cli(
         "--config", str(write(tmp_path, text)), "check-config", env={"DB": "postgresql://h/db"}
     )
     assert_reported(result, "target 'gone'", "pg_bin_dir", "does not exist")
@@ -363,12 +365,12 @@ def test_check_config_catches_missing_client_tools(tmp_path: Path, run_cli) -> N
     assert_reported(result, "target 'partial'", "pg_restore not found in")
 
 
-def test_check_config_catches_a_backup_root_that_cannot_be_written(tmp_path: Path, run_cli) -> None:
+def test_check_config_catches_a_backup_root_that_cannot_be_written(tmp_path: Path, cli) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for root, phrase in ((blocker, "is not a folder"), (blocker / "sub", "is a file")):
         text = yaml.safe_dump({"backup_root": str(root), "targets": {"p": {"dsn_env": "DB"}}})
-        result = run_cli(
+        result = cli(
             "--config", str(write(tmp_path, text)), "check-config", env={"DB": "postgresql://h/db"}
         )
         assert_reported(result, "backup_root", phrase)
@@ -399,16 +401,16 @@ def two_targets(tmp_path: Path, dsn: str) -> Path:
 
 
 def test_cli_backs_up_the_good_target_beside_a_broken_one(
-    tmp_path: Path, run_cli, pg: LocalCluster, sample_db: str
+    tmp_path: Path, cli, pg: LocalCluster, sample_db: str
 ) -> None:
     path = two_targets(tmp_path, pg.dsn(sample_db))
     env = {"DB_GOOD": pg.dsn(sample_db), "DB_BAD": pg.dsn(sample_db)}
-    good = run_cli("--config", str(path), "backup", "good", env=env)
+    good = cli("--config", str(path), "backup", "good", env=env)
     assert good.returncode == 0, good.stderr
     assert "target 'bad' is skipped" in good.stderr and "minute field '61'" in good.stderr
     assert len(list((tmp_path / "backups" / "good").glob("*.sql.gz"))) == 1
 
-    bad = run_cli("--config", str(path), "backup", "bad", env=env)
+    bad = cli("--config", str(path), "backup", "bad", env=env)
     assert_clear_error(bad, 2, "target 'bad' cannot be used", "minute field '61'")
     assert not (tmp_path / "backups" / "bad").exists()
 
@@ -435,6 +437,7 @@ def broken_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     project_config.cache_clear()
 
 
+@pytest.mark.slow
 def test_definitions_load_the_good_target_and_show_the_broken_one(broken_project: Path) -> None:
     from backup_pipelines.definitions import defs as load_defs
     from backup_pipelines.lib.tags import TAG_TARGET
@@ -479,6 +482,7 @@ def test_definitions_load_the_good_target_and_show_the_broken_one(broken_project
     assert "target 'bad' is not backed up" in text and "minute field '61'" in text
 
 
+@pytest.mark.slow
 def test_dagster_definitions_validate_passes_with_a_broken_target(broken_project: Path) -> None:
     result = subprocess.run(
         [str(VENV_BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
@@ -492,6 +496,7 @@ def test_dagster_definitions_validate_passes_with_a_broken_target(broken_project
     assert "Validation successful" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_broken_target_alerts_once_and_resolves_when_fixed(
     broken_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -534,6 +539,7 @@ def test_a_broken_target_alerts_once_and_resolves_when_fixed(
             assert bodies[1]["target"] == "bad"
 
 
+@pytest.mark.slow
 def test_unusable_file_is_one_clear_error_for_the_code_location(tmp_path: Path) -> None:
     """A file that cannot be read at all has no healthy target to keep: one clear error."""
     path = write(tmp_path, "backup_root: b\ntargets:\n  a: {dsn_env: A}\n  a: {dsn_env: B}\n")

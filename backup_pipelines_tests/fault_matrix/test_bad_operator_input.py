@@ -1,8 +1,10 @@
 """Fault matrix, bad operator input: options, targets, concurrent runs and missing secrets.
 
-Every case runs the real command and asserts one clear line, no traceback, and the documented
+Every case runs the command line and asserts one clear line, no traceback, and the documented
 exit status (README "Exit status"): 1 the operation failed, 2 bad configuration, usage or a
-refusal. The mapping itself lives in one place, ``engine/errors.py``; the first test pins it.
+refusal. Most cases call its ``main()`` in the test process (``cli``); the installed command
+runs where a process of its own is the point (another user, a lock held by another process)
+and once for the entry point's exit status. The mapping itself lives in one place, ``engine/errors.py``; the first test pins it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def test_log_file_in_a_missing_folder_is_created_private(tmp_path: Path, run_cli
     ],
 )
 def test_log_file_in_an_impossible_place(
-    tmp_path: Path, run_cli, where: str, phrases: list[str]
+    tmp_path: Path, cli, where: str, phrases: list[str]
 ) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -105,10 +107,12 @@ def test_log_file_in_an_impossible_place(
         "under-a-file": str(blocker / "cron.log"),
         "proc": "/proc/no-such-folder/cron.log",
     }[where]
-    result = run_cli("--config", str(project(tmp_path)), "--log-file", log_file, "list", "prod")
+    result = cli("--config", str(project(tmp_path)), "--log-file", log_file, "list", "prod")
     assert_clear_error(result, 2, *phrases)
 
 
+@pytest.mark.xdist_group("os-users")
+@pytest.mark.slow
 def test_log_file_not_writable_for_the_user_running_the_command() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bp-logfile-"))
     try:
@@ -166,10 +170,10 @@ def test_log_file_not_writable_for_the_user_running_the_command() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_unknown_target_and_unknown_command(tmp_path: Path, run_cli) -> None:
+def test_unknown_target_and_unknown_command(tmp_path: Path, cli) -> None:
     config = str(project(tmp_path))
-    assert_clear_error(run_cli("--config", config, "backup", "prdo"), 2, "unknown target 'prdo'")
-    usage = run_cli("--config", config, "bakup", "prod")
+    assert_clear_error(cli("--config", config, "backup", "prdo"), 2, "unknown target 'prdo'")
+    usage = cli("--config", config, "bakup", "prod")
     assert usage.returncode == 2 and "invalid choice: 'bakup'" in usage.stderr
     assert "Traceback" not in usage.stderr
 
@@ -197,7 +201,7 @@ def test_a_second_backup_of_the_same_target_is_a_refusal(
 
 
 def test_missing_passphrase_is_bad_configuration_everywhere(
-    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("BP_MISSING_PASSPHRASE", raising=False)
     config = tmp_path / "targets.yaml"
@@ -206,17 +210,17 @@ def test_missing_passphrase_is_bad_configuration_everywhere(
         "    encryption: {mode: passphrase, passphrase_env: BP_MISSING_PASSPHRASE}\n"
     )
     env = {"DB_PROD": "postgresql://u@127.0.0.1:1/db"}
-    check = run_cli("--config", str(config), "check-config", env=env)
+    check = cli("--config", str(config), "check-config", env=env)
     assert_reported(check, "target 'prod'", "BP_MISSING_PASSPHRASE is not set")
     for command in ("backup", "cron-backup"):
-        result = run_cli("--config", str(config), command, "prod", env=env)
+        result = cli("--config", str(config), command, "prod", env=env)
         assert_clear_error(result, 2, "BP_MISSING_PASSPHRASE is not set", "refusing")
     assert not list((tmp_path / "b").rglob("*.gz"))
 
 
-def test_unreachable_database_is_an_operation_failure(tmp_path: Path, run_cli) -> None:
+def test_unreachable_database_is_an_operation_failure(tmp_path: Path, cli) -> None:
     """For contrast: the configuration is fine, the operation failed (exit 1)."""
-    result = run_cli(
+    result = cli(
         "--config",
         str(project(tmp_path)),
         "backup",
@@ -227,16 +231,16 @@ def test_unreachable_database_is_an_operation_failure(tmp_path: Path, run_cli) -
     assert DB_PASSWORD not in result.stdout + result.stderr
 
 
-def test_unset_connection_variable(tmp_path: Path, run_cli, monkeypatch) -> None:
+def test_unset_connection_variable(tmp_path: Path, cli, monkeypatch) -> None:
     monkeypatch.delenv("DB_PROD", raising=False)
-    result = run_cli("--config", str(project(tmp_path)), "backup", "prod")
+    result = cli("--config", str(project(tmp_path)), "backup", "prod")
     assert_clear_error(result, 2, "environment variable DB_PROD is not set", "export DB_PROD")
 
 
-def test_restore_of_a_path_outside_the_backup_root(tmp_path: Path, run_cli) -> None:
+def test_restore_of_a_path_outside_the_backup_root(tmp_path: Path, cli) -> None:
     stray = tmp_path / "elsewhere.sql.gz"
     stray.write_bytes(b"")
-    result = run_cli(
+    result = cli(
         "--config",
         str(project(tmp_path)),
         "restore",

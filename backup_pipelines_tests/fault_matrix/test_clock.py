@@ -38,8 +38,9 @@ def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_prune_refuses_when_the_clock_jumped_either_way_and_deletes_nothing(
-    make_project, run_cli
+    make_project, cli
 ) -> None:
     """The reported case: 61 nightly backups, retention 7/4/12, a clock 40 days ahead used to
     prune 58 of them (400 days ahead: all but one)."""
@@ -68,7 +69,7 @@ def test_prune_refuses_when_the_clock_jumped_either_way_and_deletes_nothing(
             assert _files(folder) == before, offset
 
     # With the right clock the same backups are pruned as the policy says.
-    result = run_cli("prune", "prod")
+    result = cli("prune", "prod")
     assert result.returncode == 0, result.stderr
     kept = {a.path.name for a in list_artifacts(folder)}
     assert {a.path.name for a in made[:7]} <= kept  # the last 7 days
@@ -142,6 +143,7 @@ def test_a_backup_taken_with_a_fast_clock_is_never_the_newest(
     assert load_artifact(ahead.path) and load_artifact(good.path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["backup dated in the future", "clock ahead of the backups"])
 def test_inventory_refuses_flags_the_check_and_alerts(make_project, fault: str) -> None:
     """In Dagster the refusal shows as the inventory's red ``clock_plausible`` check, and
@@ -212,6 +214,7 @@ def test_inventory_refuses_flags_the_check_and_alerts(make_project, fault: str) 
             assert "jumped forward or backups stopped" in body["reason"]
 
 
+@pytest.mark.postgres
 def test_base_backup_retention_refuses_a_jumped_clock_and_keeps_the_wal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -35,7 +35,7 @@ def _rows(stdout: str) -> dict[str, str]:
 
 
 def test_truncated_backup_is_flagged_recorded_and_holds_retention(
-    pg: LocalCluster, sample_db: str, make_project, run_cli
+    pg: LocalCluster, sample_db: str, make_project, cli
 ) -> None:
     config = make_project(
         {"prod": {"dsn_env": "DB_PROD", "retention": {"daily": 1, "weekly": 0, "monthly": 0}}},
@@ -44,7 +44,7 @@ def test_truncated_backup_is_flagged_recorded_and_holds_retention(
     target = config.target("prod")
     for offset in ("-3 days", "-2 days"):
         assert run_cli_at(offset, "backup", "prod").returncode == 0
-    assert run_cli("backup", "prod").returncode == 0
+    assert cli("backup", "prod").returncode == 0
     newest, middle, oldest = list_artifacts(target.backup_dir)
     assert newest.status == "verified"
     files = {p.name for p in target.backup_dir.iterdir()}
@@ -52,11 +52,11 @@ def test_truncated_backup_is_flagged_recorded_and_holds_retention(
     os.truncate(newest.path, newest.meta.size_bytes // 2)
 
     # `list` notices on its own (size against .meta), before anyone verifies.
-    rows = _rows(run_cli("list", "prod").stdout)
+    rows = _rows(cli("list", "prod").stdout)
     assert "damaged" in rows[newest.path.name] and "truncated" in rows[newest.path.name]
     assert "verified" in rows[middle.path.name]
 
-    verify = run_cli("verify", str(newest.path))
+    verify = cli("verify", str(newest.path))
     assert verify.returncode == 1
     assert "verification failed" in verify.stderr and "recorded in the .meta" in verify.stderr
     assert "Traceback" not in verify.stderr
@@ -64,13 +64,13 @@ def test_truncated_backup_is_flagged_recorded_and_holds_retention(
     assert recorded["passed"] is False and recorded["checks"]["checksum"]["passed"] is False
     assert not list(target.backup_dir.glob("*.partial"))
 
-    listing = run_cli("list", "prod", "--json")
+    listing = cli("list", "prod", "--json")
     entry = next(e for e in json.loads(listing.stdout) if e["name"] == newest.path.name)
     assert entry["status"] == "failed" and "checksum" in entry["problem"]
 
     # The documented hold engages: the newest backup failed, nothing is deleted (daily: 1
     # would otherwise prune the oldest).
-    prune = run_cli("prune", "prod")
+    prune = cli("prune", "prod")
     assert prune.returncode == 0, prune.stderr
     assert f"ON HOLD: the newest backup {newest.path.name} failed verification" in prune.stdout
     assert {p.name for p in target.backup_dir.iterdir()} == files
@@ -132,7 +132,7 @@ def test_dagster_checks_record_their_result_and_retention_holds(
 
 
 def test_list_shows_every_damaged_backup_with_its_reason_and_prune_leaves_them(
-    make_project, run_cli
+    make_project, cli
 ) -> None:
     config = make_project(
         {"prod": {"dsn_env": "UNUSED", "retention": {"daily": 2, "weekly": 0, "monthly": 0}}}
@@ -154,7 +154,7 @@ def test_list_shows_every_damaged_backup_with_its_reason_and_prune_leaves_them(
     document["meta_version"] = 7
     newer_tool.meta_path.write_text(json.dumps(document))
 
-    result = run_cli("list", "prod")
+    result = cli("list", "prod")
     assert result.returncode == 0 and "Traceback" not in result.stderr
     rows = _rows(result.stdout)
     assert set(rows) == {
@@ -170,16 +170,16 @@ def test_list_shows_every_damaged_backup_with_its_reason_and_prune_leaves_them(
     assert "not valid JSON" in rows[garbled.path.name]
     assert "meta_version 7" in rows[newer_tool.path.name]
     assert "newer version" in rows[newer_tool.path.name]
-    as_json = {e["name"]: e for e in json.loads(run_cli("list", "prod", "--json").stdout)}
+    as_json = {e["name"]: e for e in json.loads(cli("list", "prod", "--json").stdout)}
     assert as_json[newer_tool.path.name]["status"] == "damaged"
     assert "meta_version" in as_json[newer_tool.path.name]["problem"]
 
     # One line for the newer .meta, no traceback, exit 1; retention never deletes or trusts it.
-    verify = run_cli("verify", str(newer_tool.path))
+    verify = cli("verify", str(newer_tool.path))
     assert verify.returncode == 1
     assert "Traceback" not in verify.stderr
     assert "written by a newer version" in verify.stderr and "upgrade" in verify.stderr
-    prune = run_cli("prune", "prod")
+    prune = cli("prune", "prod")
     assert prune.returncode == 0, prune.stderr
     for unreadable in (no_meta, garbled, newer_tool):
         assert unreadable.path.exists()
@@ -201,7 +201,7 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_while_recording_the_verification_result(full_disk: Path, run_cli) -> None:
+def test_disk_full_while_recording_the_verification_result(full_disk: Path, cli) -> None:
     backup = fake_backup(full_disk / "prod", "shop", verified=None)
     before = backup.meta_path.read_bytes()
     filler = full_disk / "filler"
@@ -209,7 +209,7 @@ def test_disk_full_while_recording_the_verification_result(full_disk: Path, run_
         while True:
             handle.write(b"\0" * 4096)
 
-    result = run_cli("verify", str(backup.path))
+    result = cli("verify", str(backup.path))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "checksum: ok" in result.stdout  # the backup itself is fine ...
@@ -221,11 +221,12 @@ def test_disk_full_while_recording_the_verification_result(full_disk: Path, run_
     )
 
     filler.unlink()
-    again = run_cli("verify", str(backup.path))
+    again = cli("verify", str(backup.path))
     assert again.returncode == 0, again.stderr
     assert load_artifact(backup.path).status == "verified"
 
 
+@pytest.mark.slow
 def test_list_into_a_closed_pipe_ends_quietly(make_project) -> None:
     config = make_project({"prod": {"dsn_env": "UNUSED"}})
     folder = config.target("prod").backup_dir

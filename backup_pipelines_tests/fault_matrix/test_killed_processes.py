@@ -233,6 +233,7 @@ def test_kill_9_mid_restore_leaves_live_database_and_restore_cleanup_drops_the_l
     pg.psql(f'DROP DATABASE "{foreign}"')
 
 
+@pytest.mark.postgres
 def test_postgres_stopped_mid_dump_fails_clearly_and_leaves_no_backup(
     make_project,
 ) -> None:  # type: ignore[no-untyped-def]

@@ -93,7 +93,15 @@ def test_a_migration_queued_behind_a_long_transaction_is_named_with_what_it_wait
                 daemon=True,
             )
             queued.start()
-            time.sleep(0.5)
+            # Until the ALTER really waits in the lock queue (a fixed pause is a race when the
+            # machine is busy: the backup could come first and never be blocked).
+            deadline = time.monotonic() + 30
+            while (
+                pg.psql(f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {ddl_pid}")
+                != "Lock"
+            ):
+                assert time.monotonic() < deadline, "the ALTER never queued for its lock"
+                time.sleep(0.05)
             try:
                 with pytest.raises(BackupFailedError) as info:
                     run_backup(config.target("prod"), log=log)
@@ -109,6 +117,7 @@ def test_a_migration_queued_behind_a_long_transaction_is_named_with_what_it_wait
         assert not list_artifacts(config.target("prod").backup_dir)
 
 
+@pytest.mark.postgres
 def test_a_forgotten_prepared_transaction_holding_the_lock_is_named(make_project) -> None:
     """Two-phase commit leftovers hold their locks with no session at all."""
     with throwaway_cluster(

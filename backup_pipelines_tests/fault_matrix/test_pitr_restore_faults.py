@@ -81,6 +81,7 @@ def _pitr_job_failure(data_dir: Path, moment: str, port: int) -> str:
     return str(error.message)
 
 
+@pytest.mark.postgres
 def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, cli) -> None:  # type: ignore[no-untyped-def]
     moment = _recoverable_moment(setup)
     data_dir = setup.workdir / "restored" / "data"
@@ -112,6 +113,7 @@ def test_busy_port_is_refused_before_anything_is_extracted(setup: PitrSetup, cli
     assert setup.sql("SELECT count(*), sum(amount) FROM ledger") == "50|0"
 
 
+@pytest.mark.postgres
 def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup, cli) -> None:  # type: ignore[no-untyped-def]
     moment = _recoverable_moment(setup)
     # One more archived segment after the moment, then the segment holding the moment goes
@@ -147,6 +149,7 @@ def test_server_failing_during_recovery_reports_its_own_reason(setup: PitrSetup,
     assert setup.sql("SELECT count(*) FROM ledger") == "51"
 
 
+@pytest.mark.postgres
 def test_pitr_drill_on_a_busy_drill_port_says_so(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

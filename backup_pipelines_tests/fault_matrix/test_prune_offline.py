@@ -71,7 +71,7 @@ def test_prune_without_credentials_still_prunes_locally_and_says_why(
 
 
 def test_commands_that_need_s3_fail_with_one_clear_reason(
-    no_credentials: str, make_project, run_cli
+    no_credentials: str, make_project, cli
 ) -> None:
     config = make_project({"prod": {"dsn_env": "UNUSED_DSN", "offsite": {"bucket": "backups"}}})
     fake_backup(config.target("prod").backup_dir, "shop")
@@ -79,7 +79,7 @@ def test_commands_that_need_s3_fail_with_one_clear_reason(
         ("offsite-sync", "prod"),
         ("verify", "s3://backups/prod/shop_20260101_020000.sql.gz"),
     ):
-        result = run_cli(*args)
+        result = cli(*args)
         assert result.returncode == 1, (args, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
         assert "no usable AWS credentials" in result.stderr

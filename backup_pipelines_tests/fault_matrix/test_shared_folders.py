@@ -56,14 +56,14 @@ def shared_tmp() -> Iterator[Path]:
 
 
 def test_existing_shared_backup_root_keeps_its_mode(
-    shared_tmp: Path, run_cli, pg: LocalCluster, sample_db: str
+    shared_tmp: Path, cli, pg: LocalCluster, sample_db: str
 ) -> None:
     """A 1777 (shared / NFS-style) backup_root was chmodded to 0700 before: now it stays."""
     root = shared_tmp / "shared"
     root.mkdir()
     root.chmod(0o1777)
     config = config_for(shared_tmp, root)
-    result = run_cli("--config", str(config), "backup", "prod", env={"DB_PROD": pg.dsn(sample_db)})
+    result = cli("--config", str(config), "backup", "prod", env={"DB_PROD": pg.dsn(sample_db)})
     assert result.returncode == 0, result.stderr
     assert mode_of(root) == 0o1777
     assert "backup_root" in result.stderr and "(mode 1777) lets other users" in result.stderr
@@ -100,7 +100,7 @@ def test_parents_another_user_must_traverse(tmp_path: Path) -> None:
     assert (mode_of(tmp_path / "srv"), mode_of(data_dir)) == (0o711, 0o700)
 
 
-def test_backup_root_that_is_a_file(tmp_path: Path, run_cli) -> None:
+def test_backup_root_that_is_a_file(tmp_path: Path, cli) -> None:
     blocker = tmp_path / "backups"
     blocker.write_text("a file where the folder should be")
     for root, phrase in (
@@ -109,13 +109,13 @@ def test_backup_root_that_is_a_file(tmp_path: Path, run_cli) -> None:
     ):
         config = config_for(tmp_path, root)
         env = {"DB_PROD": "postgresql://u@127.0.0.1:1/db"}
-        result = run_cli("--config", str(config), "backup", "prod", env=env)
+        result = cli("--config", str(config), "backup", "prod", env=env)
         assert_clear_error(result, 2, "backup_root", phrase)
-        assert_reported(run_cli("--config", str(config), "check-config", env=env), phrase)
+        assert_reported(cli("--config", str(config), "check-config", env=env), phrase)
     assert blocker.read_text() == "a file where the folder should be"
 
 
-def test_read_only_backup_root(tmp_path: Path, run_cli) -> None:
+def test_read_only_backup_root(tmp_path: Path, cli) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a read-only tmpfs")
     mount_point = tmp_path / "ro"
@@ -131,15 +131,17 @@ def test_read_only_backup_root(tmp_path: Path, run_cli) -> None:
             (mount_point / "backups", "cannot create backup_root"),
         ):
             config = config_for(tmp_path, root)
-            result = run_cli("--config", str(config), "backup", "prod", env=env)
+            result = cli("--config", str(config), "backup", "prod", env=env)
             line = assert_clear_error(result, 2, phrase)
             assert "read-only file system" in line.lower()
-            check = run_cli("--config", str(config), "check-config", env=env)
+            check = cli("--config", str(config), "check-config", env=env)
             assert_reported(check, "backup_root", "read-only file system")
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+@pytest.mark.xdist_group("os-users")
+@pytest.mark.slow
 def test_backup_root_not_writable_by_the_user_running_backups(shared_tmp: Path) -> None:
     """The folder exists but belongs to someone else (root, 0755): refused before any work."""
     root = shared_tmp / "root-only"
@@ -167,12 +169,12 @@ def test_wal_setup_leaves_an_existing_archive_folder_alone(shared_tmp: Path, run
     assert "mode 1777" in result.stdout
 
 
-def test_wal_setup_creates_a_new_archive_for_the_server_user(shared_tmp: Path, run_cli) -> None:
+def test_wal_setup_creates_a_new_archive_for_the_server_user(shared_tmp: Path, cli) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to hand the folder to the server's OS user")
     archive = shared_tmp / "var" / "wal" / "prod"
     config = config_for(shared_tmp, shared_tmp / "b", pitr={"archive_dir": str(archive)})
-    result = run_cli("--config", str(config), "wal-setup", "prod")
+    result = cli("--config", str(config), "wal-setup", "prod")
     assert result.returncode == 0, result.stderr
     assert mode_of(archive) == 0o700
     assert archive.stat().st_uid == pwd.getpwnam("postgres").pw_uid

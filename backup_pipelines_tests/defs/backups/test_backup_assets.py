@@ -137,6 +137,7 @@ def test_shrunken_backup_warns(project, pg: LocalCluster, sample_db: str) -> Non
         assert result.success  # a WARN does not fail the run
 
 
+@pytest.mark.slow
 def test_failed_backup_fails_the_run_with_an_actionable_message(make_project) -> None:
     make_project(
         {"production": {"dsn_env": "DATABASE_URL_PRODUCTION"}},
@@ -179,6 +180,7 @@ def test_every_target_gets_an_asset_with_its_checks(make_project) -> None:
     )
 
 
+@pytest.mark.slow
 def test_definitions_load_fast_with_hundreds_of_targets(tmp_path: Path) -> None:
     config = tmp_path / "many.yaml"
     config.write_text(

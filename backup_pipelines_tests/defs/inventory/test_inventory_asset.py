@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines_tests.engine.storage_helpers import fake_backup
@@ -12,6 +13,7 @@ from backup_pipelines_tests.engine.storage_helpers import fake_backup
 INVENTORY = dg.AssetKey(["production", "backup_inventory"])
 
 
+@pytest.mark.slow
 def test_inventory_applies_calendar_retention_and_lists_every_backup(
     make_project, monkeypatch
 ) -> None:

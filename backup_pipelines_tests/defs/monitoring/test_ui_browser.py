@@ -7,6 +7,7 @@ to the test artifacts folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -74,7 +75,7 @@ def _start_webserver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, 
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop(proc)
             raise AssertionError("dagster-webserver did not come up:\n" + log.read_text()[-4000:])
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -85,8 +86,14 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+    # The code server it started (`dagster api grpc`, same process group) outlives SIGTERM and
+    # would linger for hours: nothing of the group may survive the test.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.daemon
+@pytest.mark.browser
 def test_ui_shows_backup_metadata_and_the_failed_checksum_check(
     pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch, artifacts_dir: Path
 ) -> None:

@@ -127,6 +127,7 @@ def test_only_pitr_targets_get_pitr_definitions(tmp_path: Path, make_project) ->
     assert defs.resolve_job_def("pitr_restore") is not None
 
 
+@pytest.mark.postgres
 def test_base_backup_drill_and_restore_job(setup: PitrSetup) -> None:
     defs = pitr_definitions()
     setup.sql("CREATE TABLE t (id int)")
@@ -208,6 +209,7 @@ def test_base_backup_drill_and_restore_job(setup: PitrSetup) -> None:
         assert "not empty" in str(failure.event_specific_data.error)
 
 
+@pytest.mark.postgres
 def test_sensor_and_check_catch_a_gap_and_alert_once(
     setup: PitrSetup, webhook: tuple[str, list[dict]]
 ) -> None:

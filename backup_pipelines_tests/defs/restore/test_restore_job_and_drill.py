@@ -264,6 +264,7 @@ def test_rto_over_target_warns(pg: LocalCluster, sample_db: str, make_project) -
     assert "OVER the target" in rto.metadata["result"].value
 
 
+@pytest.mark.slow
 def test_weekly_drill_schedule_sunday_0300_running_one_run_per_target(make_project) -> None:
     make_project(
         {"prod": {"dsn_env": "DB_PROD"}, "staging": {"dsn_env": "DB_STAGING"}},
