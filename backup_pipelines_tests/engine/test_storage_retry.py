@@ -145,8 +145,9 @@ def test_the_dagster_resource_follows_the_same_policy(
 ) -> None:  # type: ignore[no-untyped-def]
     """Dagster runs get their S3 client from the offsite_s3 resource: it must try a request
     as often as the engine's own client, neither more nor less."""
-    from backup_pipelines.definitions import defs
     from backup_pipelines.defs.shared import OFFSITE_S3
+
+    from backup_pipelines.definitions import defs
 
     make_project({"prod": {"dsn_env": "UNUSED", "offsite": {"bucket": bucket}}})
     resources = defs().resources

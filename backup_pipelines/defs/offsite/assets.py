@@ -10,6 +10,7 @@ from backup_pipelines.engine.artifacts import BackupArtifact, load_artifact
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import UploadOutcome, offsite_storage, sync_offsite
+from backup_pipelines.engine.storage import S3_RETRIES
 from backup_pipelines.lib.names import LOGICAL_BACKUP, OFFSITE_COPY, OFFSITE_S3, target_key
 from backup_pipelines.lib.project import offsite_enabled_targets
 from backup_pipelines.lib.results import latest_materialized_path, user_error
