@@ -39,14 +39,16 @@ test: bootstrap
 	$(call pytest_strict,-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS))
 
 ## Lint and the fast tier (no PostgreSQL, S3, daemon, browser or slow process): about a minute.
-check: $(VENV)/pytest
+check: $(VENV)/.synced
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/ruff format --check backup_pipelines backup_pipelines_tests benchmarks
 	$(call pytest_strict,-q -m fast $(PYTEST_ARGS))
 
-# The environment, when there is none yet (`make test` always refreshes it).
-$(VENV)/pytest:
+# The environment, when there is none yet or the lock file changed since (`make test` always
+# refreshes it).
+$(VENV)/.synced: uv.lock pyproject.toml
 	@scripts/bootstrap.sh
+	@touch $@
 
 lint:
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks

@@ -170,6 +170,7 @@ def test_production_yaml_settings() -> None:
     assert settings["retention"]["sensor"]["purge_after_days"]["success"] == 30
 
 
+@pytest.mark.slow
 def test_local_dev_instance_needs_no_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,6 +182,7 @@ def test_local_dev_instance_needs_no_database(
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", ["dagster-webserver.service", "dagster-daemon.service"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import backup_pipelines.engine
 from backup_pipelines_tests.conftest import REPO_ROOT
 
@@ -29,6 +31,7 @@ def _python(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_every_engine_module_imports_on_its_own_without_dagster() -> None:
     # One interpreter, our modules forgotten before each import: a cycle shows up as an
     # ImportError whichever module of the cycle is imported first.
@@ -51,6 +54,7 @@ print(json.dumps({{"failures": failures, "dagster": sorted(m for m in loaded if 
     assert report["dagster"] == []
 
 
+@pytest.mark.slow
 def test_wal_push_and_fetch_load_neither_restore_nor_dagster() -> None:
     # What the CLI imports for `wal-fetch` (PostgreSQL runs it once per WAL segment).
     code = """

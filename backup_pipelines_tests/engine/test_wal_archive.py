@@ -40,7 +40,7 @@ from backup_pipelines.engine.wal import (
 SEGMENT = "000000010000000000000003"
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
+@pytest.fixture(params=["memory", "local", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackupStorage]:
     if request.param == "memory":
         yield MemoryStorage("wal")

@@ -20,8 +20,12 @@ from typing import Any
 
 from backup_pipelines.engine.config import PitrSettings, ProjectConfig, Target
 from backup_pipelines.engine.errors import ConfigError, IntegrityError
-from backup_pipelines.engine.storage.base import BackupStorage, ObjectNotFoundError, StorageError
-from backup_pipelines.engine.storage.local import LocalStorage
+from backup_pipelines.engine.storage import (
+    BackupStorage,
+    LocalStorage,
+    ObjectNotFoundError,
+    StorageError,
+)
 from backup_pipelines.engine.wal.errors import WalError
 from backup_pipelines.engine.wal.names import wal_kind
 from backup_pipelines.engine.wal.records import (
@@ -153,7 +157,7 @@ def local_wal_storage(root: Path) -> LocalStorage:
 
 def s3_wal_storage(url: str, *, client: Any = None) -> BackupStorage:
     """An S3 prefix; an upload counts only once S3 confirmed its SHA-256 checksum."""
-    from backup_pipelines.engine.storage.s3 import S3Storage, parse_s3_url
+    from backup_pipelines.engine.storage import S3Storage, parse_s3_url
 
     bucket, prefix = parse_s3_url(url)
     # Server-side encryption at rest for WAL (it holds every row change in clear).
