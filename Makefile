@@ -34,6 +34,7 @@ demo-stop:
 ## Run the whole test suite (real PostgreSQL, S3 server, gpg, SMTP, browser), in parallel.
 test: bootstrap
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
+	@$(VENV)/mypy
 	@$(VENV)/dg check defs >/dev/null
 	@$(VENV)/dagster definitions validate -w workspace.yaml >/dev/null 2>&1 || $(VENV)/dagster definitions validate -w workspace.yaml
 	$(call pytest_strict,-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS))
@@ -42,6 +43,7 @@ test: bootstrap
 check: $(VENV)/.synced
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/ruff format --check backup_pipelines backup_pipelines_tests benchmarks
+	@$(VENV)/mypy
 	$(call pytest_strict,-q -m fast $(PYTEST_ARGS))
 
 # The environment, when there is none yet or the lock file changed since (`make test` always
@@ -53,6 +55,7 @@ $(VENV)/.synced: uv.lock pyproject.toml
 lint:
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/ruff format --check backup_pipelines backup_pipelines_tests benchmarks
+	@$(VENV)/mypy
 
 format:
 	@$(VENV)/ruff format backup_pipelines backup_pipelines_tests benchmarks

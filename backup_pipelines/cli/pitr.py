@@ -169,10 +169,10 @@ def cmd_base_backup(args: argparse.Namespace) -> int:
     if target.settings.offsite.is_enabled:
         from backup_pipelines.engine.offsite import base_backup_offsite_storage, upload_backup
 
-        outcome = upload_backup(
+        upload = upload_backup(
             artifact, base_backup_offsite_storage(target), log=log, progress=progress
         )
-        say(f"  offsite: {outcome.url}")
+        say(f"  offsite: {upload.url}")
     return 0
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def pg_bin_dir() -> Path:
@@ -196,7 +197,7 @@ def init_cluster(
 
 
 @contextlib.contextmanager
-def throwaway_cluster(**kwargs) -> Iterator[LocalCluster]:  # type: ignore[no-untyped-def]
+def throwaway_cluster(**kwargs: Any) -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="bp-pg-"))
     cluster = init_cluster(root, **kwargs)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import IO, Protocol
 
 import zstandard
 
@@ -77,7 +77,7 @@ def decompress_chunks(
             )
         return
     if codec == "zstd":
-        decoder = zstandard.ZstdDecompressor().decompressobj()
+        zstd_decoder = zstandard.ZstdDecompressor().decompressobj()
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -86,18 +86,18 @@ def decompress_chunks(
                 for start in range(0, len(view), _ZSTD_FEED):
                     piece = bytes(view[start : start + _ZSTD_FEED])
                     while piece:
-                        out = decoder.decompress(piece)
+                        out = zstd_decoder.decompress(piece)
                         if out:
                             yield out
-                        piece = decoder.unused_data if decoder.eof else b""
+                        piece = zstd_decoder.unused_data if zstd_decoder.eof else b""
                         if piece:
-                            decoder = zstandard.ZstdDecompressor().decompressobj()
+                            zstd_decoder = zstandard.ZstdDecompressor().decompressobj()
         except zstandard.ZstdError as exc:
             raise IntegrityError(
                 f"{name} is corrupt: zstd data cannot be decompressed ({exc})",
                 hint="restore from another backup or from the offsite copy",
             ) from None
-        if not decoder.eof:
+        if not zstd_decoder.eof:
             raise IntegrityError(
                 f"{name} is truncated: the zstd stream ends before its end marker",
                 hint="the file was cut short (disk full or interrupted copy); use another backup",
@@ -106,7 +106,7 @@ def decompress_chunks(
     raise ValueError(f"unknown compression {codec!r}")
 
 
-def read_chunks(handle, size: int = CHUNK_SIZE) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+def read_chunks(handle: IO[bytes], size: int = CHUNK_SIZE) -> Iterator[bytes]:
     while True:
         chunk = handle.read(size)
         if not chunk:

@@ -30,12 +30,12 @@ import smtplib
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Literal
+from typing import Any, Literal
 
 from backup_pipelines.engine.config import (
     EmailNotifierSettings,
@@ -232,7 +232,7 @@ def send_email(settings: EmailNotifierSettings, alert: Alert) -> None:
 
 
 def _post_json(
-    url: str, payload: dict[str, object], timeout: float, headers: dict[str, str] | None = None
+    url: str, payload: Mapping[str, Any], timeout: float, headers: dict[str, str] | None = None
 ) -> None:
     if not url.startswith(("http://", "https://")):
         raise NotifyError("webhook URL must start with http:// or https://")
@@ -270,4 +270,8 @@ def send_webhook(settings: WebhookNotifierSettings, alert: Alert) -> None:
     _post_json(url, alert.as_json(), settings.timeout_seconds, headers)
 
 
-_SENDERS = {"email": send_email, "slack": send_slack, "webhook": send_webhook}
+_SENDERS: dict[str, Callable[[Any, Alert], None]] = {
+    "email": send_email,
+    "slack": send_slack,
+    "webhook": send_webhook,
+}

@@ -144,9 +144,9 @@ class ConnectionInfo:
         for var in _PARAM_TO_ENV.values():
             env.pop(var, None)
         for key, value in self.params.items():
-            var = _PARAM_TO_ENV.get(key)
-            if var:
-                env[var] = value
+            env_var = _PARAM_TO_ENV.get(key)
+            if env_var:
+                env[env_var] = value
         env.setdefault("PGCONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
         return env
 
@@ -458,8 +458,12 @@ def lock_blockers(conn: psycopg.Connection) -> list[tuple[int | None, str]]:
         line = f"{who} queued for an ACCESS EXCLUSIVE lock on {relation}"
         if blocked_by:
             ahead = [
-                _describe_session(*row, "in a transaction since")
-                for row in conn.execute(SESSIONS_SQL, (list(blocked_by),)).fetchall()
+                _describe_session(
+                    pid_, user_, app_, client_, state_, since_, "in a transaction since"
+                )
+                for pid_, user_, app_, client_, state_, since_ in conn.execute(
+                    SESSIONS_SQL, (list(blocked_by),)
+                ).fetchall()
             ]
             line += " behind " + "; ".join(ahead or [f"pid(s) {list(blocked_by)}"])
         lines.append((pid, line))

@@ -207,7 +207,7 @@ class LiveLine:
                 self._write("\r" + self._text + "\x1b[K")
 
 
-class LiveLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class LiveLineHandler(logging.StreamHandler):
     """Writes log records to the live line's terminal above the line, which is redrawn after."""
 
     def __init__(self, live: LiveLine) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from backup_pipelines.engine.artifacts import (
@@ -301,9 +301,9 @@ def _label(name: str, period: object) -> str:
     if name == "daily":
         return str(period)
     if name == "weekly":
-        year, week = period  # type: ignore[misc]
+        year, week = cast(tuple[int, int], period)
         return f"{year}-W{week:02d}"
-    year, month = period  # type: ignore[misc]
+    year, month = cast(tuple[int, int], period)
     return f"{year}-{month:02d}"
 
 

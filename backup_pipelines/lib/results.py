@@ -1,6 +1,8 @@
 """What assets and checks hand back to Dagster: failures with the engine's message, and the
 backup file a materialization recorded."""
 
+from typing import Any
+
 import dagster as dg
 
 from backup_pipelines.engine.errors import BackupPipelinesError
@@ -18,7 +20,7 @@ def latest_materialized_path(
 
 
 def failure(
-    message: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata: object
+    message: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **metadata: Any
 ) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=False, severity=severity, metadata={"reason": message, **metadata}

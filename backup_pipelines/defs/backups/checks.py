@@ -1,6 +1,8 @@
 """Integrity checks on each ``<target>/logical_backup``: they turn red in the UI when a backup
 file is tampered with, truncated or suspiciously small."""
 
+from typing import Any
+
 import dagster as dg
 
 from backup_pipelines.defs.resources import BackupEngineResource
@@ -33,7 +35,7 @@ def _result(
 ) -> dg.AssetCheckResult:
     # Recorded in .meta like `backup-pipelines verify` does, so `list`, retention and
     # `restore latest` see the result too.
-    metadata: dict[str, object] = {
+    metadata: dict[str, Any] = {
         "path": dg.MetadataValue.path(str(artifact.path)),
         "result": outcome.message,
     }

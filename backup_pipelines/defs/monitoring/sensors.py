@@ -246,7 +246,7 @@ def stale_backup_sensor(
     state, events = evaluate_staleness(context, config, now)
     stale = sorted(t for t, entry in state.items() if "alerted" in entry)
     invalid_state, invalid_events = evaluate_invalid_targets(context, config, now)
-    state.update(invalid_state)  # type: ignore[arg-type]
+    state.update(invalid_state)
     events += invalid_events
     summary = "; ".join(events) or (f"still stale: {', '.join(stale)}" if stale else "all fresh")
     return dg.SensorResult(skip_reason=summary, cursor=json.dumps(state, sort_keys=True))
@@ -437,7 +437,11 @@ def failed_check_alert_sensor(
     check_keys = sorted(
         (
             k
-            for k in context.repository_def.asset_graph.asset_check_keys
+            for k in (
+                context.repository_def.asset_graph.asset_check_keys
+                if context.repository_def
+                else ()
+            )
             if k.name not in SELF_ALERTING_CHECKS
         ),
         key=str,

@@ -1,5 +1,7 @@
 """``offsite_copy_matches``: the S3 copy is still there, whole, and the same bytes as the backup."""
 
+from typing import Any
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -41,7 +43,7 @@ def build_offsite_check(name: str) -> dg.AssetChecksDefinition:
                 path=dg.MetadataValue.path(path),
             )
         outcome = check_offsite_copy(artifact, storage)
-        metadata: dict[str, object] = {
+        metadata: dict[str, Any] = {
             "path": dg.MetadataValue.path(path),
             "result": outcome.message,
         }

@@ -1,6 +1,8 @@
 """PITR assets per PITR-enabled target: ``base_backup``, ``base_backup_offsite``,
 ``wal_archive`` (observed by ``wal_archive_sensor``) and ``pitr_drill``."""
 
+from typing import Any
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -203,7 +205,7 @@ def _drill_asset(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
             )
         except BackupPipelinesError as exc:
             raise user_error(exc) from None
-        metadata: dict[str, object] = {
+        metadata: dict[str, Any] = {
             "passed": result.passed,
             "result": result.message,
             "base_backup": result.base_backup or "",

@@ -1,6 +1,8 @@
 """PITR checks: ``base_backup_verified`` and ``pitr_drill_passed`` (blocking ERROR) and
 ``wal_archive_healthy`` (ERROR; also reported by ``wal_archive_sensor`` on every tick)."""
 
+from typing import Any
+
 import dagster as dg
 
 from backup_pipelines.defs.resources import BackupEngineResource
@@ -90,7 +92,7 @@ def _checks(name: str) -> list[dg.AssetChecksDefinition]:
         passed_value = metadata.get("passed")
         passed = bool(passed_value.value) if passed_value is not None else False
         result = metadata.get("result")
-        shown: dict[str, object] = {"result": result.value if result is not None else "unknown"}
+        shown: dict[str, Any] = {"result": result.value if result is not None else "unknown"}
         for field in ("rto_seconds", "rpo_seconds", "base_backup", "target_time", "reached"):
             if field in metadata:
                 shown[field] = metadata[field]

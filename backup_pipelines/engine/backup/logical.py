@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import psycopg
 from psycopg import sql
@@ -67,7 +67,7 @@ PREFETCH_CHUNKS = 8  # at most 8 MiB in flight between pg_dump and the compresso
 _PIPE_SIZE = 1 << 20
 
 
-def prefetched_chunks(stream: BinaryIO) -> Iterator[bytes]:
+def prefetched_chunks(stream: IO[bytes]) -> Iterator[bytes]:
     """Read ``stream`` in a background thread while the caller compresses and writes.
 
     Without it pg_dump stalls on a full pipe whenever we compress; zlib, zstd, hashlib and
@@ -106,7 +106,7 @@ def prefetched_chunks(stream: BinaryIO) -> Iterator[bytes]:
         stop.set()
 
 
-def _grow_pipe(stream: BinaryIO) -> None:
+def _grow_pipe(stream: IO[bytes]) -> None:
     # A 1 MiB pipe lets pg_dump keep writing through short pauses of the consumer (Linux only).
     with contextlib.suppress(AttributeError, OSError):
         fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)

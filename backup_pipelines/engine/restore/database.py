@@ -43,7 +43,7 @@ def create_database(
     admin: ConnectionInfo, name: str, artifact: BackupArtifact | None = None
 ) -> None:
     """CREATE DATABASE from template0 with the source's encoding and locale when known."""
-    options = sql.SQL("")
+    options: sql.Composable = sql.SQL("")
     meta = artifact.meta if artifact else None
     if meta is not None and meta.database_encoding:
         options = sql.SQL(" ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(

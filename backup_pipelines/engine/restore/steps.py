@@ -99,8 +99,9 @@ class RestoreRun:
         safety = self.safety_backup
         where = f"safety backup: {safety}" if safety else "no safety backup was needed or taken"
         hint_parts = [f"database '{self.database}' was not changed; {where}"]
-        if extra_hint or (isinstance(exc, BackupPipelinesError) and exc.hint):
-            hint_parts.append(extra_hint or exc.hint or "")
+        cause_hint = exc.hint if isinstance(exc, BackupPipelinesError) else None
+        if extra_hint or cause_hint:
+            hint_parts.append(extra_hint or cause_hint or "")
         return RestoreStepError(
             step,
             f"restore of target '{self.target.name}' failed at step '{step}': {cause}",
