@@ -28,23 +28,24 @@ Using it from an area (e.g. ``defs/restore/schedules.py``)::
             default_cadences=["weekly"],
         ))
 
-This gives one RUNNING schedule per cadence in use, named ``<cadence>_<kind>_schedule``
-(``weekly_restore_drill_schedule``; a raw cron string gives ``cron_<fields>_<kind>_schedule``).
-Each tick requests one run per target whose cadences include it, selecting
-``<target>/<asset_name>`` for every name in ``asset_names``, with ``run_key``
-``<kind>:<target>:<tick time>`` (a tick never runs twice) and the run tags of
-``backup_pipelines.lib.tags`` (target, database server, kind and cadence).
+This gives one RUNNING schedule per set of cadences in use. Targets with the same cadences share
+a schedule: one cadence gives ``<cadence>_<kind>_schedule`` (``weekly_restore_drill_schedule``; a
+raw cron string gives ``cron_<fields>_<kind>_schedule``), several give one schedule with all
+their cron strings, named by joining the cadence names with ``_and_`` in the target's order
+(a high-traffic target: ``daily_and_hourly_backup_schedule``). Dagster runs such a schedule once
+per distinct time, so when two cadences fire at the same moment (``hourly`` and ``daily`` at
+02:00) the target is backed up once, and each target is in exactly one schedule per kind.
 
-When two cadences of the same kind fire at the same moment for a target (``hourly`` and ``daily``
-at 02:00), only the first one listed for the target requests a run, so the database is not
-backed up twice in the same minute. Each cadence keeps its own schedule (their names are what
-people see and switch off), so this is decided when a tick is evaluated, with Dagster's own
-rules for when a cron string fires (``fires_at``).
+Each tick requests one run per target of its schedule, selecting ``<target>/<asset_name>`` for
+every name in ``asset_names``, with ``run_key`` ``<kind>:<target>:<tick time>`` (a tick never
+runs twice) and the run tags of ``backup_pipelines.lib.tags`` (target, database server, kind,
+and cadence: the first of the target's cadences whose cron string matches the tick's time of
+day, ``custom`` for a raw cron string).
 """
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -62,8 +63,6 @@ from backup_pipelines.lib.tags import (
 
 BACKUP_KIND = "backup"
 HIGH_TRAFFIC_CADENCE = "hourly"
-# Hours in which Dagster's scheduler applies its daylight-saving rules (see fires_at).
-DST_HOURS = frozenset({1, 2, 3})
 
 
 def target_cadences(
@@ -77,17 +76,17 @@ def target_cadences(
     config = config or project_config()
     settings = config.targets[target]
     if kind in settings.schedules:
-        cadences = tuple(settings.schedules[kind])
+        cadences = tuple(dict.fromkeys(settings.schedules[kind]))
     else:
-        cadences = tuple(default_cadences)
+        cadences = tuple(dict.fromkeys(default_cadences))
     if kind == BACKUP_KIND and settings.high_traffic and HIGH_TRAFFIC_CADENCE not in cadences:
         cadences = (*cadences, HIGH_TRAFFIC_CADENCE)
     return cadences
 
 
-def schedule_name(kind: str, cadence: str) -> str:
+def _cadence_slug(cadence: str) -> str:
     if re.fullmatch(r"[a-z][a-z0-9_]*", cadence):
-        return f"{cadence}_{kind}_schedule"
+        return cadence
     slug = (
         cadence.replace("*", "x")
         .replace("/", "every")
@@ -95,35 +94,24 @@ def schedule_name(kind: str, cadence: str) -> str:
         .replace("-", "to")
         .replace(" ", "_")
     )
-    return f"cron_{re.sub(r'[^A-Za-z0-9_]', '_', slug)}_{kind}_schedule"
+    return f"cron_{re.sub(r'[^A-Za-z0-9_]', '_', slug)}"
 
 
-def fires_at(cron: str, moment: datetime, timezone: str) -> bool:
-    """Whether Dagster's scheduler runs ``cron`` (in ``timezone``) at ``moment``, to the minute.
+def schedule_name(kind: str, cadences: Sequence[str]) -> str:
+    """``<cadence>_<kind>_schedule``; several cadences joined with ``_and_`` in their order."""
+    return f"{'_and_'.join(_cadence_slug(c) for c in cadences)}_{kind}_schedule"
 
-    Dagster's documented rules for daylight saving time apply: a time the clocks skip when they
-    go forward runs at the end of the gap (03:00 for a 02:30 schedule), except on a schedule
-    that runs every hour, which skips it; a time that happens twice when the clocks go back
-    runs once, at the second occurrence, except every hour, which runs at both. Like Dagster,
-    the second-occurrence rule only applies between 01:00 and 03:59, where clocks change in
-    most places; elsewhere the first occurrence runs.
+
+def _every_hour_first(crons: Sequence[str]) -> list[str]:
+    """The cron strings for one schedule, those that run every hour first.
+
+    Dagster (1.13) merges a list of cron strings by comparing local times, which cannot tell
+    apart the two 02:00s of the night the clocks go back: listed after ``0 2 * * *`` (which runs
+    at the second 02:00), ``0 * * * *`` loses its run at the first 02:00. Listed first, it keeps
+    both, and the merged list runs at every time any of its cron strings runs.
     """
-    zone = ZoneInfo(timezone)
-    local = datetime.fromtimestamp(moment.replace(second=0, microsecond=0).timestamp(), zone)
-    every_hour = croniter.expand(cron)[0][1] == ["*"]
-    wall = local.replace(tzinfo=None, fold=0)
-    if croniter.match(cron, wall):
-        happens_twice = local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset()
-        if every_hour or not happens_twice:
-            return True
-        return local.fold == (1 if local.hour in DST_HOURS else 0)
-    if every_hour:
-        return False
-    # The first minute after the clocks went forward runs every time the jump skipped.
-    before = datetime.fromtimestamp(local.timestamp() - 60, zone)
-    jump = (local.utcoffset() or timedelta(0)) - (before.utcoffset() or timedelta(0))
-    skipped = int(jump.total_seconds() // 60)
-    return any(croniter.match(cron, wall - jump + timedelta(minutes=m)) for m in range(skipped))
+    unique = list(dict.fromkeys(crons))
+    return sorted(unique, key=lambda cron: croniter.expand(cron)[0][1] != ["*"])
 
 
 def build_cadence_schedules(
@@ -135,7 +123,7 @@ def build_cadence_schedules(
     targets: Iterable[str] | None = None,
     description: str | None = None,
 ) -> list[dg.ScheduleDefinition]:
-    """One RUNNING schedule per cadence used by any target for ``kind`` (see the module doc).
+    """One RUNNING schedule per set of cadences used by targets for ``kind`` (see the module doc).
 
     ``asset_names``: the asset names under each target to run (``<target>/<name>``), upstream
     first. ``default_cadences``: for targets whose ``schedules:`` does not mention ``kind``.
@@ -145,68 +133,79 @@ def build_cadence_schedules(
     """
     config = project_config()
     names = list(targets) if targets is not None else list(config.targets)
-    per_target = {t: target_cadences(t, kind, default_cadences, config) for t in names}
-    in_use = list(dict.fromkeys(c for cadences in per_target.values() for c in cadences))
-    if not in_use:
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for target in names:
+        cadences = target_cadences(target, kind, default_cadences, config)
+        if cadences:
+            groups.setdefault(cadences, []).append(target)
+    if not groups:
         return []
     job = None
     if job_name is None:
         job = dg.define_asset_job(
             name=f"scheduled_{kind}",
             selection=dg.AssetSelection.assets(
-                *[target_key(t, n) for t in names if per_target[t] for n in asset_names]
+                *[
+                    target_key(t, n)
+                    for members in groups.values()
+                    for t in members
+                    for n in asset_names
+                ]
             ),
             description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target.",
             tags=job_tags(kind),
         )
     schedules = []
-    for cadence in in_use:
-        cron = config.cadence_cron(cadence)
-        members = [t for t, cadences in per_target.items() if cadence in cadences]
+    for cadences, members in groups.items():
+        crons = [config.cadence_cron(c) for c in cadences]
+        if len(cadences) == 1:
+            cron_schedule: str | list[str] = crons[0]
+            when = f"on the {cadences[0]} cadence ({crons[0]}, {config.timezone})"
+        else:
+            cron_schedule = _every_hour_first(crons)
+            when = (
+                f"on the {' and '.join(cadences)} cadences ({' and '.join(crons)}, "
+                f"{config.timezone}; once when they coincide)"
+            )
         schedules.append(
             dg.ScheduleDefinition(
-                name=schedule_name(kind, cadence),
-                cron_schedule=cron,
+                name=schedule_name(kind, cadences),
+                cron_schedule=cron_schedule,
                 execution_timezone=config.timezone,
                 job=job,
                 job_name=job_name,
-                execution_fn=_cadence_tick(kind, cadence, asset_names, per_target, config),
+                execution_fn=_cadence_tick(kind, cadences, members, asset_names, config),
                 default_status=dg.DefaultScheduleStatus.RUNNING,
                 description=(description or f"Scheduled {kind.replace('_', ' ')}")
-                + f" on the {cadence} cadence ({cron}, {config.timezone}) for: "
-                + f"{', '.join(members)}.",
+                + f" {when} for: {', '.join(members)}.",
             )
         )
     return schedules
 
 
+def _cadence_label(cadences: Sequence[str], moment: datetime, config: ProjectConfig) -> str:
+    """The cadence a tick is for: the first whose cron string matches its local time of day (the
+    first listed when none does: a time the clocks skipped runs at the end of the gap)."""
+    wall = moment.astimezone(ZoneInfo(config.timezone)).replace(tzinfo=None)
+    due = next((c for c in cadences if croniter.match(config.cadence_cron(c), wall)), cadences[0])
+    return due if due in config.named_cadences else "custom"
+
+
 def _cadence_tick(
     kind: str,
-    cadence: str,
+    cadences: tuple[str, ...],
+    members: Sequence[str],
     asset_names: Sequence[str],
-    per_target: dict[str, tuple[str, ...]],
     config: ProjectConfig,
-) -> Callable[[dg.ScheduleEvaluationContext], Iterator[dg.SkipReason | dg.RunRequest]]:
-    members = [t for t, cadences in per_target.items() if cadence in cadences]
-    label = cadence if cadence in config.named_cadences else "custom"
-
-    def evaluate(context: dg.ScheduleEvaluationContext) -> Iterator[dg.SkipReason | dg.RunRequest]:
+) -> Callable[[dg.ScheduleEvaluationContext], Iterator[dg.RunRequest]]:
+    def evaluate(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
         moment = context.scheduled_execution_time or datetime.now(UTC)
-        requests = []
+        label = _cadence_label(cadences, moment, config)
         for target in members:
-            # Another cadence listed earlier fires now too: its schedule covers this target.
-            earlier = per_target[target][: per_target[target].index(cadence)]
-            if any(fires_at(config.cadence_cron(c), moment, config.timezone) for c in earlier):
-                continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{kind}:{target}:{moment.isoformat()}",
-                    asset_selection=[target_key(target, name) for name in asset_names],
-                    tags={**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label},
-                )
+            yield dg.RunRequest(
+                run_key=f"{kind}:{target}:{moment.isoformat()}",
+                asset_selection=[target_key(target, name) for name in asset_names],
+                tags={**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label},
             )
-        if not requests:
-            yield dg.SkipReason(f"every target on the {cadence} cadence ran under another one")
-        yield from requests
 
     return evaluate

@@ -1,6 +1,9 @@
 """Schedule ticks evaluated at chosen times give the expected run requests, per target."""
 
-from datetime import UTC, datetime, timedelta
+import json
+import os
+import subprocess
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -8,8 +11,9 @@ import pytest
 
 from backup_pipelines.definitions import defs as load_defs
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.lib.cadences import build_cadence_schedules, fires_at, schedule_name
-from backup_pipelines.lib.tags import TAG_CADENCE, TAG_DB_HOST, TAG_TARGET
+from backup_pipelines.lib.cadences import build_cadence_schedules, schedule_name
+from backup_pipelines.lib.tags import TAG_CADENCE, TAG_DB_HOST, TAG_KIND, TAG_TARGET
+from backup_pipelines_tests.conftest import REPO_ROOT, VENV_BIN
 
 SUNDAY = datetime(2026, 11, 22)  # a Sunday
 
@@ -49,29 +53,38 @@ def project_defs(make_project) -> dg.Definitions:
 def test_schedules_exist_running_in_the_configured_timezone(project_defs: dg.Definitions) -> None:
     schedules = {s.name: s for s in project_defs.schedules}
     backup = {n for n in schedules if n.endswith("_backup_schedule")}
+    # One schedule per set of cadences: each target is in exactly one backup schedule.
     assert backup == {
         "daily_backup_schedule",
-        "hourly_backup_schedule",
-        "nightly_late_backup_schedule",
-        "cron_0_12_x_x_1to5_backup_schedule",
+        "daily_and_hourly_backup_schedule",
+        "nightly_late_and_cron_0_12_x_x_1to5_backup_schedule",
     }
     for name in backup:
         assert schedules[name].default_status == dg.DefaultScheduleStatus.RUNNING
         assert schedules[name].execution_timezone == "Europe/Berlin"
     assert schedules["daily_backup_schedule"].cron_schedule == "0 2 * * *"
-    assert schedules["hourly_backup_schedule"].cron_schedule == "0 * * * *"
+    assert set(schedules["daily_and_hourly_backup_schedule"].cron_schedule) == {
+        "0 2 * * *",
+        "0 * * * *",
+    }
+    assert set(schedules["nightly_late_and_cron_0_12_x_x_1to5_backup_schedule"].cron_schedule) == {
+        "30 4 * * *",
+        "0 12 * * 1-5",
+    }
+    assert "for: shop." in (schedules["daily_and_hourly_backup_schedule"].description or "")
 
 
 @pytest.mark.slow
 def test_daily_tick_requests_one_run_per_daily_target(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
     runs = _tick(project_defs, "daily_backup_schedule", SUNDAY.replace(hour=2, tzinfo=tz))
-    # archive opted out, reports uses its own cadences.
-    assert set(runs) == {"app", "shop"}
+    # archive opted out, shop backs up on its own daily-and-hourly schedule, reports on its own.
+    assert set(runs) == {"app"}
     assert runs["app"].asset_selection == [dg.AssetKey(["app", "logical_backup"])]
     assert runs["app"].tags[TAG_DB_HOST] == "pg-main"
-    assert runs["shop"].tags[TAG_DB_HOST] == "db-shop.internal:6432"
     assert runs["app"].tags[TAG_CADENCE] == "daily"
+    assert runs["app"].tags[TAG_KIND] == "backup"
+    assert runs["app"].run_key == "backup:app:2026-11-22T02:00:00+01:00"
     # The run key makes a repeated evaluation of the same tick idempotent.
     again = _tick(project_defs, "daily_backup_schedule", SUNDAY.replace(hour=2, tzinfo=tz))
     assert again["app"].run_key == runs["app"].run_key
@@ -82,34 +95,37 @@ def test_daily_tick_requests_one_run_per_daily_target(project_defs: dg.Definitio
 
 
 @pytest.mark.slow
-def test_hourly_tick_backs_up_high_traffic_targets_only_once(project_defs: dg.Definitions) -> None:
+def test_high_traffic_target_is_backed_up_once_per_tick(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
-    at_five = _tick(project_defs, "hourly_backup_schedule", SUNDAY.replace(hour=5, tzinfo=tz))
+    name = "daily_and_hourly_backup_schedule"
+    at_five = _tick(project_defs, name, SUNDAY.replace(hour=5, tzinfo=tz))
     assert set(at_five) == {"shop"}
     assert at_five["shop"].tags[TAG_CADENCE] == "hourly"
-    # At 02:00 the daily schedule already backs shop up: the hourly one must not do it again.
-    schedule = project_defs.resolve_schedule_def("hourly_backup_schedule")
+    assert at_five["shop"].tags[TAG_DB_HOST] == "db-shop.internal:6432"
+    # At 02:00 both cadences are due: one tick, one run, under the cadence listed first.
+    schedule = project_defs.resolve_schedule_def(name)
     with dg.instance_for_test() as instance:
         result = schedule.evaluate_tick(
             dg.build_schedule_context(
                 instance=instance, scheduled_execution_time=SUNDAY.replace(hour=2, tzinfo=tz)
             )
         )
-    assert not result.run_requests
-    assert result.skip_message
+    (request,) = result.run_requests or []
+    assert request.tags[TAG_TARGET] == "shop"
+    assert request.tags[TAG_CADENCE] == "daily"
+    assert request.run_key == "backup:shop:2026-11-22T02:00:00+01:00"
 
 
 @pytest.mark.slow
 def test_custom_cadences(project_defs: dg.Definitions) -> None:
     tz = ZoneInfo("Europe/Berlin")
-    late = _tick(
-        project_defs, "nightly_late_backup_schedule", SUNDAY.replace(hour=4, minute=30, tzinfo=tz)
-    )
+    name = "nightly_late_and_cron_0_12_x_x_1to5_backup_schedule"
+    late = _tick(project_defs, name, SUNDAY.replace(hour=4, minute=30, tzinfo=tz))
     assert set(late) == {"reports"}
-    monday_noon = datetime(2026, 11, 23, 12, tzinfo=tz)
-    assert set(_tick(project_defs, "cron_0_12_x_x_1to5_backup_schedule", monday_noon)) == {
-        "reports"
-    }
+    assert late["reports"].tags[TAG_CADENCE] == "nightly_late"
+    monday_noon = _tick(project_defs, name, datetime(2026, 11, 23, 12, tzinfo=tz))
+    assert set(monday_noon) == {"reports"}
+    assert monday_noon["reports"].tags[TAG_CADENCE] == "custom"
 
 
 def test_other_areas_build_weekly_schedules_with_the_helper(make_project) -> None:
@@ -145,15 +161,13 @@ def test_other_areas_build_weekly_schedules_with_the_helper(make_project) -> Non
     ]
 
 
-def test_fires_at_respects_timezone() -> None:
-    berlin = ZoneInfo("Europe/Berlin")
-    assert fires_at("0 3 * * 0", SUNDAY.replace(hour=3, tzinfo=berlin), "Europe/Berlin")
-    assert not fires_at("0 3 * * 0", SUNDAY.replace(hour=3, tzinfo=berlin), "UTC")
-    assert not fires_at("0 3 * * 0", datetime(2026, 11, 23, 3, tzinfo=berlin), "Europe/Berlin")
+def test_schedule_names() -> None:
     assert (
-        schedule_name("backup", "*/15 9-17 * * 1,3")
+        schedule_name("backup", ["*/15 9-17 * * 1,3"])
         == "cron_xevery15_9to17_x_x_1and3_backup_schedule"
     )
+    assert schedule_name("backup", ["daily", "hourly"]) == "daily_and_hourly_backup_schedule"
+    assert schedule_name("pitr_drill", ["0 5 * * 0"]) == "cron_0_5_x_x_0_pitr_drill_schedule"
 
 
 def test_unknown_cadence_is_a_clear_config_error(make_project) -> None:
@@ -187,37 +201,56 @@ def test_max_age_durations_and_opt_out(make_project) -> None:
         make_project({"bad": {"dsn_env": "A", "max_age": "soon"}})
 
 
-def _dagster_ticks(cron: str, timezone: str, start: datetime, end: datetime) -> set[float]:
-    """When Dagster's scheduler runs ``cron``, from its own cron iteration: each time window
-    of a partitions definition on that cron starts at one tick."""
-    partitions = dg.TimeWindowPartitionsDefinition(
-        start=start, cron_schedule=cron, timezone=timezone, fmt="%Y-%m-%dT%H:%M%z"
+FUTURE_TICKS = """{
+  scheduleOrError(scheduleSelector: {
+    repositoryLocationName: "backup_pipelines", repositoryName: "__repository__",
+    scheduleName: "daily_and_hourly_backup_schedule"
+  }) {
+    ... on Schedule {
+      autumn: futureTicks(cursor: %(autumn)s, limit: 26) { results { timestamp } }
+      spring: futureTicks(cursor: %(spring)s, limit: 24) { results { timestamp } }
+    }
+    ... on PythonError { message }
+    ... on ScheduleNotFoundError { message }
+  }
+}"""
+
+
+@pytest.mark.slow
+def test_scheduler_backs_up_a_high_traffic_target_every_hour_once_across_dst(
+    project_defs: dg.Definitions,
+) -> None:
+    """The times Dagster's scheduler will run the daily-and-hourly schedule (as the UI lists its
+    next ticks): every hour of the days the clocks change in Berlin, each exactly once, the daily
+    02:00 included. The night the clocks go back has two 02:00s; both get a backup."""
+    tz = ZoneInfo("Europe/Berlin")
+    autumn = datetime(2026, 10, 25, tzinfo=tz).timestamp()  # 25 hours long
+    spring = datetime(2026, 3, 29, tzinfo=tz).timestamp()  # 23 hours, no 02:00
+    query = FUTURE_TICKS % {"autumn": int(autumn), "spring": int(spring)}
+    done = subprocess.run(
+        [
+            str(VENV_BIN / "dagster-graphql"),
+            "-w",
+            str(REPO_ROOT / "deploy" / "workspace.yaml"),
+            "--ephemeral-instance",
+            "-t",
+            query,
+        ],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    keys = partitions.get_partition_keys(current_time=end + timedelta(days=40))
-    ticks = (datetime.strptime(key, "%Y-%m-%dT%H:%M%z").timestamp() for key in keys)
-    return {t for t in ticks if t < end.timestamp()}
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    schedule = answer["data"]["scheduleOrError"]
+    assert "message" not in schedule, schedule
 
-
-@pytest.mark.parametrize("timezone", ["Europe/Berlin", "America/New_York"])
-def test_fires_at_agrees_with_dagster_across_daylight_saving_changes(timezone: str) -> None:
-    """Coinciding ticks are detected exactly when Dagster runs them: a 02:30 that does not exist
-    runs at 03:00, a 02:30 that happens twice runs once, hourly schedules run at both."""
-    zone = ZoneInfo(timezone)
-    start, end = datetime(2026, 1, 1, tzinfo=zone), datetime(2027, 1, 1, tzinfo=zone)
-    changes = [
-        hour
-        for hour in range(int(start.timestamp()), int(end.timestamp()), 3600)
-        if datetime.fromtimestamp(hour, zone).utcoffset()
-        != datetime.fromtimestamp(hour + 3600, zone).utcoffset()
-    ]
-    assert len(changes) == 2
-    minutes = [change + m * 60 for change in changes for m in range(-240, 241)]
-    for cron in ("0 2 * * *", "30 2 * * *", "0 * * * *", "30 2 * * 0", "*/20 1-3 * * *"):
-        ticks = _dagster_ticks(cron, timezone, start, end)
-        for moment in minutes:
-            expected = moment in ticks
-            when = datetime.fromtimestamp(moment, UTC)
-            assert fires_at(cron, when, timezone) == expected, (
-                f"{cron} at {datetime.fromtimestamp(moment, zone).isoformat()}: "
-                f"Dagster {'runs' if expected else 'does not run'} it"
-            )
+    autumn_ticks = [t["timestamp"] for t in schedule["autumn"]["results"]]
+    spring_ticks = [t["timestamp"] for t in schedule["spring"]["results"]]
+    # 25 hours, then the next day's 00:00; with duplicates or a missed hour this list differs.
+    assert autumn_ticks == [autumn + h * 3600 for h in range(26)]
+    assert datetime(2026, 10, 25, 2, fold=0, tzinfo=tz).timestamp() in autumn_ticks
+    assert datetime(2026, 10, 25, 2, fold=1, tzinfo=tz).timestamp() in autumn_ticks
+    # 23 hours (the daily 02:00 runs at 03:00, with the hourly one), then the next 00:00.
+    assert spring_ticks == [spring + h * 3600 for h in range(24)]
