@@ -3,8 +3,9 @@
 Cadences are per target in ``backup_targets.yaml`` (``schedules.backup``, ``high_traffic``); see
 ``lib/cadences.py``. A high-traffic target's daily and hourly backups are one schedule
 (``daily_and_hourly_backup_schedule``), which runs once at 02:00. Every schedule is RUNNING by
-default and requests one run per target, so one failing database never hides another. The weekly Sunday 03:00 backup runs together with the
-restore drill (``weekly_restore_drill_schedule``), so the drill always tests a fresh backup.
+default and requests one run per target, so one failing database never hides another. The
+weekly Sunday 03:00 backup runs together with the restore drill
+(``weekly_restore_drill_schedule``), so the drill always tests a fresh backup.
 """
 
 import dagster as dg
