@@ -110,6 +110,8 @@ def postmaster_running(data_dir: Path) -> bool:
 
 # What a server that failed to start (or to finish recovery) says, and what to do about it.
 _FAILURE_LINE = re.compile(r"\b(FATAL|PANIC):\s+(.*)$")
+# What the postmaster prints before its log is set up (a missing configuration file, say).
+_EARLY_LINE = re.compile(r"^(?:\S*/)?postgres: (.*)$")
 _DETAIL_LINE = re.compile(r"\b(?:LOG|ERROR|WARNING):\s+(could not .*)$")
 # Clients (pg_ctl -w among them) knocking during start-up: not why a server stopped.
 _CLIENT_FATALS = ("the database system is", "terminating connection", "password authentication")
@@ -123,6 +125,12 @@ _FAILURE_HINTS = (
          "could not locate required checkpoint record", "requested timeline"),
         "the WAL up to the target is not in the archive (a gap, or not archived yet): "
         "check `backup-pipelines wal-status <target>` and pg_stat_archiver, then restore again",
+    ),
+    (
+        ("server configuration file", "pg_hba.conf", "pg_ident.conf", "configuration file"),
+        "the restored copy's configuration is incomplete: fix the file named above in the "
+        "restored data directory (base backups taken by this version capture the files kept "
+        "outside the data directory, e.g. Debian's /etc/postgresql/<ver>/<cluster>/)",
     ),
 )  # fmt: skip
 
@@ -157,6 +165,9 @@ def server_failure_reason(lines: list[str], pg_ctl_output: str = "") -> str | No
         # Prefer the line carrying the operating system's error ("...": Address already in use).
         detail = next((d for d in details if '": ' in d), details[-1] if details else None)
         return f"{reason} ({detail})" if detail else reason
+    for line in reversed(lines):
+        if match := _EARLY_LINE.match(line.strip()):
+            return " ".join(match.group(1).split())
     for line in reversed(pg_ctl_output.splitlines()):
         if line.strip() and "Examine the log output" not in line:
             return " ".join(line.split())
