@@ -22,7 +22,7 @@ from backup_pipelines.engine.compression import CHUNK_SIZE, decompress_chunks
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import decrypt_chunks
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, ToolError
-from backup_pipelines.engine.postgres import find_tools
+from backup_pipelines.engine.postgres import find_tools, server_major
 from backup_pipelines.engine.progress import Progress
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
 
@@ -146,8 +146,9 @@ def chown_tree(root: Path, user: str) -> None:
 def check_manifest(artifact: BackupArtifact, meta: BaseBackupMeta, target: Target) -> CheckOutcome:
     """Extract into a scratch folder and run ``pg_verifybackup`` against the backup's manifest
     (file sizes and checksums, and the WAL range parsed with pg_waldump)."""
-    tools = find_tools(None, target.settings.pg_bin_dir)
     try:
+        # pg_verifybackup parses the backup's WAL with pg_waldump: the server's own version.
+        tools = find_tools(server_major(meta.server_version_num), target.settings.pg_bin_dir)
         verifier = tools.path("pg_verifybackup")
     except ToolError as exc:
         return CheckOutcome("manifest", False, exc.message)

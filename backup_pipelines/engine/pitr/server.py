@@ -7,12 +7,12 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from backup_pipelines.engine.errors import RefusedError, RestoreFailedError
+from backup_pipelines.engine.errors import RefusedError
+from backup_pipelines.engine.postgres import find_tools
 from backup_pipelines.engine.processes import pid_alive
 
 
@@ -64,19 +64,9 @@ def configured_port(bin_dir: Path, data_dir: Path, user: str) -> int | None:
 
 
 def server_bin_dir(major: int, configured: Path | None) -> Path:
-    """Server binaries of exactly this major version (a data directory only runs on its own)."""
-    candidates = [configured] if configured else []
-    candidates += [Path(f"/usr/lib/postgresql/{major}/bin"), Path(f"/usr/pgsql-{major}/bin")]
-    for candidate in candidates:
-        if candidate and (candidate / "pg_ctl").exists():
-            return candidate
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    raise RestoreFailedError(
-        f"PostgreSQL {major} server binaries (pg_ctl) not found",
-        hint=f"install postgresql-{major} or set pg_bin_dir for this target",
-    )
+    """Server binaries of exactly this major version (a data directory only runs on its own);
+    a clear ToolError naming the package to install when they are missing."""
+    return Path(find_tools(major, configured).path("pg_ctl")).parent
 
 
 def as_server_user(argv: list[str], user: str) -> list[str]:
