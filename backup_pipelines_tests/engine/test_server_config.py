@@ -125,6 +125,7 @@ def test_a_restored_debian_configuration_points_only_at_the_copy(tmp_path: Path)
         f"hba_file = '{etc}/pg_hba.conf'\nident_file = '{etc}/pg_ident.conf'\n"
         "external_pid_file = '/var/run/postgresql/15-main.pid'\n"
         "port = 5432\ninclude_dir = 'conf.d'\ninclude_if_exists = '/var/lib/postgresql/15/main/extra.conf'\n"
+        "include_dir = '/etc/postgresql/15/main/empty.d'\n"
     ).encode()
     dropin = b"work_mem = '8MB'\ninclude = 'more.conf'\n"
     more = b"stats_temp_directory = '/var/run/postgresql/15-main.pg_stat_tmp'\n"
@@ -159,6 +160,8 @@ def test_a_restored_debian_configuration_points_only_at_the_copy(tmp_path: Path)
     assert installed.settings["unix_socket_directories"] == f"'{data_dir}'"
     assert installed.settings["external_pid_file"] == "''"
     assert installed.warnings == []
+    # An include_dir that was empty exists again (the server refuses a missing one).
+    assert (mirror / "empty.d").is_dir()
 
     # A damaged capture is refused, never half-installed silently.
     captured[member_name(f"{etc}/pg_hba.conf")] = b"host all all 0.0.0.0/0 trust\n"

@@ -6,6 +6,8 @@ and the ``backup_manifest``) to stdout; it flows through compression and SHA-256
 same ``.sha256`` / ``.meta`` triple as logical backups) only with the final rename. ``.meta``
 records the WAL range (start/end LSN, timeline, first segment needed), the server's clock at
 start and end, and the server version, so PITR can pick the right base backup without opening it.
+The server's configuration files kept outside the data directory (Debian's /etc/postgresql/...)
+follow pg_basebackup's members in the same tar (``server_config``), listed in ``.meta``.
 """
 
 from __future__ import annotations

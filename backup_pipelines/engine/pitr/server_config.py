@@ -152,6 +152,9 @@ def _rewrite(path: Path, original: str, mapped: Callable[[str], Path], seen: set
             new = mapped(target)
             out.append(f"{name} = {conf_quote(str(new))}  # was {line.strip()}")
             if name == "include_dir":
+                # An empty folder (Debian's default conf.d/) has no captured file to bring it
+                # back, and the server refuses to start on a missing include_dir.
+                ensure_private_dir(new, what="restored include_dir")
                 with contextlib.suppress(OSError):
                     for child in sorted(new.iterdir()):
                         if child.name.endswith(".conf") and not child.name.startswith("."):
