@@ -16,9 +16,11 @@ import pytest
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
 from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.backup.base_reader import verify_base_backup
+from backup_pipelines.engine.backup.server_config import capture_server_config
 from backup_pipelines.engine.drills.pitr import pitr_drill
 from backup_pipelines.engine.pitr.recover import pitr_restore
 from backup_pipelines.engine.pitr.window import parse_target_time
+from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines_tests.pitr_support import PASSWORD, DebianPitrSetup, start_debian_pitr_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -121,3 +123,24 @@ def test_pitr_drill_passes_on_a_debian_cluster(debian: DebianPitrSetup) -> None:
     assert result.passed, result.message
     assert result.databases_checked >= 2
     assert debian.sql("SELECT count(*) FROM t") == "10"
+
+
+def test_a_backup_role_that_cannot_see_the_configuration_is_told_what_to_grant(
+    debian: DebianPitrSetup,
+) -> None:
+    """A REPLICATION-only role cannot see where the configuration lives: the capture says so
+    (warning + .meta) instead of pretending; with pg_read_all_settings it finds every file."""
+    role, password = "backup_only", "role-" + PASSWORD
+    debian.sql(f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}'")
+    info = ConnectionInfo.parse(
+        f"postgresql://{role}:{password}@127.0.0.1:{debian.cluster.port}/postgres"
+    )
+    blind = capture_server_config(info)
+    assert blind.files == [] and blind.data_directory is None
+    assert any("pg_read_all_settings" in problem for problem in blind.missing)
+    debian.sql(f"GRANT pg_read_all_settings TO {role}")
+    seeing = capture_server_config(info)
+    assert seeing.missing == []
+    assert {f.path for f in seeing.files} >= {
+        str(debian.etc_dir / "postgresql.conf"), str(debian.etc_dir / "pg_hba.conf")
+    }  # fmt: skip
