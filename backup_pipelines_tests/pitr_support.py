@@ -25,7 +25,12 @@ import pytest
 import yaml
 
 import backup_pipelines
-from backup_pipelines.devtools.local_postgres import LocalCluster, free_port, init_cluster
+from backup_pipelines.devtools.local_postgres import (
+    LocalCluster,
+    free_port,
+    init_cluster,
+    pg_bin_dir,
+)
 from backup_pipelines.engine.config import CONFIG_ENV_VAR, ProjectConfig, Target, load_config
 from backup_pipelines.engine.wal import postgresql_conf_lines
 
@@ -126,11 +131,34 @@ def start_pitr_cluster(
     """
     workdir = Path(tempfile.mkdtemp(prefix="bp-pitr-"))
     workdir.chmod(0o755)
+    port = free_port()
+    config, archive_dir, conf = _write_project(
+        monkeypatch, workdir, port, pitr, local_archive, env, top, target
+    )
+    try:
+        cluster = init_cluster(workdir / "pg", port=port, password=PASSWORD, extra_conf=conf)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return PitrSetup(cluster, config, archive_dir, workdir)
+
+
+def _write_project(
+    monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    port: int,
+    pitr: dict[str, Any] | None,
+    local_archive: bool,
+    env: dict[str, str] | None,
+    top: dict[str, Any] | None,
+    target: dict[str, Any] | None,
+) -> tuple[ProjectConfig, Path | None, dict[str, str]]:
+    """The targets file for a cluster on ``port``; returns it loaded, the archive folder and the
+    postgresql.conf settings that archive into it."""
     archive_dir = workdir / "wal-archive" if local_archive else None
     if archive_dir is not None:
         archive_dir.mkdir(mode=0o700)
         chown_to_server_user(archive_dir)
-    port = free_port()
     settings: dict[str, Any] = {"command": server_user_command(workdir), **(pitr or {})}
     if archive_dir is not None:
         settings["archive_dir"] = str(archive_dir)
@@ -158,9 +186,84 @@ def start_pitr_cluster(
     for line in postgresql_conf_lines(config, config.target(TARGET), archive_timeout_seconds=60):
         key, value = line.split(" = ", 1)
         conf[key] = value
+    return config, archive_dir, conf
+
+
+@dataclass
+class DebianPitrSetup(PitrSetup):
+    """A cluster made by Debian's postgresql-common: data in /var/lib/postgresql/<ver>/<name>,
+    configuration (postgresql.conf, pg_hba.conf, pg_ident.conf, conf.d/) in
+    /etc/postgresql/<ver>/<name>/. Archiving is switched on by a file in conf.d/."""
+
+    version: int = 0
+    name: str = ""
+
+    @property
+    def etc_dir(self) -> Path:
+        return Path(f"/etc/postgresql/{self.version}/{self.name}")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(f"/var/lib/postgresql/{self.version}/{self.name}")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(f"/var/log/postgresql/postgresql-{self.version}-{self.name}.log")
+
+    def close(self) -> None:
+        subprocess.run(
+            ["pg_dropcluster", "--stop", str(self.version), self.name],
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_debian_pitr_cluster(
+    monkeypatch: pytest.MonkeyPatch, *, target: dict[str, Any] | None = None
+) -> DebianPitrSetup:
+    """``pg_createcluster`` a uniquely named cluster (parallel workers never collide), archive
+    through ``wal-push`` configured in ``conf.d/``, start it with ``pg_ctlcluster``."""
+    if os.geteuid() != 0:
+        pytest.skip(
+            "pg_createcluster/pg_ctlcluster need root (they create the cluster as postgres)"
+        )
+    if not shutil.which("pg_createcluster"):
+        pytest.skip("postgresql-common (pg_createcluster) is not installed")
+    version = int(pg_bin_dir().parent.name)
+    name = "t_" + os.urandom(5).hex()
+    workdir = Path(tempfile.mkdtemp(prefix="bp-pitr-deb-"))
+    workdir.chmod(0o755)
+    port = free_port()
+    config, archive_dir, conf = _write_project(
+        monkeypatch, workdir, port, None, True, None, None, target
+    )
+    cluster = LocalCluster(root=workdir, port=port, password=PASSWORD)
+    setup = DebianPitrSetup(cluster, config, archive_dir, workdir, version=version, name=name)
     try:
-        cluster = init_cluster(workdir / "pg", port=port, password=PASSWORD, extra_conf=conf)
+        subprocess.run(
+            ["pg_createcluster", str(version), name, "-p", str(port)],
+            check=True,
+            capture_output=True,
+        )
+        conf.update(
+            listen_addresses="'127.0.0.1'", fsync="off", synchronous_commit="off",
+            shared_buffers="'64MB'", max_connections="50",
+        )  # fmt: skip
+        dropin = setup.etc_dir / "conf.d" / "backup_pipelines.conf"
+        dropin.write_text("".join(f"{key} = {value}\n" for key, value in conf.items()))
+        chown_to_server_user(dropin)
+        subprocess.run(
+            ["pg_ctlcluster", str(version), name, "start"], check=True, capture_output=True
+        )
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-p", str(port), "-f", "-"],
+            input=f"ALTER USER postgres PASSWORD '{PASSWORD}';\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
+        setup.close()
         raise
-    return PitrSetup(cluster, config, archive_dir, workdir)
+    return setup

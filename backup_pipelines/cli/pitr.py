@@ -80,6 +80,7 @@ def _owner(uid: int) -> str:
 
 def cmd_wal_setup(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.wal import (
+        check_server_user_can_run,
         postgresql_conf_lines,
         resolve_pitr_target,
         setup_archive_dir,
@@ -89,6 +90,8 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
     target = resolve_pitr_target(config, args.target)
     settings = target.settings.pitr
     assert settings is not None
+    # Before anything is created: PostgreSQL would only find out when archiving starts (126).
+    checked = check_server_user_can_run(config, target, settings.server_os_user)
     if settings.archive_dir is not None:
         folder = setup_archive_dir(settings.archive_dir, settings.server_os_user)
         info = folder.stat()
@@ -100,6 +103,7 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
         say(
             f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)"
         )
+    say(f"Archive command checked as the server's OS user: {checked}")
     say("\nAdd to postgresql.conf (then restart PostgreSQL: archive_mode needs a restart):\n")
     for line in postgresql_conf_lines(config, target, args.archive_timeout):
         say(line)

@@ -207,16 +207,90 @@ def server_major(version_num: int) -> int:
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
+# Installed with the server (Debian package postgresql-<ver>), the rest with the client
+# (postgresql-client-<ver>).
+_SERVER_PACKAGE_TOOLS = frozenset(
+    {"postgres", "pg_ctl", "pg_controldata", "pg_waldump", "initdb", "pg_resetwal", "pg_checksums"}
+)
+# Programs that only work with their own major version: they run the server, or read its data
+# directory, its WAL or a base backup's WAL (pg_verifybackup runs pg_waldump). Any other client
+# tool may be newer than the server (pg_dump/pg_basebackup refuse only newer servers), but the
+# server's own version is preferred: pg_dump 17 writes `SET transaction_timeout`, which a
+# PostgreSQL 15 server rejects on restore.
+EXACT_VERSION_TOOLS = _SERVER_PACKAGE_TOOLS | {"pg_verifybackup"}
+# Where packages install one folder per major version: Debian/Ubuntu, then the PGDG RPMs.
+BIN_ROOTS: tuple[str, ...] = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin")
+
+
+def debian_package(tool: str, major: int) -> str:
+    """The Debian/Ubuntu package that installs ``tool`` of PostgreSQL ``major``."""
+    return f"postgresql-{major}" if tool in _SERVER_PACKAGE_TOOLS else f"postgresql-client-{major}"
+
+
+def installed_bin_dirs(patterns: tuple[str, ...] = BIN_ROOTS) -> list[tuple[int, Path]]:
+    """``(major version, bin folder)`` of every installed PostgreSQL, oldest first."""
+    found: dict[int, Path] = {}
+    for pattern in patterns:
+        for folder in sorted(Path("/").glob(pattern.lstrip("/"))):
+            version = re.search(r"[/-](\d+)/bin$", str(folder))
+            if version and folder.is_dir():
+                found.setdefault(int(version.group(1)), folder)
+    return sorted(found.items())
+
+
+def choose_bin_dir(tool: str, server_major: int, installed: list[tuple[int, Path]]) -> Path:
+    """The folder whose ``tool`` suits a server of ``server_major``: the server's own version;
+    for tools that need not match exactly, else the lowest installed newer one."""
+    having = [(version, folder) for version, folder in installed if (folder / tool).exists()]
+    listed = ", ".join(str(version) for version, _ in having) or "none"
+    for version, folder in having:
+        if version == server_major:
+            return folder
+    package = debian_package(tool, server_major)
+    if tool in EXACT_VERSION_TOOLS:
+        raise ToolError(
+            f"{tool} of PostgreSQL {server_major} is not installed (installed versions with "
+            f"{tool}: {listed}); {tool} only works with its own major version",
+            hint=f"install it (Debian/Ubuntu: apt-get install {package}), or set 'pg_bin_dir' "
+            f"for this target to the folder holding PostgreSQL {server_major}'s programs",
+        )
+    newer = [(version, folder) for version, folder in having if version > server_major]
+    if newer:
+        return newer[0][1]
+    newest = f"{having[-1][0]} ({having[-1][1] / tool})" if having else "none"
+    raise ToolError(
+        f"{tool} of PostgreSQL {server_major} or newer is not installed: the newest here is "
+        f"{newest}, which is older than the server (PostgreSQL {server_major}); it cannot make "
+        "a correct copy",
+        hint=f"install {package} (or newer) and set 'pg_bin_dir' for this target if it is "
+        "not under /usr/lib/postgresql",
+    )
+
+
 @dataclass(frozen=True)
 class PgTools:
-    """The PostgreSQL client programs of one installed version."""
+    """The PostgreSQL programs to use for one server: ``bin_dir`` (the configured folder, or
+    the installed version chosen for the server; None: PATH), and for the programs that must
+    match the server exactly, the folder of the server's own version."""
 
     bin_dir: Path | None
+    server_major: int | None = None
+    configured: bool = False
+    installed: tuple[tuple[int, Path], ...] = ()
 
     def path(self, tool: str) -> str:
+        if (
+            tool in EXACT_VERSION_TOOLS
+            and self.server_major is not None
+            and not self.configured
+            and self.installed
+        ):
+            return str(choose_bin_dir(tool, self.server_major, list(self.installed)) / tool)
         if self.bin_dir is not None:
             candidate = self.bin_dir / tool
             if candidate.exists():
+                if tool in EXACT_VERSION_TOOLS and self.configured and self.server_major:
+                    self._check_exact(tool, candidate)
                 return str(candidate)
             raise ToolError(
                 f"{tool} not found in {self.bin_dir}",
@@ -230,14 +304,21 @@ class PgTools:
             )
         return found
 
+    def _check_exact(self, tool: str, candidate: Path) -> None:
+        major = _tool_major(candidate)
+        if major is not None and major != self.server_major:
+            raise ToolError(
+                f"{candidate} is PostgreSQL {major}, the server is PostgreSQL "
+                f"{self.server_major}: {tool} only works with its own major version",
+                hint=f"point 'pg_bin_dir' at PostgreSQL {self.server_major}'s programs "
+                f"(Debian/Ubuntu: apt-get install {debian_package(tool, self.server_major)})",
+            )
+
     def major_version(self, tool: str = "pg_dump") -> int:
-        out = subprocess.run(
-            [self.path(tool), "--version"], capture_output=True, text=True, check=False
-        ).stdout
-        match = _VERSION_RE.search(out)
-        if not match:
-            raise ToolError(f"cannot read the version of {self.path(tool)}: {out.strip()!r}")
-        return int(match.group(1))
+        major = _tool_major(Path(self.path(tool)))
+        if major is None:
+            raise ToolError(f"cannot read the version of {self.path(tool)}")
+        return major
 
     def version_string(self, tool: str = "pg_dump") -> str:
         out = subprocess.run(
@@ -246,28 +327,36 @@ class PgTools:
         return out.strip()
 
 
-def _installed_bin_dirs() -> list[tuple[int, Path]]:
-    found = []
-    for base in (Path("/usr/lib/postgresql"), Path("/usr/pgsql")):
-        if base.is_dir():
-            for child in base.iterdir():
-                if child.name.isdigit() and (child / "bin" / "pg_dump").exists():
-                    found.append((int(child.name), child / "bin"))
-    return sorted(found)
+def _tool_major(program: Path) -> int | None:
+    out = subprocess.run(
+        [str(program), "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    match = _VERSION_RE.search(out)
+    return int(match.group(1)) if match else None
 
 
-def find_tools(server_major_version: int | None, configured: Path | None = None) -> PgTools:
-    """Pick client tools that can handle this server: configured, else the newest installed.
+def find_tools(
+    server_major_version: int | None,
+    configured: Path | None = None,
+    *,
+    installed: list[tuple[int, Path]] | None = None,
+) -> PgTools:
+    """The PostgreSQL programs for a server of ``server_major_version`` (None: any server).
 
-    pg_dump refuses servers newer than itself and dumps from a newer pg_dump restore fine on
-    older servers only for plain SQL, so we choose the newest installed version >= the server.
+    ``configured`` (a target's ``pg_bin_dir``) is used as it is, checked against the server.
+    Otherwise the server's own installed version, else the lowest installed newer one for
+    client tools (pg_dump refuses servers newer than itself); programs that must match exactly
+    (``EXACT_VERSION_TOOLS``) come only from the server's own version. Without a server version,
+    the newest installed; with nothing installed in the usual places, PATH.
     """
+    found = installed_bin_dirs() if installed is None else installed
     if configured is not None:
-        tools = PgTools(configured)
+        tools = PgTools(configured, server_major_version, configured=True)
+    elif server_major_version is None or not found:
+        tools = PgTools(found[-1][1] if found else None, server_major_version)
     else:
-        installed = _installed_bin_dirs()
-        newest = installed[-1][1] if installed else None
-        tools = PgTools(newest)
+        folder = choose_bin_dir("pg_dump", server_major_version, found)
+        return PgTools(folder, server_major_version, installed=tuple(found))
     if server_major_version is not None:
         client_major = tools.major_version("pg_dump")
         if client_major < server_major_version:

@@ -32,6 +32,7 @@ from backup_pipelines_tests.fault_matrix.clear_errors import (
     run_as,
     second_os_user,
 )
+from backup_pipelines_tests.pitr_support import server_user_command
 
 
 def mode_of(path: Path) -> int:
@@ -161,7 +162,11 @@ def test_wal_setup_leaves_an_existing_archive_folder_alone(shared_tmp: Path, run
     existing.mkdir()
     existing.chmod(0o1777)
     owner = existing.stat().st_uid
-    config = config_for(shared_tmp, shared_tmp / "b", pitr={"archive_dir": str(existing)})
+    # wal-setup first checks that postgres can run the command: one it can reach.
+    command = server_user_command(shared_tmp)
+    config = config_for(
+        shared_tmp, shared_tmp / "b", pitr={"archive_dir": str(existing), "command": command}
+    )
     result = run_cli("--config", str(config), "wal-setup", "prod")
     assert result.returncode == 0, result.stderr
     assert mode_of(existing) == 0o1777 and existing.stat().st_uid == owner
@@ -169,11 +174,15 @@ def test_wal_setup_leaves_an_existing_archive_folder_alone(shared_tmp: Path, run
     assert "mode 1777" in result.stdout
 
 
+@pytest.mark.slow  # wal-setup runs the archive command as postgres (runuser)
 def test_wal_setup_creates_a_new_archive_for_the_server_user(shared_tmp: Path, cli) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to hand the folder to the server's OS user")
     archive = shared_tmp / "var" / "wal" / "prod"
-    config = config_for(shared_tmp, shared_tmp / "b", pitr={"archive_dir": str(archive)})
+    command = server_user_command(shared_tmp)
+    config = config_for(
+        shared_tmp, shared_tmp / "b", pitr={"archive_dir": str(archive), "command": command}
+    )
     result = cli("--config", str(config), "wal-setup", "prod")
     assert result.returncode == 0, result.stderr
     assert mode_of(archive) == 0o700

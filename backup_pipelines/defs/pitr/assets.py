@@ -62,6 +62,11 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
             f"SHA-256 hashing into `<backup_root>/{name}/base/base_<YYYYmmdd_HHMMSS>.tar.*`, with a "
             "`.sha256` and a `.meta` (start/end LSN and time, timeline, first WAL segment needed, "
             "server version).\n\n"
+            "The server's configuration files kept outside its data directory (Debian/Ubuntu: "
+            "`postgresql.conf`, `pg_hba.conf`, `pg_ident.conf` and `conf.d/` in "
+            "`/etc/postgresql/<ver>/<cluster>/`) are stored in the same tar and listed in "
+            "`.meta` (`server_config`), so a PITR restore of it starts; files it could not read "
+            "are listed in `server_config_missing`.\n\n"
             "Afterwards the target's calendar retention prunes old base backups, and WAL older "
             "than the oldest kept base backup is pruned from the archive (never newer).\n\n"
             "Check: `base_backup_verified` (blocking) runs `pg_verifybackup` against the manifest."
@@ -99,6 +104,12 @@ def _base_backup_asset(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
                 "timeline": dg.MetadataValue.int(meta.timeline),  # type: ignore[attr-defined]
                 "first_wal_segment": dg.MetadataValue.text(meta.first_wal_segment),  # type: ignore[attr-defined]
                 "server_version": dg.MetadataValue.text(meta.server_version),
+                "server_config_files": dg.MetadataValue.json(
+                    [f.path for f in getattr(meta, "server_config", [])]
+                ),
+                "server_config_missing": dg.MetadataValue.json(
+                    list(getattr(meta, "server_config_missing", []))
+                ),
                 "consistent_at": dg.MetadataValue.text(meta.finished_at.isoformat()),
                 "duration_seconds": dg.MetadataValue.float(meta.duration_seconds),
                 "base_backups_kept": dg.MetadataValue.json(retention.kept),

@@ -3,6 +3,8 @@
 - ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
   file, in one streaming pass): ``run_backup``.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
+- ``server_config``: the server's configuration files kept outside its data directory
+  (Debian's /etc/postgresql/...), captured into the base backup's tar and listed in ``.meta``.
 - ``base_reader``: reading a base backup back (extract with its checksum, pg_verifybackup).
 - ``files``: what both write with: the target's folder and lock, the hashing sink, undoing a
   failed backup.

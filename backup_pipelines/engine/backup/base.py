@@ -6,6 +6,8 @@ and the ``backup_manifest``) to stdout; it flows through compression and SHA-256
 same ``.sha256`` / ``.meta`` triple as logical backups) only with the final rename. ``.meta``
 records the WAL range (start/end LSN, timeline, first segment needed), the server's clock at
 start and end, and the server version, so PITR can pick the right base backup without opening it.
+The server's configuration files kept outside the data directory (Debian's /etc/postgresql/...)
+follow pg_basebackup's members in the same tar (``server_config``), listed in ``.meta``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from backup_pipelines.engine.backup.files import (
     discard_failed_backup,
     ensure_target_dirs,
     target_lock,
+)
+from backup_pipelines.engine.backup.server_config import (
+    CapturedFile,
+    TarEndCutter,
+    capture_server_config,
+    config_tar,
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL, Target
@@ -64,6 +72,11 @@ class BaseBackupMeta(BackupMeta):
     first_wal_segment: str
     last_wal_segment: str
     archive_mode: str | None = None
+    # Where the server kept its data and the configuration files captured into the tar because
+    # they live outside it (Debian: /etc/postgresql/<ver>/<cluster>/), and what could not be.
+    data_directory: str | None = None
+    server_config: list[CapturedFile] = []
+    server_config_missing: list[str] = []
 
     @property
     def consistent_at(self) -> datetime:
@@ -160,6 +173,7 @@ def run_base_backup(
         # Same encryption as the target's logical backups; a missing key stops us here.
         stage_factory = encryption_stage_factory(target.settings.encryption)
         started: datetime = facts["now"]
+        server_config = capture_server_config(info, log=log)
         clock = time.monotonic()
         codec = settings.base_backup_compression
         extension = TAR_EXTENSIONS[codec] + (".gpg" if stage_factory is not None else "")
@@ -191,12 +205,13 @@ def run_base_backup(
                 proc, stderr = spawn(argv, env=info.child_env(), stdout=subprocess.PIPE)
                 assert proc.stdout is not None
                 tar_bytes = 0
+                # The captured configuration files become the tar's last members.
+                cutter = TarEndCutter()
                 with progress.start("pg_basebackup") as meter:
                     while chunk := proc.stdout.read(CHUNK_SIZE):
                         tar_bytes += len(chunk)
-                        write_stored(compress.compress(chunk))
+                        write_stored(compress.compress(cutter.feed(chunk)))
                         meter.advance(len(chunk))
-                    write_stored(compress.flush())
                     returncode = proc.wait()
                     messages = one_line(info.redact(stderr.text()))
                     if returncode != 0:
@@ -207,6 +222,13 @@ def run_base_backup(
                             "'replication' line in pg_hba.conf; tablespaces are not supported "
                             "(tar to stdout)",
                         )
+                    if not cutter.ended:
+                        raise BackupFailedError(
+                            f"pg_basebackup's tar for target '{target.name}' ended early "
+                            f"(after {tar_bytes} bytes, no end-of-archive)"
+                        )
+                    write_stored(compress.compress(config_tar(server_config, started.timestamp())))
+                    write_stored(compress.flush())
                 if finish_stored is not None:
                     finish_stored()
                 handle.flush()
@@ -249,6 +271,9 @@ def run_base_backup(
                     max(parse_lsn(end_lsn) - 1, 0), timeline, segment_size
                 ),
                 archive_mode=facts["archive_mode"],
+                data_directory=server_config.data_directory,
+                server_config=server_config.files,
+                server_config_missing=server_config.missing,
             )
             with open_private(sidecars[0]) as out:
                 out.write(sha256_line(meta.sha256, final.name).encode())

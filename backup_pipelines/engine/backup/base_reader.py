@@ -17,11 +17,12 @@ from typing import Any
 
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.base import BaseBackupMeta, as_base
+from backup_pipelines.engine.backup.server_config import CONFIG_MEMBER_PREFIX
 from backup_pipelines.engine.compression import CHUNK_SIZE, decompress_chunks
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import decrypt_chunks
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, ToolError
-from backup_pipelines.engine.postgres import find_tools
+from backup_pipelines.engine.postgres import find_tools, server_major
 from backup_pipelines.engine.progress import Progress
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
 
@@ -53,10 +54,13 @@ def extract_base_backup(
     meta: BaseBackupMeta,
     destination: Path,
     progress: Progress | None = None,
+    server_config: dict[str, bytes] | None = None,
 ) -> int:
     """Stream-extract into ``destination`` (an existing empty folder) while verifying the stored
     file's SHA-256; raises IntegrityError (after emptying ``destination``) on any mismatch.
-    ``progress`` counts the bytes of the stored file read so far."""
+    ``progress`` counts the bytes of the stored file read so far. The captured configuration
+    files (``.meta`` ``server_config``) never land in the data directory: they go into
+    ``server_config`` (tar member name -> bytes) when given, else are skipped."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -84,6 +88,11 @@ def extract_base_backup(
         )
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
+                if member.name.startswith(CONFIG_MEMBER_PREFIX):
+                    handle = archive.extractfile(member)
+                    if server_config is not None and handle is not None:
+                        server_config[member.name] = handle.read()
+                    continue
                 archive.extract(member, destination, filter="data")
                 members += 1
             # Drain the tar's end-of-archive blocks so the checksum covers the whole file.
@@ -137,8 +146,9 @@ def chown_tree(root: Path, user: str) -> None:
 def check_manifest(artifact: BackupArtifact, meta: BaseBackupMeta, target: Target) -> CheckOutcome:
     """Extract into a scratch folder and run ``pg_verifybackup`` against the backup's manifest
     (file sizes and checksums, and the WAL range parsed with pg_waldump)."""
-    tools = find_tools(None, target.settings.pg_bin_dir)
     try:
+        # pg_verifybackup parses the backup's WAL with pg_waldump: the server's own version.
+        tools = find_tools(server_major(meta.server_version_num), target.settings.pg_bin_dir)
         verifier = tools.path("pg_verifybackup")
     except ToolError as exc:
         return CheckOutcome("manifest", False, exc.message)

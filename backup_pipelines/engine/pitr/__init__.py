@@ -5,6 +5,8 @@ the WAL archive (``engine.wal``).
   that recovers to it).
 - ``recover``: ``pitr_restore``: a base backup into a NEW data directory, recovery settings,
   optionally start it and wait until it is promoted.
+- ``server_config``: the captured configuration files written into the restored data directory,
+  with every path, socket and port of the original cluster rewritten.
 - ``server``: the restored server (binaries, port, state, log, why it stopped, stopping it).
 - ``health``: the WAL archive's health (sensor, check, ``wal-status``).
 - ``retention``: base backups by the calendar policy, WAL before the oldest kept one.

@@ -37,6 +37,7 @@ from backup_pipelines.engine.pitr.server import (
     server_log_lines,
     stop_server,
 )
+from backup_pipelines.engine.pitr.server_config import install_server_config
 from backup_pipelines.engine.pitr.window import choose_base_backup
 from backup_pipelines.engine.postgres import server_major
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
@@ -300,13 +301,21 @@ def pitr_restore(
     )
     bin_dir = server_bin_dir(server_major(meta.server_version_num), target.settings.pg_bin_dir)
     try:
+        captured: dict[str, bytes] = {}
         with progress.start(f"Extraction of {artifact.path.name}", meta.size_bytes) as meter:
-            extract_base_backup(artifact, meta, data_dir, meter)
+            extract_base_backup(artifact, meta, data_dir, meter, server_config=captured)
+        installed = install_server_config(
+            data_dir, meta, captured, copy_name=f"{target.name} pitr copy"
+        )
+        for warning in installed.warnings:
+            result.warnings.append(warning)
+            log.warning(warning)
         for leftover in ("recovery.conf", "standby.signal", "postmaster.pid", "postmaster.opts"):
             with contextlib.suppress(FileNotFoundError):
                 (data_dir / leftover).unlink()
         (data_dir / "recovery.signal").write_bytes(b"")
-        lines = recovery_settings(
+        # The copy's own files and sockets first; the recovery (and drill) settings win.
+        lines = installed.settings | recovery_settings(
             config,
             target,
             to,

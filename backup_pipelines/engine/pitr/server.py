@@ -7,12 +7,12 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from backup_pipelines.engine.errors import RefusedError, RestoreFailedError
+from backup_pipelines.engine.errors import RefusedError
+from backup_pipelines.engine.postgres import find_tools
 from backup_pipelines.engine.processes import pid_alive
 
 
@@ -64,19 +64,9 @@ def configured_port(bin_dir: Path, data_dir: Path, user: str) -> int | None:
 
 
 def server_bin_dir(major: int, configured: Path | None) -> Path:
-    """Server binaries of exactly this major version (a data directory only runs on its own)."""
-    candidates = [configured] if configured else []
-    candidates += [Path(f"/usr/lib/postgresql/{major}/bin"), Path(f"/usr/pgsql-{major}/bin")]
-    for candidate in candidates:
-        if candidate and (candidate / "pg_ctl").exists():
-            return candidate
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    raise RestoreFailedError(
-        f"PostgreSQL {major} server binaries (pg_ctl) not found",
-        hint=f"install postgresql-{major} or set pg_bin_dir for this target",
-    )
+    """Server binaries of exactly this major version (a data directory only runs on its own);
+    a clear ToolError naming the package to install when they are missing."""
+    return Path(find_tools(major, configured).path("pg_ctl")).parent
 
 
 def as_server_user(argv: list[str], user: str) -> list[str]:
@@ -110,6 +100,8 @@ def postmaster_running(data_dir: Path) -> bool:
 
 # What a server that failed to start (or to finish recovery) says, and what to do about it.
 _FAILURE_LINE = re.compile(r"\b(FATAL|PANIC):\s+(.*)$")
+# What the postmaster prints before its log is set up (a missing configuration file, say).
+_EARLY_LINE = re.compile(r"^(?:\S*/)?postgres: (.*)$")
 _DETAIL_LINE = re.compile(r"\b(?:LOG|ERROR|WARNING):\s+(could not .*)$")
 # Clients (pg_ctl -w among them) knocking during start-up: not why a server stopped.
 _CLIENT_FATALS = ("the database system is", "terminating connection", "password authentication")
@@ -123,6 +115,12 @@ _FAILURE_HINTS = (
          "could not locate required checkpoint record", "requested timeline"),
         "the WAL up to the target is not in the archive (a gap, or not archived yet): "
         "check `backup-pipelines wal-status <target>` and pg_stat_archiver, then restore again",
+    ),
+    (
+        ("server configuration file", "pg_hba.conf", "pg_ident.conf", "configuration file"),
+        "the restored copy's configuration is incomplete: fix the file named above in the "
+        "restored data directory (base backups taken by this version capture the files kept "
+        "outside the data directory, e.g. Debian's /etc/postgresql/<ver>/<cluster>/)",
     ),
 )  # fmt: skip
 
@@ -157,6 +155,9 @@ def server_failure_reason(lines: list[str], pg_ctl_output: str = "") -> str | No
         # Prefer the line carrying the operating system's error ("...": Address already in use).
         detail = next((d for d in details if '": ' in d), details[-1] if details else None)
         return f"{reason} ({detail})" if detail else reason
+    for line in reversed(lines):
+        if match := _EARLY_LINE.match(line.strip()):
+            return " ".join(match.group(1).split())
     for line in reversed(pg_ctl_output.splitlines()):
         if line.strip() and "Examine the log output" not in line:
             return " ".join(line.split())

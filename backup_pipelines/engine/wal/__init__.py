@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     )
     from backup_pipelines.engine.wal.setup import (
         archive_command,
+        check_server_user_can_run,
         conf_quote,
         default_command,
         postgresql_conf_lines,
@@ -116,6 +117,7 @@ _EXPORTS = {
     "conf_quote": "setup",
     "default_command": "setup",
     "postgresql_conf_lines": "setup",
+    "check_server_user_can_run": "setup",
     "restore_command": "setup",
     "setup_archive_dir": "setup",
     "tool_command": "setup",
@@ -149,6 +151,7 @@ __all__ = [
     "parse_lsn",
     "pitr_settings",
     "postgresql_conf_lines",
+    "check_server_user_can_run",
     "prune_wal",
     "record_name",
     "resolve_pitr_target",

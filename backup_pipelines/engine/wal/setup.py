@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from backup_pipelines.engine.config import ProjectConfig, Target
-from backup_pipelines.engine.errors import ConfigError
+from backup_pipelines.engine.errors import ConfigError, RefusedError
 from backup_pipelines.engine.fsutil import ensure_private_dir
 from backup_pipelines.engine.wal.archive import pitr_settings
 
@@ -115,3 +117,108 @@ def _writable_by(path: Path, user: Any) -> bool:
     if info.st_gid in groups:
         return info.st_mode & 0o030 == 0o030
     return info.st_mode & 0o003 == 0o003
+
+
+def check_server_user_can_run(config: ProjectConfig, target: Target, user: str) -> str:
+    """Run the archive command's program as ``user`` (the server's OS user), the way
+    PostgreSQL will; refuse (RefusedError, exit 2) naming the first folder or file on its way
+    (the program, its interpreter through symlinks, the targets file) that ``user`` cannot
+    reach. Returns what was checked, for the operator."""
+    argv = shlex.split(tool_command(config, target))
+    if not argv:
+        raise ConfigError("pitr.command is empty", hint="remove it or name the program to run")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(
+                f"OS user {user!r} does not exist",
+                hint="set pitr.server_os_user to the user PostgreSQL runs as",
+            ) from None
+        prefix = ["runuser", "-u", user, "--"]
+    elif pwd.getpwuid(os.geteuid()).pw_name == user:
+        prefix = []
+    else:
+        return f"not checked that {user} can run {argv[0]} (run wal-setup as root or as {user})"
+    program = shutil.which(argv[0]) or argv[0]
+    result = subprocess.run(
+        [*prefix, program, *argv[1:], "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    needs: list[tuple[Path, str]] = [(Path(program), "-x")]
+    interpreter = _shebang_interpreter(Path(program))
+    if interpreter is not None:
+        needs.append((interpreter, "-x"))
+    if config.source_path is not None:
+        needs.append((Path(config.source_path).absolute(), "-r"))
+    for path, test in needs:
+        blocked = _first_blocked(path, test, prefix)
+        if blocked is not None:
+            raise RefusedError(
+                f"the server's OS user {user} cannot run the archive command: {blocked}",
+                hint=f"install backup-pipelines where {user} can reach it (e.g. a virtualenv under "
+                "/opt/backup_pipelines made from the system python3), or give it access "
+                f"(chmod o+x on that folder), or set pitr.command to a program {user} can run; "
+                "then run wal-setup again",
+            )
+    if result.returncode != 0:
+        detail = " ".join((result.stderr or result.stdout).strip().splitlines()[-1:])
+        raise RefusedError(
+            f"the server's OS user {user} cannot run the archive command {program}: "
+            f"exit status {result.returncode}{': ' + detail if detail else ''}",
+            hint=f"run `runuser -u {user} -- {program} --help` to see why, fix it, then run "
+            "wal-setup again",
+        )
+    return f"{user} can run {program}"
+
+
+def _shebang_interpreter(program: Path) -> Path | None:
+    try:
+        with program.open("rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    if not words or words[0].endswith("/env"):
+        return None
+    return Path(words[0])
+
+
+def _first_blocked(path: Path, test: str, prefix: list[str]) -> str | None:
+    """The first folder on the way to ``path`` (and, for a symlink, to its target) that the
+    user cannot search, or ``path`` itself when the user cannot read/execute it."""
+    chains = [path.absolute()]
+    resolved = path.resolve()
+    if resolved != chains[0]:
+        chains.append(resolved)
+    for chain in chains:
+        for folder in [*reversed(chain.parents)]:
+            if not _passes(prefix, "-x", folder):
+                return f"{folder} is not accessible ({_describe(folder)}; it leads to {chain})"
+    what = "executable" if test == "-x" else "readable"
+    target = chains[-1]
+    if not _passes(prefix, test, target):
+        return f"{target} is not {what} ({_describe(target)})"
+    return None
+
+
+def _passes(prefix: list[str], test: str, path: Path) -> bool:
+    checked = subprocess.run([*prefix, "test", test, str(path)], capture_output=True, check=False)
+    return checked.returncode == 0
+
+
+def _describe(path: Path) -> str:
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return exc.strerror or "cannot stat"
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    return f"mode {info.st_mode & 0o7777:04o}, owner {owner}"
