@@ -306,7 +306,7 @@ class PgTools:
 
     def _check_exact(self, tool: str, candidate: Path) -> None:
         major = _tool_major(candidate)
-        if major is not None and major != self.server_major:
+        if major is not None and self.server_major is not None and major != self.server_major:
             raise ToolError(
                 f"{candidate} is PostgreSQL {major}, the server is PostgreSQL "
                 f"{self.server_major}: {tool} only works with its own major version",
