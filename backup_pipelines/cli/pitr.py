@@ -39,8 +39,7 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
             )
         return 0
     except BaseException as exc:  # noqa: BLE001 - the contract is "0 or 1", whatever happened
-        message = str(exc) or type(exc).__name__
-        log.error(f"wal-push FAILED for {getattr(args, 'path', '?')}: {message}")
+        log.error(f"wal-push FAILED for {getattr(args, 'path', '?')}: {_one_line(exc)}")
         return 1
 
 
@@ -63,10 +62,16 @@ def cmd_wal_fetch(args: argparse.Namespace) -> int:
         log.info(f"wal-fetch: restored {outcome.name} ({outcome.size} bytes) from {outcome.source}")
         return 0
     except BaseException as exc:  # noqa: BLE001 - never a status above 125
-        log.error(
-            f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {str(exc) or type(exc).__name__}"
-        )
+        log.error(f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {_one_line(exc)}")
         return EXIT_REFUSED
+
+
+def _one_line(exc: BaseException) -> str:
+    """One line for PostgreSQL's server log: what is wrong, then what to do."""
+    one_line = getattr(exc, "one_line", None)
+    if callable(one_line):
+        return str(one_line())
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _owner(uid: int) -> str:
