@@ -8,27 +8,37 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
+from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.config import EncryptionSettings, PitrSettings
+from backup_pipelines.engine.drills.pitr import pitr_drill
 from backup_pipelines.engine.errors import EncryptionKeyError
+from backup_pipelines.engine.pitr.health import archive_health
+from backup_pipelines.engine.pitr.recover import pitr_restore
+from backup_pipelines.engine.pitr.window import parse_target_time, recovery_window
 from backup_pipelines.engine.storage import BackupStorage, S3Storage, default_s3_client
 from backup_pipelines.engine.wal import (
     WalArchive,
     WalStore,
     local_wal_storage,
     object_stem,
+    wal_archive_for,
     wal_fetch,
     wal_push,
 )
 from backup_pipelines.engine.wal.records import record_from_bytes
 from backup_pipelines_tests.fault_matrix.clear_errors import assert_clear_error
+from backup_pipelines_tests.pitr_support import PASSWORD, chown_to_server_user, start_pitr_cluster
 
 SEGMENT = "000000010000000000000007"
 OTHER = "000000010000000000000008"
@@ -333,3 +343,60 @@ def test_wal_push_refuses_in_one_line_and_archives_nothing_without_its_key(
     result = cli("wal-push", str(source))
     assert_clear_error(result, 1, "wal-push FAILED", str(passfile))
     assert list(archive.rglob("*")) == []
+
+
+@pytest.mark.postgres
+def test_pitr_through_encrypted_wal_restores_exactly_the_rows_before_the_target(
+    monkeypatch: pytest.MonkeyPatch, gpg_tmp: Path
+) -> None:
+    """The server archives through wal-push with a passphrase it alone can read; pitr-restore,
+    wal-status and the drill then recover through wal-fetch decrypting every segment."""
+    keys = Path(tempfile.mkdtemp(prefix="bp-walkey-"))
+    keys.chmod(0o755)
+    passfile = _passphrase_file(keys, "wal.pass", PASS_A)
+    chown_to_server_user(passfile)
+    setup = start_pitr_cluster(
+        monkeypatch,
+        target={"encryption": {"mode": "passphrase", "passphrase_file": str(passfile)}},
+    )
+    restored: LocalCluster | None = None
+    try:
+        setup.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        run_base_backup(setup.target)
+        setup.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 500) g")
+        time.sleep(0.2)
+        target_time = parse_target_time(setup.sql("SELECT clock_timestamp()"))
+        time.sleep(0.2)
+        setup.sql("INSERT INTO orders SELECT g, 'after' FROM generate_series(501, 800) g")
+        setup.sql("DELETE FROM orders WHERE id <= 100")
+        segment = setup.switch_and_wait()
+
+        assert setup.archive_dir is not None
+        record = json.loads((setup.archive_dir / (object_stem(segment) + ".meta")).read_text())
+        assert record["encryption"]["mode"] == "passphrase"
+        stored = setup.archive_dir / record["stored_name"]
+        assert not stored.read_bytes().startswith(ZSTD_MAGIC)
+        health = archive_health(setup.target)
+        assert health.healthy, health.summary()
+        assert recovery_window(setup.target, wal_archive_for(setup.target)).latest is not None
+
+        port = free_port()
+        data_dir = setup.workdir / "restored" / "data"
+        result = pitr_restore(
+            setup.config, setup.target, target_time, data_dir, port=port, start=True
+        )
+        restored = LocalCluster(root=data_dir.parent, port=port, password=PASSWORD)
+        assert result.promoted
+        assert restored.psql("SELECT count(*), min(id), max(id) FROM orders") == "500|1|500"
+        assert restored.psql("SELECT count(*) FROM orders WHERE note = 'after'") == "0"
+        assert "wal-fetch: restored" in (data_dir / "pitr_restore.log").read_text()
+        restored.pg_ctl("-m", "immediate", "stop")
+        restored = None
+
+        drill = pitr_drill(setup.config, setup.target)
+        assert drill.passed, drill.message
+    finally:
+        if restored is not None:
+            restored.pg_ctl("-m", "immediate", "stop")
+        setup.close()
+        shutil.rmtree(keys, ignore_errors=True)
