@@ -95,11 +95,18 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
     settings = target.settings.pitr
     assert settings is not None
     if settings.archive_dir is not None:
-        folder = setup_archive_dir(settings.archive_dir, settings.server_os_user)
+        folder = setup_archive_dir(
+            settings.archive_dir, settings.server_os_user, settings.archive_gid
+        )
         info = folder.stat()
+        shared = (
+            f", readable by group {settings.archive_group}: add the monitoring user to it"
+            if settings.archive_group
+            else ""
+        )
         say(
             f"WAL archive folder ready: {folder} (owner {_owner(info.st_uid)}, "
-            f"mode {info.st_mode & 0o7777:04o})"
+            f"mode {info.st_mode & 0o7777:04o}{shared})"
         )
     if settings.archive_s3:
         say(
