@@ -8,17 +8,20 @@ import grp
 import hashlib
 import os
 import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.wal import wal_archive_for, wal_fetch
-from backup_pipelines_tests.fault_matrix.clear_errors import cli_as, run_as
+from backup_pipelines_tests.fault_matrix.clear_errors import assert_clear_error, cli_as, run_as
 from backup_pipelines_tests.pitr_support import start_pitr_cluster
 
 
@@ -151,3 +154,48 @@ def test_the_archive_group_monitors_fetches_and_drills_and_nobody_else_reads(
 
     finally:
         setup.close()
+
+
+@pytest.mark.xdist_group("os-users")
+@pytest.mark.slow
+def test_a_pusher_outside_the_group_fails_in_one_line_and_stores_nothing(
+    tmp_path: Path, os_users: tuple[str, str, str]
+) -> None:
+    """A folder lost its group and the pushing user may not give it back: wal-push exits 1
+    (PostgreSQL retries) with one line saying what to do, and no segment appears."""
+    group, _reader, outsider = os_users
+    work = Path(tempfile.mkdtemp(prefix="bp-grp-"))
+    try:
+        work.chmod(0o755)
+        archive = work / "archive"
+        folder = archive / "0000000100000000"
+        folder.mkdir(parents=True)
+        entry = pwd.getpwnam(outsider)
+        for path in (archive, folder):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        archive.chmod(0o700)
+        folder.chmod(0o700)
+        segment = work / "000000010000000000000003"
+        segment.write_bytes(os.urandom(1 << 16))
+        segment.chmod(0o644)
+        config = work / "backup_targets.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "backup_root": str(work / "b"),
+                    "targets": {
+                        "main": {
+                            "dsn_env": "UNUSED_DSN",
+                            "pitr": {"archive_dir": str(archive), "archive_group": group},
+                        }
+                    },
+                }
+            )
+        )
+        config.chmod(0o644)
+        result = run_as(outsider, work, "--config", str(config), "wal-push", str(segment))
+        line = assert_clear_error(result, 1, "wal-push FAILED", "is not a member of it")
+        assert f"usermod -aG {group}" in line
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
