@@ -41,7 +41,8 @@ from backup_pipelines.engine.errors import EncryptionError, EncryptionKeyError, 
 from backup_pipelines.engine.processes import StderrCollector, one_line
 
 CIPHER = "AES256"
-S2K_COUNT = "65011712"  # OpenPGP's maximum (RFC 4880 3.7.1.3): slowest to guess
+# The maximum iteration count, explicit: else gpg starts an agent to calibrate one (slow per WAL).
+S2K_OPTIONS = ("--s2k-digest-algo", "SHA512", "--s2k-count", "65011712")
 _FINGERPRINT_SALT = b"backup_pipelines passphrase fingerprint v1"
 
 
@@ -307,13 +308,7 @@ class GpgEncryptStage:
                     "--passphrase-fd",
                     str(read_fd),
                     "--no-symkey-cache",
-                    "--s2k-digest-algo",
-                    "SHA512",
-                    # The strongest iteration count OpenPGP allows, given explicitly: otherwise
-                    # gpg starts a gpg-agent in the fresh GNUPGHOME just to calibrate one, which
-                    # costs seconds on a busy host, paid again for every archived WAL segment.
-                    "--s2k-count",
-                    S2K_COUNT,
+                    *S2K_OPTIONS,
                     *args,
                     "--symmetric",
                 ]
