@@ -1,10 +1,10 @@
 """``wal-fetch``: PostgreSQL's ``restore_command``.
 
-Both checksums (of the stored and of the decompressed bytes) are verified while decrypting (when
-the segment was archived encrypted, with the key its record names: the target's current key or
-one of its previous ones) and decompressing, before the file is renamed into place. "Not in the archive" is reported distinctly
-(:class:`WalNotFoundError`, exit status 1): that is how recovery learns it reached the end of
-the archive. A damaged copy is skipped for the next place that holds the file.
+Both checksums (of the stored and of the decompressed bytes) are verified while decrypting
+(segments archived encrypted, with the key their record names: the target's current key or one
+of its previous ones) and decompressing, before the file is renamed into place. "Not in the
+archive" is reported distinctly (:class:`WalNotFoundError`, exit status 1): that is how recovery
+learns it reached the end of the archive. A damaged copy is skipped for the next place that holds the file.
 """
 
 from __future__ import annotations
