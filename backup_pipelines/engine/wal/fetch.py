@@ -4,7 +4,8 @@ Both checksums (of the stored and of the decompressed bytes) are verified while 
 (segments archived encrypted, with the key their record names: the target's current key or one
 of its previous ones) and decompressing, before the file is renamed into place. "Not in the
 archive" is reported distinctly (:class:`WalNotFoundError`, exit status 1): that is how recovery
-learns it reached the end of the archive. A damaged copy is skipped for the next place that holds the file.
+learns it reached the end of the archive. A damaged copy is skipped for the next place that
+holds the file.
 """
 
 from __future__ import annotations
