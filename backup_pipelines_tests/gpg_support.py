@@ -25,7 +25,7 @@ def gpg(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.Comple
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gpg_keys() -> dict[str, Path]:
     """Two key pairs made with the real gpg; armored public and secret key files."""
     root = Path(tempfile.mkdtemp(prefix="bp-keys-"))
