@@ -39,8 +39,7 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
             )
         return 0
     except BaseException as exc:  # noqa: BLE001 - the contract is "0 or 1", whatever happened
-        message = str(exc) or type(exc).__name__
-        log.error(f"wal-push FAILED for {getattr(args, 'path', '?')}: {message}")
+        log.error(f"wal-push FAILED for {getattr(args, 'path', '?')}: {_one_line(exc)}")
         return 1
 
 
@@ -63,10 +62,16 @@ def cmd_wal_fetch(args: argparse.Namespace) -> int:
         log.info(f"wal-fetch: restored {outcome.name} ({outcome.size} bytes) from {outcome.source}")
         return 0
     except BaseException as exc:  # noqa: BLE001 - never a status above 125
-        log.error(
-            f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {str(exc) or type(exc).__name__}"
-        )
+        log.error(f"wal-fetch REFUSED {getattr(args, 'name', '?')}: {_one_line(exc)}")
         return EXIT_REFUSED
+
+
+def _one_line(exc: BaseException) -> str:
+    """One line for PostgreSQL's server log: what is wrong, then what to do."""
+    one_line = getattr(exc, "one_line", None)
+    if callable(one_line):
+        return str(one_line())
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _owner(uid: int) -> str:
@@ -93,11 +98,18 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
     # Before anything is created: PostgreSQL would only find out when archiving starts (126).
     checked = check_server_user_can_run(config, target, settings.server_os_user)
     if settings.archive_dir is not None:
-        folder = setup_archive_dir(settings.archive_dir, settings.server_os_user)
+        folder = setup_archive_dir(
+            settings.archive_dir, settings.server_os_user, settings.archive_gid
+        )
         info = folder.stat()
+        shared = (
+            f", readable by group {settings.archive_group}: add the monitoring user to it"
+            if settings.archive_group
+            else ""
+        )
         say(
             f"WAL archive folder ready: {folder} (owner {_owner(info.st_uid)}, "
-            f"mode {info.st_mode & 0o7777:04o})"
+            f"mode {info.st_mode & 0o7777:04o}{shared})"
         )
     if settings.archive_s3:
         say(

@@ -41,6 +41,8 @@ from backup_pipelines.engine.errors import EncryptionError, EncryptionKeyError, 
 from backup_pipelines.engine.processes import StderrCollector, one_line
 
 CIPHER = "AES256"
+# The maximum iteration count, explicit: else gpg starts an agent to calibrate one (slow per WAL).
+S2K_OPTIONS = ("--s2k-digest-algo", "SHA512", "--s2k-count", "65011712")
 _FINGERPRINT_SALT = b"backup_pipelines passphrase fingerprint v1"
 
 
@@ -306,8 +308,7 @@ class GpgEncryptStage:
                     "--passphrase-fd",
                     str(read_fd),
                     "--no-symkey-cache",
-                    "--s2k-digest-algo",
-                    "SHA512",
+                    *S2K_OPTIONS,
                     *args,
                     "--symmetric",
                 ]

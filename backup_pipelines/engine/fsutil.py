@@ -20,6 +20,10 @@ from backup_pipelines.engine.errors import BackupPipelinesError, FolderError
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# Trees shared with a group on purpose (pitr.archive_group): the group reads, nobody else does;
+# setgid keeps new entries in the group.
+SHARED_FILE_MODE = 0o640
+SHARED_DIR_MODE = 0o2750
 
 logger = logging.getLogger("backup_pipelines")
 
@@ -43,6 +47,7 @@ def ensure_private_dir(
     parent_mode: int | None = None,
     warn_shared: bool = True,
     log: Any = None,
+    group: int | None = None,
 ) -> Path:
     """Make sure ``path`` is a folder this process can write, and return it.
 
@@ -53,10 +58,17 @@ def ensure_private_dir(
     must stay shared), so it is never chmodded; when other users may list or change its content
     a warning is logged (``warn_shared``). Raises :class:`FolderError` (exit status 2) naming
     ``what`` when the path is a file, cannot be created, or is not writable.
+
+    ``group`` (a gid) is for folders shared on purpose with a group (``pitr.archive_group``):
+    created folders get that group and ``mode`` (e.g. 02750), and an existing ``path`` owned by
+    this user is brought back to them, so a shared tree stays shared whoever created what.
     """
     path = Path(path)
-    created = _create_missing(path, what, mode, mode if parent_mode is None else parent_mode)
-    if not created and warn_shared:
+    created = _create_missing(path, what, mode, mode if parent_mode is None else parent_mode, group)
+    if group is not None:
+        if not created:
+            _share_with_group(path, what, mode, group)
+    elif not created and warn_shared:
         _warn_if_shared(path, what, log or logger)
     if not os.access(path, os.W_OK | os.X_OK):
         raise FolderError(
@@ -92,7 +104,9 @@ def folder_problem(path: Path, what: str = "folder") -> str | None:
     return None
 
 
-def _create_missing(path: Path, what: str, mode: int, parent_mode: int) -> bool:
+def _create_missing(
+    path: Path, what: str, mode: int, parent_mode: int, group: int | None = None
+) -> bool:
     """Create ``path`` (``mode``) and its missing parents; True when ``path`` was created."""
     missing: list[Path] = []
     probe = path
@@ -122,9 +136,74 @@ def _create_missing(path: Path, what: str, mode: int, parent_mode: int) -> bool:
             continue  # made by a concurrent run in the meantime
         except OSError as exc:
             raise _folder_error(path, what, exc) from None
+        if group is not None:
+            _share_with_group(folder, what, wanted, group)
+            continue
         # mkdir's mode is filtered by the umask: set exactly what was asked for.
         folder.chmod(wanted)
     return bool(missing)
+
+
+def _share_with_group(path: Path, what: str, mode: int, group: int) -> None:
+    """Give ``path`` (owned by this user) the group ``group`` and the mode ``mode``.
+
+    The group first: changing it may clear a setgid bit, and chmod then sets exactly ``mode``
+    (which keeps setgid only when this user is in the group, hence the check).
+    """
+    try:
+        info = path.stat()
+        if info.st_uid != os.geteuid() and os.geteuid() != 0:
+            return  # someone else's folder: they chose its group and mode
+        if info.st_gid != group:
+            os.chown(path, -1, group)
+        if stat.S_IMODE(info.st_mode) != mode or info.st_gid != group:
+            os.chmod(path, mode)
+    except PermissionError:
+        raise _group_error(path, what, group) from None
+    except OSError as exc:
+        raise _folder_error(path, what, exc) from None
+
+
+def share_tree(root: Path, group: int, *, what: str = "folder") -> None:
+    """Bring an existing tree to the shared layout: folders ``SHARED_DIR_MODE`` and files
+    ``SHARED_FILE_MODE``, all with ``group`` (what was written before the group was set)."""
+    _share_with_group(root, what, SHARED_DIR_MODE, group)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            _share_with_group(Path(folder, name), what, SHARED_DIR_MODE, group)
+        for name in files:
+            path = Path(folder, name)
+            if path.is_symlink():
+                continue
+            _share_with_group(path, "file", SHARED_FILE_MODE, group)
+
+
+def share_file_with_group(fd: int, path: Path, mode: int, group: int) -> None:
+    """Give the open file ``fd`` (about to be renamed to ``path``) its group and mode."""
+    try:
+        if os.fstat(fd).st_gid != group:
+            os.fchown(fd, -1, group)
+        os.fchmod(fd, mode)
+    except PermissionError:
+        raise _group_error(path, "file", group) from None
+
+
+def _group_error(path: Path, what: str, group: int) -> FolderError:
+    name = _group_name(group)
+    return FolderError(
+        f"{what} {path} cannot be given the group {name}: {_whoami()} is not a member of it",
+        hint=f"add the user to the group (usermod -aG {name} USER) and restart the process "
+        "(PostgreSQL for archive_command), or unset pitr.archive_group",
+    )
+
+
+def _group_name(gid: int) -> str:
+    try:
+        import grp
+
+        return grp.getgrgid(gid).gr_name
+    except (ImportError, KeyError):
+        return str(gid)
 
 
 def _folder_error(path: Path, what: str, exc: OSError) -> BackupPipelinesError:
@@ -188,8 +267,14 @@ def open_private(path: Path) -> BinaryIO:
 
 
 @contextlib.contextmanager
-def atomic_writer(final: Path) -> Iterator[BinaryIO]:
-    """Write to ``final.partial``; on success fsync and rename to ``final``; on error remove it."""
+def atomic_writer(
+    final: Path, *, mode: int = FILE_MODE, group: int | None = None
+) -> Iterator[BinaryIO]:
+    """Write to ``final.partial``; on success fsync and rename to ``final``; on error remove it.
+
+    ``group`` (a gid) with ``mode`` (e.g. 0640) shares the file with a group; it gets both
+    before its final name appears.
+    """
     tmp = partial_path(final)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -197,6 +282,8 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
     try:
         yield handle
         handle.flush()
+        if group is not None:
+            share_file_with_group(handle.fileno(), final, mode, group)
         os.fsync(handle.fileno())
         handle.close()
         os.replace(tmp, final)

@@ -7,12 +7,10 @@ import gzip
 import logging
 import os
 import secrets
-import shutil
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.errors import EncryptionError
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.verify import verify_artifact
+from backup_pipelines_tests.gpg_support import KEY_PASS
+from backup_pipelines_tests.gpg_support import gpg as _gpg
 from backup_pipelines_tests.helpers import restore_and_compare
 
 log = logging.getLogger("test")
@@ -30,92 +30,6 @@ log = logging.getLogger("test")
 # operator's `gpg --passphrase PASS_A` in another test worker must not count as our leak.
 PASS_A = "correct horse battery staple A " + secrets.token_hex(4)
 PASS_B = "another passphrase entirely B " + secrets.token_hex(4)
-KEY_PASS = "secret key protection passphrase"
-
-
-def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        ["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", *args],
-        env={**os.environ, "GNUPGHOME": str(home)},
-        input=stdin,
-        capture_output=True,
-        check=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def gpg_keys() -> dict[str, Path]:
-    """Two key pairs made with the real gpg; armored public and secret key files."""
-    root = Path(tempfile.mkdtemp(prefix="bp-keys-"))
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    files: dict[str, Path] = {}
-    for name in ("one", "two"):
-        _gpg(
-            home,
-            "--passphrase",
-            "",
-            "--quick-gen-key",
-            f"Backup {name} <{name}@example.test>",
-            "future-default",
-            "default",
-            "never",
-        )
-        files[f"{name}_pub"] = root / f"{name}.pub.asc"
-        files[f"{name}_sec"] = root / f"{name}.sec.asc"
-        files[f"{name}_pub"].write_bytes(
-            _gpg(home, "--armor", "--export", f"{name}@example.test").stdout
-        )
-        files[f"{name}_sec"].write_bytes(
-            _gpg(home, "--armor", "--export-secret-keys", f"{name}@example.test").stdout
-        )
-        files[f"{name}_sec"].chmod(0o600)
-    # A key that can only sign: encrypting to it must be refused before any backup starts.
-    _gpg(
-        home,
-        "--passphrase",
-        "",
-        "--quick-gen-key",
-        "Sign only <sign@example.test>",
-        "ed25519",
-        "sign",
-        "never",
-    )
-    files["sign_only_pub"] = root / "sign.pub.asc"
-    files["sign_only_pub"].write_bytes(
-        _gpg(home, "--armor", "--export", "sign@example.test").stdout
-    )
-    # A third key whose secret half is protected by a passphrase (given on stdin, not argv).
-    three = ("--passphrase-fd", "0")
-    _gpg(
-        home,
-        *three,
-        "--quick-gen-key",
-        "Backup three <three@example.test>",
-        "future-default",
-        "default",
-        "never",
-        stdin=KEY_PASS.encode(),
-    )
-    files["three_pub"] = root / "three.pub.asc"
-    files["three_sec"] = root / "three.sec.asc"
-    files["three_pub"].write_bytes(_gpg(home, "--armor", "--export", "three@example.test").stdout)
-    files["three_sec"].write_bytes(
-        _gpg(
-            home,
-            *three,
-            "--armor",
-            "--export-secret-keys",
-            "three@example.test",
-            stdin=KEY_PASS.encode(),
-        ).stdout
-    )
-    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": str(home)})
-    files["root"] = root
-    yield files
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _plain_gpg_decrypt(
@@ -133,15 +47,6 @@ def _plain_gpg_decrypt(
             subprocess.run(
                 ["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": home}
             )
-
-
-@pytest.fixture
-def gpg_tmp(monkeypatch) -> Iterator[Path]:
-    """A temp folder of this test's own for the engine's GNUPGHOMEs (short: socket paths)."""
-    folder = Path(tempfile.mkdtemp(prefix="bpt-"))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _our_gpg_agents(folder: Path) -> list[str]:

@@ -125,6 +125,40 @@ class PitrSettings(StrictModel):
     )
     drill_timeout_minutes: float = Field(default=30, gt=0, le=10_080)
     archive_check_interval_seconds: int = Field(default=120, ge=30, le=86400)
+    archive_group: str | None = Field(
+        default=None,
+        description=(
+            "OS group that may read the local WAL archive (e.g. the group of the `dagster` "
+            "user that runs monitoring, restores and drills): archived files become 0640 and "
+            "folders 2750 with this group, on every push. The server's OS user must be a "
+            "member. Unset: files 0600, folders 0700 (only the server's OS user and root read)."
+        ),
+    )
+
+    @field_validator("archive_group")
+    @classmethod
+    def _group_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import grp
+
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(
+                f"archive_group: OS group {value!r} does not exist (create it: groupadd {value}; "
+                "then add the server's OS user and the monitoring user to it with usermod -aG)"
+            ) from None
+        return value
+
+    @property
+    def archive_gid(self) -> int | None:
+        """The gid of ``archive_group`` (None when the archive is private to its owner)."""
+        if self.archive_group is None:
+            return None
+        import grp
+
+        return grp.getgrnam(self.archive_group).gr_gid
 
     @field_validator("archive_dir", "drill_dir")
     @classmethod

@@ -14,11 +14,15 @@ from pathlib import Path
 
 from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
 from backup_pipelines.engine.fsutil import (
+    FILE_MODE,
+    SHARED_DIR_MODE,
+    SHARED_FILE_MODE,
     atomic_writer,
     ensure_private_dir,
     folder_problem,
     fsync_dir,
     partial_path,
+    share_file_with_group,
 )
 from backup_pipelines.engine.storage.base import (
     BackupStorage,
@@ -50,11 +54,14 @@ class LocalStorage(BackupStorage):
         what: str = "storage folder",
         create_root: bool = True,
         warn_shared: bool = True,
+        group: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.what = what
         self.create_root = create_root
         self.warn_shared = warn_shared
+        self.group = group
+        self.file_mode = FILE_MODE if group is None else SHARED_FILE_MODE
 
     def _path(self, name: str) -> Path:
         path = self.root / check_name(name)
@@ -84,7 +91,10 @@ class LocalStorage(BackupStorage):
     def _folder_for(self, dest: Path) -> None:
         if not self.create_root and not self.root.is_dir():
             self.check_writable()  # raises NoSuchFolder
-        ensure_private_dir(dest.parent, what=self.what, warn_shared=self.warn_shared)
+        if self.group is None:
+            ensure_private_dir(dest.parent, what=self.what, warn_shared=self.warn_shared)
+        else:
+            ensure_private_dir(dest.parent, what=self.what, mode=SHARED_DIR_MODE, group=self.group)
 
     def spool_path(self, name: str) -> Path:
         dest = self._path(name)
@@ -107,7 +117,10 @@ class LocalStorage(BackupStorage):
             return self._move_in(source, name, dest, expected_sha256, progress)
         digest = hashlib.sha256()
         size = 0
-        with source.open("rb") as handle, atomic_writer(dest) as out:
+        with (
+            source.open("rb") as handle,
+            atomic_writer(dest, mode=self.file_mode, group=self.group) as out,
+        ):
             for chunk in reported(read_chunks(handle), progress):
                 digest.update(chunk)
                 out.write(chunk)
@@ -132,8 +145,11 @@ class LocalStorage(BackupStorage):
                 digest.update(chunk)
                 size += len(chunk)
             require_digest(source, digest.hexdigest(), expected_sha256)
+            if self.group is None:
+                os.chmod(source, FILE_MODE)
+            else:
+                share_file_with_group(handle.fileno(), dest, self.file_mode, self.group)
             os.fsync(handle.fileno())
-        os.chmod(source, 0o600)
         os.replace(source, dest)
         fsync_dir(dest.parent)
         if progress is not None:
@@ -150,7 +166,7 @@ class LocalStorage(BackupStorage):
     ) -> PutResult:
         dest = self._path(name)
         self._folder_for(dest)
-        with atomic_writer(dest) as out:
+        with atomic_writer(dest, mode=self.file_mode, group=self.group) as out:
             out.write(data)
         if progress is not None:
             progress(len(data))

@@ -8,18 +8,27 @@ Layout (the same object names in a local folder and under an S3 prefix)::
     <archive>/history/<timeline>.history<ext> (+ .meta)
 
 A data object without its ``.meta`` is the leftover of an interrupted push, never an archived file.
+
+With the target's ``encryption`` configured, data objects are compressed then OpenPGP-encrypted
+(``gpg --decrypt FILE | zstd -dc`` gives the segment back); ``.meta`` says which key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backup_pipelines.engine.config import PitrSettings, ProjectConfig, Target
-from backup_pipelines.engine.errors import ConfigError, IntegrityError
+from backup_pipelines.engine.config import (
+    EncryptionSettings,
+    PitrSettings,
+    ProjectConfig,
+    Target,
+)
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, IntegrityError
 from backup_pipelines.engine.storage import (
     BackupStorage,
     LocalStorage,
@@ -43,8 +52,9 @@ _FOLDER_HINTS = {
     "AccessDenied": "chown it to the server's OS user: chown -R postgres: {root}",
 }
 _READ_HINT = (
-    "run monitoring and restores as root or as the server's OS user, or give this user read "
-    "access through a shared group (chmod -R g+rX, 0750 folders)"
+    "run monitoring and restores as root or as the server's OS user, or share the archive "
+    "with this user's group: set pitr.archive_group, add both users to that group, then run "
+    "`backup-pipelines wal-setup <target>` as root"
 )
 
 
@@ -82,7 +92,15 @@ class WalStore:
     def store(self, record: WalRecord, data: Path, *, move: bool = False) -> None:
         """Store the compressed file ``data``, then its record (the commit point). Returns only
         once both are durable: fsync + rename locally, checksum confirmed by S3."""
-        self.storage.put_file(data, record.stored_name, expected_sha256=record.sha256, move=move)
+        key = (record.encryption or {}).get("key_id")
+        self.storage.put_file(
+            data,
+            record.stored_name,
+            expected_sha256=record.sha256,
+            move=move,
+            # S3 object metadata says which key, for whoever looks at the bucket alone.
+            metadata={"encryption-key-id": key} if key else None,
+        )
         info = self.storage.head(record.stored_name)
         if info is None or info.size != record.size:
             raise WalError(
@@ -98,6 +116,16 @@ class WalStore:
             raise IntegrityError(
                 f"{self.storage.url(record.stored_name)} is missing although its record exists"
             ) from None
+
+    def intact(self, record: WalRecord) -> bool:
+        """Whether the stored bytes still match the record's checksum (read in full)."""
+        digest = hashlib.sha256()
+        try:
+            for chunk in self.chunks(record):
+                digest.update(chunk)
+        except BackupPipelinesError:
+            return False
+        return digest.hexdigest() == record.sha256
 
     def entries(self) -> list[WalEntry]:
         """Every archived file (one listing, no per-file reads)."""
@@ -137,6 +165,12 @@ class WalArchive:
     target: str
     settings: PitrSettings
     stores: list[WalStore]
+    # The target's OpenPGP settings: what wal-push encrypts with and wal-fetch decrypts with.
+    encryption: EncryptionSettings | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None and self.encryption.mode != "none"
 
     @property
     def primary(self) -> WalStore:
@@ -146,13 +180,16 @@ class WalArchive:
         return " + ".join(s.description for s in self.stores)
 
 
-def local_wal_storage(root: Path) -> LocalStorage:
+def local_wal_storage(root: Path, *, group: int | None = None) -> LocalStorage:
     """The archive folder written by ``archive_command`` (so owned by the server's OS user).
 
     It is never created here: an unmounted archive volume must fail loudly instead of filling
     the server's own disk. Its sharing is reported once, by ``wal-setup``, not per segment.
+    ``group`` (``pitr.archive_group``): files 0640 and folders 2750 with that group.
     """
-    return LocalStorage(root, what="WAL archive folder", create_root=False, warn_shared=False)
+    return LocalStorage(
+        root, what="WAL archive folder", create_root=False, warn_shared=False, group=group
+    )
 
 
 def s3_wal_storage(url: str, *, client: Any = None) -> BackupStorage:
@@ -170,10 +207,10 @@ def wal_archive_for(target: Target, *, s3_client: Any = None) -> WalArchive:
     settings = pitr_settings(target)
     stores: list[WalStore] = []
     if settings.archive_dir is not None:
-        stores.append(WalStore(local_wal_storage(settings.archive_dir)))
+        stores.append(WalStore(local_wal_storage(settings.archive_dir, group=settings.archive_gid)))
     if settings.archive_s3 is not None:
         stores.append(WalStore(s3_wal_storage(settings.archive_s3, client=s3_client)))
-    return WalArchive(target.name, settings, stores)
+    return WalArchive(target.name, settings, stores, target.settings.encryption)
 
 
 def pitr_settings(target: Target) -> PitrSettings:

@@ -1,9 +1,11 @@
 """``wal-fetch``: PostgreSQL's ``restore_command``.
 
-Both checksums (of the stored and of the decompressed bytes) are verified while decompressing,
-before the file is renamed into place. "Not in the archive" is reported distinctly
-(:class:`WalNotFoundError`, exit status 1): that is how recovery learns it reached the end of
-the archive. A damaged copy is skipped for the next place that holds the file.
+Both checksums (of the stored and of the decompressed bytes) are verified while decrypting
+(segments archived encrypted, with the key their record names: the target's current key or one
+of its previous ones) and decompressing, before the file is renamed into place. "Not in the
+archive" is reported distinctly (:class:`WalNotFoundError`, exit status 1): that is how recovery
+learns it reached the end of the archive. A damaged copy is skipped for the next place that
+holds the file.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from backup_pipelines.engine.compression import decompress_chunks
-from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.errors import EncryptionError, IntegrityError
 from backup_pipelines.engine.fsutil import FILE_MODE
 from backup_pipelines.engine.wal.archive import WalArchive, WalStore
 from backup_pipelines.engine.wal.errors import WalNotFoundError
@@ -51,7 +53,7 @@ def wal_fetch(archive: WalArchive, name: str, destination: Path) -> FetchOutcome
             continue
         found_any = True
         try:
-            size = _restore_file(store, record, destination)
+            size = decode_segment(archive, store, record, destination)
         except IntegrityError as exc:
             problems.append(exc.message)
             logger.error(f"wal-fetch: {exc.message}")
@@ -66,27 +68,53 @@ def wal_fetch(archive: WalArchive, name: str, destination: Path) -> FetchOutcome
     )
 
 
-def _restore_file(store: WalStore, record: WalRecord, destination: Path) -> int:
+def decode_segment(
+    archive: WalArchive, store: WalStore, record: WalRecord, destination: Path
+) -> int:
+    """Write the original bytes of ``record`` (from ``store``) to ``destination`` atomically:
+    decrypt (if encrypted), decompress, verify both checksums, then rename into place. Raises
+    IntegrityError for a damaged copy, EncryptionKeyError when no configured key opens it."""
     tmp = destination.with_name(destination.name + ".bp-fetch")
     stored_digest, original_digest = hashlib.sha256(), hashlib.sha256()
     original_size = 0
+    where = f"{store.description}: {record.name}"
 
     def stored_chunks() -> Iterator[bytes]:
         for chunk in store.chunks(record):
             stored_digest.update(chunk)
             yield chunk
 
+    chunks: Iterable[bytes] = stored_chunks()
+    if record.encrypted:
+        from backup_pipelines.engine.encryption import decrypt_chunks
+
+        chunks = decrypt_chunks(
+            record.encryption or {},
+            chunks,
+            name=where,
+            target=archive.target,
+            candidates=[archive.encryption] if archive.encryption is not None else None,
+        )
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "wb") as out:
-            for chunk in decompress_chunks(
-                record.compression, stored_chunks(), name=f"{store.description}: {record.name}"
-            ):
-                original_digest.update(chunk)
-                original_size += len(chunk)
-                out.write(chunk)
+            try:
+                for chunk in decompress_chunks(record.compression, chunks, name=where):
+                    original_digest.update(chunk)
+                    original_size += len(chunk)
+                    out.write(chunk)
+            except EncryptionError:
+                # gpg cannot tell a wrong key from damaged bytes in every case: the recorded
+                # checksum can. A damaged copy is an IntegrityError (the next place may hold a
+                # good one); an intact one really needs another key.
+                if not store.intact(record):
+                    raise IntegrityError(
+                        f"{store.description}: {record.stored_name} does not match its "
+                        "recorded SHA-256 (damaged)"
+                    ) from None
+                raise
         if stored_digest.hexdigest() != record.sha256:
             raise IntegrityError(
                 f"{store.description}: {record.stored_name} does not match its recorded "

@@ -17,15 +17,18 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL
-from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.fsutil import open_private, partial_path
 from backup_pipelines.engine.wal.archive import WalArchive, WalStore
 from backup_pipelines.engine.wal.errors import WalConflictError, WalError
 from backup_pipelines.engine.wal.names import object_stem, wal_kind
 from backup_pipelines.engine.wal.records import WAL_EXTENSIONS, WalRecord
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.encryption import EncryptionPlan
 
 logger = logging.getLogger("backup_pipelines")
 
@@ -41,7 +44,8 @@ class PushOutcome:
 
 @dataclass(frozen=True)
 class Spool:
-    """A compressed copy of the source file, with the checksums of both forms."""
+    """The stored form of the source file (compressed, then encrypted when configured), with
+    the checksums of both forms and the key that encrypted it."""
 
     path: Path
     compression: str
@@ -50,56 +54,87 @@ class Spool:
     original_sha256: str
     original_size: int
     source_mtime: datetime
+    encryption: dict[str, Any] | None = None
 
 
-def _spool(source: Path, tmp: Path, codec: str) -> Spool:
-    """Compress ``source`` into the new file ``tmp`` (fsynced), hashing both forms."""
+class _Hashed:
+    """Writes the stored bytes to ``out`` while hashing them (gpg's reader thread calls it)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.digest.update(data)
+            self.size += len(data)
+            self.out.write(data)
+
+
+def encode_segment(
+    source: Path, tmp: Path, codec: str, plan: EncryptionPlan | None = None
+) -> Spool:
+    """Write the stored form of ``source`` into the new file ``tmp`` (fsynced): compressed with
+    ``codec``, then encrypted with ``plan`` (streamed through gpg), hashing both forms.
+
+    Compression comes first (encrypted bytes do not compress), so ``gpg --decrypt | zstd -dc``
+    restores the original. Nothing unencrypted is written when ``plan`` is given.
+    """
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    stored_digest, original_digest = hashlib.sha256(), hashlib.sha256()
-    stored_size = original_size = 0
+    original_digest = hashlib.sha256()
+    original_size = 0
     compress = compressor(codec, DEFAULT_COMPRESSION_LEVEL[codec])
+    stage = None
     try:
         with source.open("rb") as handle:
             mtime = datetime.fromtimestamp(os.fstat(handle.fileno()).st_mtime, UTC)
             with open_private(tmp) as out:
+                stored = _Hashed(out)
+                write = stored.write
+                if plan is not None:
+                    from backup_pipelines.engine.encryption import GpgEncryptStage
+
+                    stage = GpgEncryptStage(plan, stored.write)
+                    write = stage.write
                 while chunk := handle.read(CHUNK_SIZE):
                     original_digest.update(chunk)
                     original_size += len(chunk)
-                    data = compress.compress(chunk)
-                    if data:
-                        stored_digest.update(data)
-                        stored_size += len(data)
-                        out.write(data)
-                data = compress.flush()
-                stored_digest.update(data)
-                stored_size += len(data)
-                out.write(data)
+                    write(compress.compress(chunk))
+                write(compress.flush())
+                if stage is not None:
+                    stage.finish()
+                    stage = None
                 out.flush()
                 os.fsync(out.fileno())
     except BaseException:
+        if stage is not None:
+            stage.abort()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     return Spool(
         tmp,
         codec,
-        stored_digest.hexdigest(),
-        stored_size,
+        stored.digest.hexdigest(),
+        stored.size,
         original_digest.hexdigest(),
         original_size,
         mtime,
+        dict(plan.meta) if plan is not None else None,
     )
 
 
-def _stored_intact(store: WalStore, record: WalRecord) -> bool:
-    digest = hashlib.sha256()
-    try:
-        for chunk in store.chunks(record):
-            digest.update(chunk)
-    except BackupPipelinesError:
-        return False
-    return digest.hexdigest() == record.sha256
+def encryption_plan(archive: WalArchive) -> EncryptionPlan | None:
+    """The loaded key or passphrase for ``archive``; raises EncryptionKeyError (so nothing is
+    stored, in plaintext or otherwise) when one is configured but cannot be used."""
+    if not archive.encrypted:
+        return None
+    from backup_pipelines.engine.encryption import prepare_encryption
+
+    assert archive.encryption is not None
+    return prepare_encryption(archive.encryption)
 
 
 def wal_push(archive: WalArchive, source: Path, name: str | None = None) -> PushOutcome:
@@ -111,6 +146,7 @@ def wal_push(archive: WalArchive, source: Path, name: str | None = None) -> Push
         raise WalError(f"{source} does not exist or is not a file", hint="pass %p unchanged")
     for store in archive.stores:
         store.check_available()
+    plan = encryption_plan(archive)
     codec = archive.settings.wal_compression
     stored_name = object_stem(name) + WAL_EXTENSIONS[codec]
     # A local folder gets the compressed copy right beside its final place: storing it there is
@@ -126,7 +162,7 @@ def wal_push(archive: WalArchive, source: Path, name: str | None = None) -> Push
     if tmp is None:
         scratch = Path(tempfile.mkdtemp(prefix="bp-wal-"))
         tmp = partial_path(scratch / (name + WAL_EXTENSIONS[codec]))
-    spool = _spool(source, tmp, codec)
+    spool = encode_segment(source, tmp, codec, plan)
     stored: list[str] = []
     already: list[str] = []
     try:
@@ -140,6 +176,7 @@ def wal_push(archive: WalArchive, source: Path, name: str | None = None) -> Push
             original_size=spool.original_size,
             archived_at=datetime.now(UTC),
             source_mtime=spool.source_mtime,
+            encryption=spool.encryption,
         )
         # Remote places first, the local rename last: the local copy's record then never claims
         # more than every configured place holds.
@@ -156,7 +193,7 @@ def wal_push(archive: WalArchive, source: Path, name: str | None = None) -> Push
                         hint="two clusters probably archive into the same place (a restored copy or "
                         "a second server): give each cluster its own archive_dir/archive_s3",
                     )
-                if _stored_intact(store, existing):
+                if store.intact(existing):
                     already.append(store.description)
                     continue
                 logger.warning(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -32,6 +33,13 @@ class WalRecord(BaseModel):
     archived_at: datetime
     source_mtime: datetime | None = None
     tool_version: str = TOOL_VERSION
+    # What the stored bytes are encrypted with (as in a backup's .meta: mode, key_id,
+    # fingerprint(s); never a secret). None: compressed only.
+    encryption: dict[str, Any] | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return (self.encryption or {}).get("mode", "none") != "none"
 
     def to_bytes(self) -> bytes:
         return (self.model_dump_json(indent=2) + "\n").encode("utf-8")

@@ -15,7 +15,7 @@ from typing import Any
 
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.errors import ConfigError, RefusedError
-from backup_pipelines.engine.fsutil import ensure_private_dir
+from backup_pipelines.engine.fsutil import SHARED_DIR_MODE, ensure_private_dir, share_tree
 from backup_pipelines.engine.wal.archive import pitr_settings
 
 logger = logging.getLogger("backup_pipelines")
@@ -63,11 +63,13 @@ def postgresql_conf_lines(
     ]
 
 
-def setup_archive_dir(path: Path, server_os_user: str) -> Path:
+def setup_archive_dir(path: Path, server_os_user: str, group: int | None = None) -> Path:
     """Create the local archive folder (0700) owned by the server's OS user.
 
     A folder that already exists keeps its owner and mode (someone chose them); it is only
-    checked: a warning says when the server's OS user apparently cannot write it.
+    checked: a warning says when the server's OS user apparently cannot write it. With
+    ``group`` (``pitr.archive_group``) the folder is 2750 with that group, and what is already
+    archived is brought to the shared layout too (files 0640, folders 2750, that group).
     """
     import pwd
 
@@ -81,8 +83,12 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
                 hint="set pitr.server_os_user to the user PostgreSQL runs as",
             ) from None
     existed = path.exists()
+    what = "WAL archive folder (pitr.archive_dir)"
     # Missing parents get 0711: the server's OS user must reach the archive through them.
-    ensure_private_dir(path, what="WAL archive folder (pitr.archive_dir)", parent_mode=0o711)
+    if group is None:
+        ensure_private_dir(path, what=what, parent_mode=0o711)
+    else:
+        ensure_private_dir(path, what=what, mode=SHARED_DIR_MODE, parent_mode=0o711, group=group)
     if entry is not None and existed:
         if not _writable_by(path, entry):
             logger.warning(
@@ -91,7 +97,7 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
                 "owner and mode were left as they are)"
             )
     elif entry is not None:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(path, entry.pw_uid, entry.pw_gid if group is None else group)
         # The server user must be able to reach the folder through its parents.
         parent = path.parent
         while parent != parent.parent:
@@ -103,6 +109,8 @@ def setup_archive_dir(path: Path, server_os_user: str) -> Path:
                 )
                 break
             parent = parent.parent
+    if group is not None:
+        share_tree(path, group, what=what)
     return path
 
 
