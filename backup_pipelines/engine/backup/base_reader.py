@@ -4,6 +4,7 @@ SHA-256, and verify it with pg_verifybackup against its own manifest."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import pwd
@@ -25,6 +26,31 @@ from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError,
 from backup_pipelines.engine.postgres import find_tools, server_major
 from backup_pipelines.engine.progress import Progress
 from backup_pipelines.engine.verify import CheckOutcome, check_checksum
+
+
+def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    """Extract one member with tarfile's "data" filter rules: inside ``destination`` only, no
+    devices, no links leading out, no setuid/setgid or group/other write bits, owned by us."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extract(member, destination, filter="data")
+        return
+    # Python before 3.11.4 (Debian 12's own python3 is 3.11.2) has no extraction filters: the
+    # same rules by hand, so a crafted archive cannot write outside the restore folder.
+    root = destination.resolve()
+    target = (root / member.name).resolve()
+    if member.name.startswith("/") or not target.is_relative_to(root):
+        raise tarfile.TarError(f"member {member.name!r} would be written outside the folder")
+    if member.isdev() or member.isfifo():
+        raise tarfile.TarError(f"member {member.name!r} is a device or FIFO")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else root
+        link = (base / member.linkname).resolve()
+        if member.linkname.startswith("/") or not link.is_relative_to(root):
+            raise tarfile.TarError(f"link {member.name!r} points outside the folder")
+    member = copy.copy(member)
+    member.mode &= ~0o7022
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    archive.extract(member, destination, numeric_owner=True)
 
 
 class _ChunkStream(io.RawIOBase):
@@ -93,7 +119,7 @@ def extract_base_backup(
                     if server_config is not None and handle is not None:
                         server_config[member.name] = handle.read()
                     continue
-                archive.extract(member, destination, filter="data")
+                _extract_member(archive, member, destination)
                 members += 1
             # Drain the tar's end-of-archive blocks so the checksum covers the whole file.
             while stream.read(CHUNK_SIZE):
