@@ -52,6 +52,13 @@ from croniter import croniter
 
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.lib.names import target_key
+from backup_pipelines.lib.partitions import (
+    current_databases,
+    database_partitions,
+    server_job_name,
+    server_targets,
+    single_targets,
+)
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.tags import (
     TAG_CADENCE,
@@ -142,30 +149,63 @@ def build_cadence_schedules(
     ``job_name``: an asset job covering those assets, defined by the caller next to the
     schedules; by default one named ``scheduled_<kind>`` is made. ``targets``: restrict to these
     targets (default: every configured target).
+
+    A server target (``databases: all``) gets a job and schedules of its own (a job cannot mix
+    partitions definitions): ``<job>_<target>`` and ``<cadence>_<kind>_<target>_schedule``,
+    whose ticks request one run per database (partition); callers leave server targets out of
+    the selection of ``job_name`` (``lib.partitions.single_targets``).
     """
     config = project_config()
     names = list(targets) if targets is not None else list(config.targets)
+    schedules = _schedules_of(
+        kind, asset_names, default_cadences, job_name, single_targets(names, config), description
+    )
+    for server in server_targets(config):
+        if server in names:
+            job = server_job_name(job_name or f"scheduled_{kind}", server)
+            schedules += _schedules_of(
+                kind, asset_names, default_cadences, job, [server], description, server=server
+            )
+    return schedules
+
+
+def _schedules_of(
+    kind: str,
+    asset_names: Sequence[str],
+    default_cadences: Sequence[str],
+    job_name: str | None,
+    names: list[str],
+    description: str | None,
+    *,
+    server: str | None = None,
+) -> list[dg.ScheduleDefinition]:
+    config = project_config()
     per_target = {t: target_cadences(t, kind, default_cadences, config) for t in names}
     in_use = list(dict.fromkeys(c for cadences in per_target.values() for c in cadences))
     if not in_use:
         return []
     job = None
-    if job_name is None:
+    if job_name is None or server is not None:
         job = dg.define_asset_job(
-            name=f"scheduled_{kind}",
+            name=job_name or f"scheduled_{kind}",
             selection=dg.AssetSelection.assets(
                 *[target_key(t, n) for t in names if per_target[t] for n in asset_names]
             ),
-            description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target.",
+            description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target"
+            + (f" (of {server}: one run per database)." if server else "."),
             tags=job_tags(kind),
+            partitions_def=database_partitions(server, config) if server else None,
         )
+        job_name = None
     schedules = []
     for cadence in in_use:
         cron = config.cadence_cron(cadence)
         members = [t for t, cadences in per_target.items() if cadence in cadences]
         schedules.append(
             dg.ScheduleDefinition(
-                name=schedule_name(kind, cadence),
+                name=schedule_name(kind, cadence)
+                if server is None
+                else schedule_name(kind, cadence).removesuffix("_schedule") + f"_{server}_schedule",
                 cron_schedule=cron,
                 execution_timezone=config.timezone,
                 job=job,
@@ -198,12 +238,33 @@ def _cadence_tick(
             earlier = per_target[target][: per_target[target].index(cadence)]
             if any(fires_at(config.cadence_cron(c), moment, config.timezone) for c in earlier):
                 continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{kind}:{target}:{moment.isoformat()}",
-                    asset_selection=[target_key(target, name) for name in asset_names],
-                    tags={**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label},
+            tags = {**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label}
+            selection = [target_key(target, name) for name in asset_names]
+            if not config.targets[target].is_server:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"{kind}:{target}:{moment.isoformat()}",
+                        asset_selection=selection,
+                        tags=tags,
+                    )
                 )
+                continue
+            # A server target: one run per database the partitions list now, so one failing
+            # database never hides another.
+            databases = current_databases(context.instance, target)
+            if not databases:
+                context.log.warning(
+                    f"target '{target}' has no databases yet: server_databases_sensor adds "
+                    "them (is it running, and can it reach the server?)"
+                )
+            requests.extend(
+                dg.RunRequest(
+                    run_key=f"{kind}:{target}:{database}:{moment.isoformat()}",
+                    asset_selection=selection,
+                    partition_key=database,
+                    tags=tags,
+                )
+                for database in databases
             )
         if not requests:
             yield dg.SkipReason(f"every target on the {cadence} cadence ran under another one")
