@@ -201,3 +201,19 @@ def test_manual_partition_run_is_tagged_with_its_target(project) -> None:
             tags={"dagster/partition": "app_a"},
         )
         assert target_tags(instance, run)[TAG_TARGET] == "fleet"
+
+
+def test_a_server_target_is_as_fresh_as_its_stalest_database(project) -> None:
+    """The stale-backup alert must not let one database that is never backed up hide behind
+    the others."""
+    from backup_pipelines.engine.backup.logical import run_backup
+    from backup_pipelines.lib.status import newest_backup_timestamp
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PARTITIONS, ["app_a", "app_b"])
+        run_backup(project.target("fleet", "app_a"))
+        assert newest_backup_timestamp(instance, project, "fleet") is None
+        second = run_backup(project.target("fleet", "app_b"))
+        newest = newest_backup_timestamp(instance, project, "fleet")
+        first = list_artifacts(project.target("fleet", "app_a").backup_dir)[0]
+        assert newest == first.meta.finished_at.timestamp() < second.meta.finished_at.timestamp()
