@@ -85,6 +85,16 @@ def test_database_option_backs_up_lists_verifies_and_drills_one(project, cli) ->
     drill = cli("drill", "fleet", "--database", "app_a")
     assert drill.returncode == 0, drill.stderr + drill.stdout
 
+    pruned = cli("prune", "fleet", "--dry-run")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "== database app_a" in pruned.stdout
+    assert "retention for target 'fleet', database 'app_a'" in pruned.stdout
+
+    # cron-backup (the path without Dagster) backs up every database too.
+    cron = cli("cron-backup", "fleet")
+    assert cron.returncode == 0, cron.stderr
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["app%2Fc", "app_a", "app_b"]
+
 
 def test_restore_and_drill_of_a_server_target_need_database(project, cli) -> None:
     assert cli("backup", "fleet", "--database", "app_a").returncode == 0
