@@ -217,3 +217,35 @@ def test_a_server_target_is_as_fresh_as_its_stalest_database(project) -> None:
         newest = newest_backup_timestamp(instance, project, "fleet")
         first = list_artifacts(project.target("fleet", "app_a").backup_dir)[0]
         assert newest == first.meta.finished_at.timestamp() < second.meta.finished_at.timestamp()
+
+
+def test_weekly_drill_runs_per_database(project) -> None:
+    """The restore drill schedule of a server target asks for one run per database; each run
+    backs up and drills that database, and its checks say so for that partition."""
+    defs = load_defs()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PARTITIONS, ["app_a"])
+        schedule = defs.resolve_schedule_def("weekly_restore_drill_fleet_schedule")
+        tick = schedule.evaluate_tick(
+            dg.build_schedule_context(
+                instance=instance,
+                scheduled_execution_time=datetime(2026, 11, 29, 3, 0, tzinfo=UTC),
+                repository_def=defs.get_repository_def(),
+            )
+        )
+        [request] = tick.run_requests or []
+        assert request.partition_key == "app_a" and request.tags[TAG_TARGET] == "fleet"
+        result = defs.resolve_job_def("restore_drills_fleet").execute_in_process(
+            instance=instance, partition_key="app_a", tags=request.tags, raise_on_error=False
+        )
+        assert result.success
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert checks["restore_drill_passed"].passed
+        drilled = {
+            e.asset_key.path[-1]: e.step_materialization_data.materialization
+            for e in result.get_asset_materialization_events()
+        }
+        assert drilled["restore_drill"].partition == "app_a"
+        backup = str(drilled["restore_drill"].metadata["backup"].value)
+        assert "/fleet/app_a/app_a_" in backup
+        assert drilled["restore_drill"].metadata["rows"].value == 50
