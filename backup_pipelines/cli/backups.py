@@ -43,7 +43,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
     server = config.target(args.target)
     targets = database_targets(server, args.database)
-    if len(targets) == 1 and not server.is_server:
+    if not server.is_server or args.database is not None:
+        # One database (a single-database target, or the one --database names): its own
+        # errors and exit status, as before.
         return _backup_one(args, targets[0])
     # Every database of a server target: one failing database never stops the others.
     say(f"target '{server.name}': {len(targets)} database(s) to back up")
