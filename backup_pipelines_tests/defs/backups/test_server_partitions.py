@@ -249,3 +249,28 @@ def test_weekly_drill_runs_per_database(project) -> None:
         backup = str(drilled["restore_drill"].metadata["backup"].value)
         assert "/fleet/app_a/app_a_" in backup
         assert drilled["restore_drill"].metadata["rows"].value == 50
+
+        # The follow-up (offsite copy and retention) of that backup is for the same database.
+        follow = defs.resolve_sensor_def("fleet_offsite_and_retention")
+        # (The daemon validates the partition key against the instance; so does this.)
+        with dg.partition_loading_context(dynamic_partitions_store=instance):
+            evaluation = follow.evaluate_tick(
+                dg.build_sensor_context(
+                    instance=instance,
+                    repository_def=defs.get_repository_def(),
+                    resources={"backup_engine": BackupEngineResource()},
+                )
+            )
+        [follow_up] = evaluation.run_requests or []
+        assert follow_up.partition_key == "app_a"
+        assert follow_up.tags[TAG_TARGET] == "fleet"
+        assert follow.job_name == "offsite_and_retention_fleet"
+        retained = defs.resolve_job_def("offsite_and_retention_fleet").execute_in_process(
+            instance=instance, partition_key="app_a", tags=follow_up.tags, raise_on_error=False
+        )
+        assert retained.success
+        [inventory] = retained.get_asset_materialization_events()
+        assert inventory.partition == "app_a"
+        assert (
+            inventory.step_materialization_data.materialization.metadata["local_count"].value == 1
+        )
