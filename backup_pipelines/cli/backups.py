@@ -12,9 +12,20 @@ from pathlib import Path
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
-from backup_pipelines.engine.config import load_config
+from backup_pipelines.engine.config import Target, load_config
+from backup_pipelines.engine.databases import (
+    database_targets,
+    databases_with_backups,
+    server_databases,
+)
 from backup_pipelines.engine.drills.logical import restore_test
-from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.errors import (
+    EXIT_REFUSED,
+    BackupPipelinesError,
+    ConfigError,
+    IntegrityError,
+    exit_code_for,
+)
 from backup_pipelines.engine.listing import (
     BackupListing,
     future_note,
@@ -30,7 +41,31 @@ from backup_pipelines.engine.verify import verify_artifact
 
 def cmd_backup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
-    target = config.target(args.target)
+    server = config.target(args.target)
+    targets = database_targets(server, args.database)
+    if not server.is_server or args.database is not None:
+        # One database (a single-database target, or the one --database names): its own
+        # errors and exit status, as before.
+        return _backup_one(args, targets[0])
+    # Every database of a server target: one failing database never stops the others.
+    say(f"target '{server.name}': {len(targets)} database(s) to back up")
+    failed: list[str] = []
+    for target in targets:
+        try:
+            status = _backup_one(args, target)
+        except BackupPipelinesError as exc:
+            log.error(exc.one_line())
+            status = 1
+        if status:
+            failed.append(target.database or target.name)
+    if failed:
+        say(f"{len(failed)} of {len(targets)} database(s) FAILED: {', '.join(failed)}")
+        return 1
+    say(f"all {len(targets)} database(s) backed up")
+    return 0
+
+
+def _backup_one(args: argparse.Namespace, target: Target) -> int:
     progress = progress_for(args)
     artifact = run_backup(target, log=log, purpose="manual", progress=progress)
     say(f"backup: {artifact.path}")
@@ -61,7 +96,64 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    artifact = open_backup(args.backup)
+    locations = _verify_locations(args)
+    failures: list[BackupPipelinesError] = []
+    for location in locations:
+        try:
+            _verify_one(location)
+        except BackupPipelinesError as exc:
+            if len(locations) == 1:
+                raise
+            log.error(exc.one_line())
+            failures.append(exc)
+    if failures:
+        say(f"{len(failures)} of {len(locations)} backup(s) FAILED verification")
+        return exit_code_for(failures[0])
+    return 0
+
+
+def _verify_locations(args: argparse.Namespace) -> list[str]:
+    """The backup file named, or the newest backup of a target (each database of a server)."""
+    given = args.backup
+    is_file = given.startswith("s3://") or Path(given).exists()
+    if is_file:
+        if args.database is not None:
+            raise ConfigError(
+                "--database goes with a target name, not with a backup file",
+                hint="run `backup-pipelines verify TARGET --database NAME`, or leave out --database",
+            )
+        return [given]
+    config = load_project(args.config)
+    if given not in config.targets and given not in config.broken_targets:
+        raise ConfigError(
+            f"{given}: no such backup file, and no target of that name",
+            hint="name a backup file, an s3:// location, or a target (its newest backup)",
+        )
+    server = config.target(given, None)
+    if server.is_server and args.database is None:
+        targets = [server.for_database(name) for name in databases_with_backups(server)]
+    else:
+        targets = database_targets(server, args.database)
+    locations = []
+    for target in targets:
+        newest = list_backups(target).newest
+        if newest is None:
+            raise IntegrityError(
+                f"{target.label} has no backup in {target.backup_dir}",
+                hint=f"take one: `backup-pipelines backup {target.name}"
+                + (f" --database {target.database}`" if target.database else "`"),
+            )
+        locations.append(str(newest.path))
+    if not locations:
+        raise IntegrityError(
+            f"{server.label} has no backups in {server.backup_dir}",
+            hint=f"take them: `backup-pipelines backup {server.name}`",
+        )
+    return locations
+
+
+def _verify_one(location: str) -> None:
+    artifact = open_backup(location)
     meta = artifact.meta
     say(f"{artifact.location}")
     say(
@@ -94,7 +186,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise not_recorded
     say("  result recorded in the .meta")
     say("OK")
-    return 0
 
 
 def describe_encryption(encryption: dict) -> str:
@@ -157,33 +248,56 @@ UNREADABLE_NOTE = " (not trusted, never deleted by retention)"
 
 def cmd_list(args: argparse.Namespace) -> int:
     config = load_project(args.config)
-    target = config.target(args.target)
+    server = config.target(args.target)
+    if not server.is_server or args.database is not None:
+        return _list_one(args, database_targets(server, args.database)[0], with_database=False)
+    # A server target: every database with backups, then those on the server without any.
+    names = databases_with_backups(server)
+    try:
+        names += [n for n in server_databases(server) if n not in names]
+    except BackupPipelinesError as exc:
+        log.warning(f"the server's databases cannot be listed ({exc.message}); showing backups")
+    if args.json:
+        rows = [
+            _json_row(r, n) for n in names for r in _list_rows(list_backups(server.for_database(n)))
+        ]
+        say(json.dumps(rows, indent=2))
+        return 0
+    if not names:
+        say(f"no databases and no backups for target '{server.name}' in {server.backup_dir}")
+    for name in names:
+        say(f"== database {name}")
+        _list_one(args, server.for_database(name), with_database=True)
+    return 0
+
+
+def _json_row(r: ListRow, database: str | None) -> dict[str, object]:
+    row: dict[str, object] = {} if database is None else {"database": database}
+    row.update(
+        {
+            "name": r.name,
+            "path": str(r.path),
+            "started_at": r.started_at.isoformat() if r.started_at else None,
+            "size_bytes": r.size_bytes,
+            "purpose": r.purpose,
+            "status": r.status,
+            "problem": r.note if r.status in ("failed", "damaged") else None,
+            "dated_in_future": r.dated_in_future,
+            "sha256": r.sha256,
+            "encryption": r.encryption,
+        }
+    )
+    return row
+
+
+def _list_one(args: argparse.Namespace, target: Target, *, with_database: bool) -> int:
     listing = list_backups(target)
     rows = _list_rows(listing)
     if args.json:
-        say(
-            json.dumps(
-                [
-                    {
-                        "name": r.name,
-                        "path": str(r.path),
-                        "started_at": r.started_at.isoformat() if r.started_at else None,
-                        "size_bytes": r.size_bytes,
-                        "purpose": r.purpose,
-                        "status": r.status,
-                        "problem": r.note if r.status in ("failed", "damaged") else None,
-                        "dated_in_future": r.dated_in_future,
-                        "sha256": r.sha256,
-                        "encryption": r.encryption,
-                    }
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
+        say(json.dumps([_json_row(r, target.database) for r in rows], indent=2))
         return 0
     if not rows:
-        say(f"no backups for target '{target.name}' in {target.backup_dir}")
+        say(f"no backups for {target.label} in {target.backup_dir}")
     else:
         say(
             f"{'BACKUP':<48} {'TAKEN (UTC)':<20} {'AGE':>8} {'SIZE':>10}  {'PURPOSE':<12} "
@@ -215,9 +329,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_REFUSED if problems else 0
 
 
+DATABASE_HELP = "one database of a server target (databases: all)"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("backup", help="back up a target now")
+    p = sub.add_parser(
+        "backup", help="back up a target now (every database of a server target, one by one)"
+    )
     p.add_argument("target")
+    p.add_argument("--database", help=DATABASE_HELP + "; default: every database of the server")
     p.add_argument(
         "--test", action="store_true", help="restore into a scratch database and compare row counts"
     )
@@ -230,11 +350,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("verify", help="check a backup's checksum and readability")
-    p.add_argument("backup", help="path of the backup file, or its s3://bucket/key offsite copy")
+    p.add_argument(
+        "backup",
+        help="path of the backup file, its s3://bucket/key offsite copy, or a target name "
+        "(its newest backup; for a server target the newest of each database)",
+    )
+    p.add_argument("--database", help=DATABASE_HELP + " (with a target name)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("list", help="list a target's backups, newest first")
     p.add_argument("target")
+    p.add_argument("--database", help=DATABASE_HELP + "; default: every database")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 

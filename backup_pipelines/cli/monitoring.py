@@ -32,10 +32,11 @@ def _export_metrics(config: ProjectConfig) -> None:
 
 def cmd_cron_backup(args: argparse.Namespace) -> int:
     config = load_project(args.config)
-    config.target(args.target)  # unknown target: a usage error, no alert
+    target = config.target(args.target)  # unknown target: a usage error, no alert
     backup_args = argparse.Namespace(
         config=args.config,
         target=args.target,
+        database=None,  # a server target: every database, one failing never stops the others
         test=args.test,
         skip_verify=False,
         progress_interval=args.progress_interval,
@@ -44,6 +45,8 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
     try:
         status = backups.cmd_backup(backup_args)
         reason = None if status == 0 else "the new backup failed verification: do not rely on it"
+        if status and target.is_server:
+            reason = "the backup of one or more databases failed (named in the log)"
     except BackupPipelinesError as exc:
         status, reason = exc.exit_code, exc.one_line()
     elapsed = time.monotonic() - started

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
-from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
+from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.databases import database_targets, databases_with_backups
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, exit_code_for
 from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.offsite import (
     apply_lifecycle,
@@ -18,9 +21,33 @@ from backup_pipelines.engine.offsite import (
 from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
 
 
+def each_database(args: argparse.Namespace, command: Callable[[Target], int]) -> int:
+    """Run ``command`` on the target, or on each database of a server target with backups
+    (dropped ones included: their retention still applies) or the one ``--database`` names.
+    One database failing never stops the others; the status is the worst one."""
+    config = load_project(args.config)
+    server = config.target(args.target)
+    if not server.is_server or args.database is not None:
+        return command(database_targets(server, args.database)[0])
+    statuses = []
+    for name in databases_with_backups(server):
+        say(f"== database {name}")
+        try:
+            statuses.append(command(server.for_database(name)))
+        except BackupPipelinesError as exc:
+            log.error(exc.one_line())
+            statuses.append(exit_code_for(exc))
+    if not statuses:
+        say(f"no backups for target '{server.name}' in {server.backup_dir}")
+    return max(statuses, default=0)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     config = load_project(args.config)
-    target = config.target(args.target)
+    return each_database(args, lambda target: _prune(args, config, target))
+
+
+def _prune(args: argparse.Namespace, config: ProjectConfig, target: Target) -> int:
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
     report = prune_target(
         target,
@@ -32,7 +59,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     r = target.settings.retention
     say(
-        f"retention for '{target.name}': daily {r.daily}, weekly {r.weekly}, monthly {r.monthly} "
+        f"retention for {target.label}: daily {r.daily}, weekly {r.weekly}, monthly {r.monthly} "
         f"({config.timezone}); local {target.backup_dir}"
         + (f", offsite {storage.url()}" if storage else ", no offsite copies configured")
     )
@@ -101,8 +128,10 @@ def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
 
 
 def cmd_offsite_sync(args: argparse.Namespace) -> int:
-    config = load_project(args.config)
-    target = config.target(args.target)
+    return each_database(args, lambda target: _offsite_sync(args, target))
+
+
+def _offsite_sync(args: argparse.Namespace, target: Target) -> int:
     if not target.settings.offsite.is_enabled:
         raise ConfigError(
             f"offsite copies are not enabled for target '{target.name}'",
@@ -124,12 +153,18 @@ def cmd_offsite_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+DATABASE_HELP = (
+    "one database of a server target (databases: all); default: each database with backups"
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="apply calendar retention (daily/weekly/monthly) to local backups and offsite copies",
     )
     p.add_argument("target")
+    p.add_argument("--database", help=DATABASE_HELP)
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
     add_progress_option(p)
     p.set_defaults(func=cmd_prune)
@@ -147,5 +182,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "offsite-sync", help="upload every local backup of a target still missing in S3"
     )
     p.add_argument("target")
+    p.add_argument("--database", help=DATABASE_HELP)
     add_progress_option(p)
     p.set_defaults(func=cmd_offsite_sync)

@@ -22,6 +22,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         log=log,
         allow_other_database=args.allow_other_database,
         progress=progress_for(args),
+        database=args.database,
     )
     say(report.summary())
     return 0
@@ -35,6 +36,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
         log=log,
         backup=args.backup,
         progress=progress_for(args),
+        database=args.database,
     )
     say(result.summary())
     if result.rto_seconds is not None:
@@ -72,6 +74,11 @@ def cmd_restore_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+DATABASE_HELP = (
+    "the database of a server target (databases: all) to work on; required for such a target"
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "restore",
@@ -86,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "backup", help="backup file under the backup root, an s3:// location, or 'latest'"
     )
     p.add_argument("target", help="the target whose database is replaced")
+    p.add_argument("--database", help=DATABASE_HELP)
     p.add_argument(
         "--confirm",
         metavar="TARGET",
@@ -105,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target")
     p.add_argument("--backup", help="drill this backup instead of the newest one")
+    p.add_argument("--database", help=DATABASE_HELP)
     add_progress_option(p)
     p.set_defaults(func=cmd_drill)
 

@@ -55,7 +55,8 @@ def offsite_bucket(settings: OffsiteSettings) -> str:
 def offsite_storage(target: Target, *, client: Any = None, **overrides: Any) -> S3Storage:
     """The S3 folder holding ``target``'s copies: ``s3://bucket/<prefix>/<target>/``."""
     settings = target.settings.offsite
-    prefix = "/".join(p for p in (settings.prefix.strip("/"), target.name) if p)
+    # One database of a server target: ``<prefix>/<target>/<database>/``.
+    prefix = "/".join(p for p in (settings.prefix.strip("/"), target.storage_name) if p)
     options: dict[str, Any] = {
         "client": client,
         "storage_class": settings.storage_class,

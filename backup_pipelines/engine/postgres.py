@@ -181,6 +181,11 @@ def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psyco
         lowered = detail.lower()
         if "password authentication failed" in lowered or "no password supplied" in lowered:
             hint = "check the user and password in the connection URL (or ~/.pgpass)"
+        elif "connect privilege" in lowered or "permission denied for database" in lowered:
+            hint = (
+                "grant the backup role CONNECT on that database (GRANT CONNECT ON DATABASE ... "
+                "TO role), or add the database to the target's exclude: list"
+            )
         elif "does not exist" in lowered:
             hint = "check the database name in the connection URL"
         else:

@@ -53,6 +53,13 @@ from croniter import croniter
 
 from backup_pipelines.engine.config import ProjectConfig
 from backup_pipelines.lib.names import target_key
+from backup_pipelines.lib.partitions import (
+    current_databases,
+    database_partitions,
+    server_job_name,
+    server_targets,
+    single_targets,
+)
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.tags import (
     TAG_CADENCE,
@@ -130,9 +137,37 @@ def build_cadence_schedules(
     ``job_name``: an asset job covering those assets, defined by the caller next to the
     schedules; by default one named ``scheduled_<kind>`` is made. ``targets``: restrict to these
     targets (default: every configured target).
+
+    A server target (``databases: all``) gets a job and schedules of its own (a job cannot mix
+    partitions definitions): ``<job>_<target>`` and ``<cadence>_<kind>_<target>_schedule``,
+    whose ticks request one run per database (partition); callers leave server targets out of
+    the selection of ``job_name`` (``lib.partitions.single_targets``).
     """
     config = project_config()
     names = list(targets) if targets is not None else list(config.targets)
+    schedules = _schedules_of(
+        kind, asset_names, default_cadences, job_name, single_targets(names, config), description
+    )
+    for server in server_targets(config):
+        if server in names:
+            job = server_job_name(job_name or f"scheduled_{kind}", server)
+            schedules += _schedules_of(
+                kind, asset_names, default_cadences, job, [server], description, server=server
+            )
+    return schedules
+
+
+def _schedules_of(
+    kind: str,
+    asset_names: Sequence[str],
+    default_cadences: Sequence[str],
+    job_name: str | None,
+    names: list[str],
+    description: str | None,
+    *,
+    server: str | None = None,
+) -> list[dg.ScheduleDefinition]:
+    config = project_config()
     groups: dict[tuple[str, ...], list[str]] = {}
     for target in names:
         cadences = target_cadences(target, kind, default_cadences, config)
@@ -141,9 +176,9 @@ def build_cadence_schedules(
     if not groups:
         return []
     job = None
-    if job_name is None:
+    if job_name is None or server is not None:
         job = dg.define_asset_job(
-            name=f"scheduled_{kind}",
+            name=job_name or f"scheduled_{kind}",
             selection=dg.AssetSelection.assets(
                 *[
                     target_key(t, n)
@@ -152,9 +187,12 @@ def build_cadence_schedules(
                     for n in asset_names
                 ]
             ),
-            description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target.",
+            description=f"Scheduled {kind.replace('_', ' ')} runs, one run per target"
+            + (f" (of {server}: one run per database)." if server else "."),
             tags=job_tags(kind),
+            partitions_def=database_partitions(server, config) if server else None,
         )
+        job_name = None
     schedules = []
     for cadences, members in groups.items():
         crons = [config.cadence_cron(c) for c in cadences]
@@ -167,9 +205,12 @@ def build_cadence_schedules(
                 f"on the {' and '.join(cadences)} cadences ({' and '.join(crons)}, "
                 f"{config.timezone}; once when they coincide)"
             )
+        name = schedule_name(kind, cadences)
+        if server is not None:
+            name = name.removesuffix("_schedule") + f"_{server}_schedule"
         schedules.append(
             dg.ScheduleDefinition(
-                name=schedule_name(kind, cadences),
+                name=name,
                 cron_schedule=cron_schedule,
                 execution_timezone=config.timezone,
                 job=job,
@@ -202,10 +243,29 @@ def _cadence_tick(
         moment = context.scheduled_execution_time or datetime.now(UTC)
         label = _cadence_label(cadences, moment, config)
         for target in members:
-            yield dg.RunRequest(
-                run_key=f"{kind}:{target}:{moment.isoformat()}",
-                asset_selection=[target_key(target, name) for name in asset_names],
-                tags={**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label},
-            )
+            tags = {**target_run_tags(target, config), TAG_KIND: kind, TAG_CADENCE: label}
+            selection = [target_key(target, name) for name in asset_names]
+            if not config.targets[target].is_server:
+                yield dg.RunRequest(
+                    run_key=f"{kind}:{target}:{moment.isoformat()}",
+                    asset_selection=selection,
+                    tags=tags,
+                )
+                continue
+            # A server target: one run per database the partitions list now, so one failing
+            # database never hides another.
+            databases = current_databases(context.instance, target)
+            if not databases:
+                context.log.warning(
+                    f"target '{target}' has no databases yet: server_databases_sensor adds "
+                    "them (is it running, and can it reach the server?)"
+                )
+            for database in databases:
+                yield dg.RunRequest(
+                    run_key=f"{kind}:{target}:{database}:{moment.isoformat()}",
+                    asset_selection=selection,
+                    partition_key=database,
+                    tags=tags,
+                )
 
     return evaluate

@@ -11,12 +11,25 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 def latest_materialized_path(
     context: dg.AssetCheckExecutionContext | dg.AssetExecutionContext, key: dg.AssetKey
 ) -> str | None:
-    """The backup file the newest materialization of ``key`` recorded, if any."""
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
+    """The backup file the newest materialization of ``key`` recorded, if any; in a run of one
+    partition (a database of a server target), the newest materialization of that partition."""
+    partition = context.run.tags.get(PARTITION_TAG)
+    if partition is None:
+        event = context.instance.get_latest_materialization_event(key)
+        materialization = event.asset_materialization if event is not None else None
+    else:
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+        ).records
+        materialization = records[0].asset_materialization if records else None
+    if materialization is None:
         return None
-    value = event.asset_materialization.metadata.get("path")
+    value = materialization.metadata.get("path")
     return str(value.value) if value is not None else None
+
+
+# The run tag Dagster puts on a run of one partition.
+PARTITION_TAG = "dagster/partition"
 
 
 def failure(

@@ -21,6 +21,7 @@ from backup_pipelines.lib.names import (
     RESTORE_DRILL,
     target_key,
 )
+from backup_pipelines.lib.partitions import partitions_name
 
 # The ERROR checks that make an otherwise materialized asset "not good".
 ERROR_CHECKS: dict[str, tuple[str, ...]] = {
@@ -132,17 +133,39 @@ def newest_backup_timestamp(
 ) -> float | None:
     """When the newest successful backup finished: from Dagster, or from a backup file on disk
     (taken by `backup-pipelines backup` from cron), whichever is newer. Neither counts when it
-    is dated in the future (recorded while the clock was fast): see ``engine.listing``."""
+    is dated in the future (recorded while the clock was fast): see ``engine.listing``.
+
+    A server target (``databases: all``) is as fresh as its stalest database (one database
+    failing every night must not hide behind the others): the oldest of its databases' newest
+    backups, None when one of them has none yet."""
+    if config.targets[target].is_server:
+        per_database = [
+            _newest_of(instance, config, target, database)
+            for database in instance.get_dynamic_partitions(partitions_name(target))
+        ]
+        if not per_database or None in per_database:
+            return None
+        return min(t for t in per_database if t is not None)
+    return _newest_of(instance, config, target, None)
+
+
+def _newest_of(
+    instance: dg.DagsterInstance, config: ProjectConfig, target: str, database: str | None
+) -> float | None:
     now = utc_now()
     candidates = []
     records = instance.fetch_materializations(
-        target_key(target, LOGICAL_BACKUP), limit=FUTURE_SCAN_LIMIT
+        dg.AssetRecordsFilter(
+            asset_key=target_key(target, LOGICAL_BACKUP),
+            asset_partitions=[database] if database is not None else None,
+        ),
+        limit=FUTURE_SCAN_LIMIT,
     ).records
     recorded = (datetime.fromtimestamp(r.timestamp, UTC) for r in records)
     dagster_newest = next((moment for moment in recorded if not is_future(moment, now)), None)
     if dagster_newest is not None:
         candidates.append(dagster_newest.timestamp())
-    newest = newest_backup(list_artifacts(config.target(target).backup_dir), now=now)
+    newest = newest_backup(list_artifacts(config.target(target, database).backup_dir), now=now)
     if newest is not None:
         candidates.append(min(newest.meta.finished_at, now).timestamp())
     return max(candidates) if candidates else None

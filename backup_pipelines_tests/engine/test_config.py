@@ -128,3 +128,79 @@ def test_hundreds_of_targets_load_quickly(tmp_path: Path) -> None:
     config = load_config(path)
     assert len(config.targets) == 500
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            {"databases": ["app"]},
+            "target 'srv', field 'databases': ['app'] is not supported: use 'databases: all'",
+        ),
+        (
+            {"exclude": ["tmp_*"]},
+            "exclude applies only to a server target: add 'databases: all'",
+        ),
+        (
+            {"databases": "all", "exclude": ["app_[12"]},
+            "exclude pattern 'app_[12' has an unclosed '['",
+        ),
+        ({"databases": "all", "exclude": [" "]}, "an exclude pattern is empty"),
+        (
+            {"databases": "all", "migrations": {"folder": "drizzle"}},
+            "migrations belong to one database, not to a server target",
+        ),
+    ],
+)
+def test_bad_server_target_settings_say_what_to_do(
+    tmp_path: Path, spec: dict, expected: str
+) -> None:
+    path = write(tmp_path, {"backup_root": "b", "targets": {"srv": {"dsn_env": "A", **spec}}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value)
+
+
+def test_server_target_layout_keeps_single_targets_where_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        {
+            "backup_root": "b",
+            "targets": {
+                "single": {"dsn_env": "DB_SINGLE"},
+                "srv": {"dsn_env": "DB_SRV", "databases": "all", "exclude": ["tmp_*"]},
+            },
+        },
+    )
+    monkeypatch.setenv("DB_SRV", "postgresql://bk:secret-pw@db1:5433/postgres?sslmode=require")
+    config = load_config(path)
+    root = (tmp_path / "b").resolve()
+    assert config.target("single").backup_dir == root / "single"
+    server = config.target("srv")
+    assert server.is_server and server.backup_dir == root / "srv"
+    app = config.target("srv", "app")
+    assert not app.is_server and app.backup_dir == root / "srv" / "app"
+    assert app.storage_name == "srv/app" and app.label == "target 'srv', database 'app'"
+    # The database replaces the URL's; everything else (user, password, TLS) stays.
+    from backup_pipelines.engine.postgres import ConnectionInfo
+
+    info = ConnectionInfo.parse(app.dsn())
+    assert (info.dbname, info.params["host"], info.params["port"]) == ("app", "db1", "5433")
+    assert (info.params["sslmode"], info.password) == ("require", "secret-pw")
+    # A name a folder cannot hold keeps a folder of its own.
+    assert config.target("srv", "a/b").backup_dir == root / "srv" / "a%2Fb"
+    assert config.target("srv", "..").backup_dir == root / "srv" / "%2E."
+    with pytest.raises(ConfigError, match="target 'single' is one database"):
+        config.target("single", "app")
+
+
+def test_exclude_patterns_and_templates() -> None:
+    from backup_pipelines.engine.databases import is_excluded
+
+    patterns = ("postgres", "tmp_*", "app_[12]")
+    assert is_excluded("template0", ()) and is_excluded("template1", ())
+    assert is_excluded("postgres", patterns) and not is_excluded("postgres", ())
+    assert is_excluded("tmp_x", patterns) and not is_excluded("TMP_x", patterns)
+    assert is_excluded("app_1", patterns) and not is_excluded("app_3", patterns)

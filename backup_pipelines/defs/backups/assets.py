@@ -10,6 +10,7 @@ from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
+from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.results import user_error
 from backup_pipelines.lib.tags import asset_attributes, host_pool
@@ -47,6 +48,8 @@ def artifact_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | 
 
 
 def _description(name: str, settings: TargetSettings) -> str:
+    if settings.is_server:
+        return _server_description(name, settings)
     return (
         f"Nightly logical backup of the **{name}** database (connection from "
         f"`${settings.dsn_env}`).\n\n"
@@ -59,6 +62,24 @@ def _description(name: str, settings: TargetSettings) -> str:
     )
 
 
+def _server_description(name: str, settings: TargetSettings) -> str:
+    excluded = ", ".join(f"`{p}`" for p in settings.exclude) or "none"
+    return (
+        f"Logical backups of **every database** of the **{name}** server (connection from "
+        f"`${settings.dsn_env}`), one partition per database.\n\n"
+        "Partitions follow the server: `server_databases_sensor` adds a partition for each new "
+        "database (backed up by the next scheduled run) and removes the one of a dropped "
+        "database, whose backups are kept (retention still applies) and which is announced once "
+        f"through the notifiers. Templates are never backed up; excluded patterns: {excluded}.\n\n"
+        f"Each database: pg_dump ({settings.format} format) through {settings.compression} "
+        f"compression and SHA-256 hashing into `<backup_root>/{name}/<database>/` with a "
+        "`.sha256` and a `.meta` beside it. A database that fails (no CONNECT privilege, a "
+        "lock) fails its own partition only.\n\n"
+        "Checks (per partition run): `checksum_matches` (blocks downstream steps), "
+        "`archive_readable`, `size_not_anomalous`."
+    )
+
+
 def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
     @dg.asset(
         key=target_key(name, LOGICAL_BACKUP),
@@ -66,6 +87,7 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         description=_description(name, settings),
         # Backups per database server are capped by this pool's limit (dagster.yaml).
         pool=host_pool(name),
+        partitions_def=database_partitions(name),
         # Shows the asset as stale in the UI once the newest backup is older than max_age.
         freshness_policy=dg.FreshnessPolicy.time_window(
             fail_window=max(settings.max_age, MIN_FRESHNESS_WINDOW)
@@ -77,7 +99,8 @@ def build_logical_backup(name: str, settings: TargetSettings) -> dg.AssetsDefini
         context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
     ) -> dg.MaterializeResult:
         try:
-            artifact = run_backup(backup_engine.target(name), log=context.log)
+            target = backup_engine.project().target(name, partition_database(context))
+            artifact = run_backup(target, log=context.log)
         except BackupPipelinesError as exc:
             raise user_error(exc) from None
         return dg.MaterializeResult(metadata=artifact_metadata(artifact))

@@ -88,10 +88,11 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
         artifact = _latest_artifact(context, key)
         if isinstance(artifact, dg.AssetCheckResult):
             return artifact
+        # The backup's own folder: for a server target, that of its database.
         target = backup_engine.target(name)
         older = [
             a
-            for a in list_artifacts(target.backup_dir)
+            for a in list_artifacts(artifact.path.parent)
             if a.meta.started_at < artifact.meta.started_at
         ]
         if not older:

@@ -12,6 +12,7 @@ import dagster as dg
 
 from backup_pipelines.lib.cadences import BACKUP_KIND, build_cadence_schedules
 from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
+from backup_pipelines.lib.partitions import single_targets
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.tags import job_tags
 
@@ -24,7 +25,7 @@ def backup_schedules() -> dg.Definitions:
     job = dg.define_asset_job(
         name=LOGICAL_BACKUPS_JOB,
         selection=dg.AssetSelection.assets(
-            *[target_key(n, LOGICAL_BACKUP) for n in project_config().targets]
+            *[target_key(n, LOGICAL_BACKUP) for n in single_targets(list(project_config().targets))]
         ),
         description="Back up every selected target with pg_dump and run the integrity checks.",
         tags=job_tags(BACKUP_KIND),

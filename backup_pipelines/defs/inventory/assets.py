@@ -10,6 +10,7 @@ from backup_pipelines.engine.listing import human_size
 from backup_pipelines.engine.offsite import offsite_storage
 from backup_pipelines.engine.retention import RetentionReport, prune_target
 from backup_pipelines.lib.names import BACKUP_INVENTORY, LOGICAL_BACKUP, OFFSITE_COPY, target_key
+from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.results import user_error
 from backup_pipelines.lib.tags import asset_attributes
@@ -122,6 +123,7 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
     @dg.asset(
         key=key,
         deps=[target_key(name, upstream)],
+        partitions_def=database_partitions(name),
         **asset_attributes(name, "python"),
         description=_description(name, settings),
         check_specs=[
@@ -143,7 +145,7 @@ def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefi
     ) -> dg.MaterializeResult:
         try:
             project = backup_engine.project()
-            target = project.target(name)
+            target = project.target(name, partition_database(context))
             storage = None
             if target.settings.offsite.is_enabled:
                 storage = offsite_storage(target, client=offsite_s3.get_client())

@@ -12,6 +12,7 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import UploadOutcome, offsite_storage, sync_offsite
 from backup_pipelines.engine.storage import S3_RETRIES
 from backup_pipelines.lib.names import LOGICAL_BACKUP, OFFSITE_COPY, OFFSITE_S3, target_key
+from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import offsite_enabled_targets
 from backup_pipelines.lib.results import latest_materialized_path, user_error
 from backup_pipelines.lib.tags import asset_attributes
@@ -19,8 +20,10 @@ from backup_pipelines.lib.tags import asset_attributes
 
 def _description(name: str, settings: TargetSettings) -> str:
     offsite = settings.offsite
-    where = f"s3://{offsite.bucket or '$S3_BACKUP_BUCKET'}/" + "/".join(
-        p for p in (offsite.prefix.strip("/"), name) if p
+    where = (
+        f"s3://{offsite.bucket or '$S3_BACKUP_BUCKET'}/"
+        + "/".join(p for p in (offsite.prefix.strip("/"), name) if p)
+        + ("/<database>" if settings.is_server else "")
     )
     return (
         f"Offsite copy of the newest **{name}** backup in `{where}/`, with its `.sha256` and "
@@ -69,6 +72,7 @@ def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
     @dg.asset(
         key=target_key(name, OFFSITE_COPY),
         deps=[target_key(name, LOGICAL_BACKUP)],
+        partitions_def=database_partitions(name),
         **asset_attributes(name, "s3"),
         description=_description(name, settings),
     )
@@ -78,7 +82,7 @@ def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
         offsite_s3: S3Resource,
     ) -> dg.MaterializeResult:
         try:
-            target = backup_engine.target(name)
+            target = backup_engine.project().target(name, partition_database(context))
             storage = offsite_storage(target, client=offsite_s3.get_client())
             newest = _latest_local(context, name)
             report = sync_offsite(target, storage, first=newest, log=context.log)
@@ -104,7 +108,7 @@ def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefiniti
         if not report.outcomes:
             raise user_error(
                 BackupPipelinesError(
-                    f"target '{name}' has no usable local backup to copy offsite",
+                    f"{target.label} has no usable local backup to copy offsite",
                     hint="materialize the logical_backup asset first",
                 )
             )

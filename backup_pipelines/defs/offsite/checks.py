@@ -11,7 +11,7 @@ from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.offsite import check_offsite_copy, offsite_storage
 from backup_pipelines.lib.names import OFFSITE_COPY, target_key
 from backup_pipelines.lib.project import offsite_enabled_targets
-from backup_pipelines.lib.results import failure, latest_materialized_path
+from backup_pipelines.lib.results import PARTITION_TAG, failure, latest_materialized_path
 
 
 def build_offsite_check(name: str) -> dg.AssetChecksDefinition:
@@ -36,7 +36,8 @@ def build_offsite_check(name: str) -> dg.AssetChecksDefinition:
             return failure("no offsite copy has been made yet: materialize offsite_copy first")
         try:
             artifact = load_artifact(path)
-            storage = offsite_storage(backup_engine.target(name), client=offsite_s3.get_client())
+            target = backup_engine.project().target(name, context.run.tags.get(PARTITION_TAG))
+            storage = offsite_storage(target, client=offsite_s3.get_client())
         except BackupPipelinesError as exc:
             return failure(
                 f"cannot check the offsite copy of {path}: {exc.message}",

@@ -19,6 +19,7 @@ from backup_pipelines.lib.names import (
     RTO_CHECK,
     target_key,
 )
+from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.results import user_error
 from backup_pipelines.lib.tags import asset_attributes, host_pool
@@ -139,7 +140,9 @@ def _description(name: str, settings: TargetSettings) -> str:
         else "the target's own server, under a throwaway name"
     )
     return (
-        f"Restore drill of **{name}**: restores the newest backup (the offsite copy on S3 when "
+        f"Restore drill of **{name}**"
+        + (" (one partition per database of the server)" if settings.is_server else "")
+        + ": restores the newest backup (the offsite copy on S3 when "
         f"there is one, else the local file) into a scratch database on {server}, compares every "
         "table's row count with the backup's `.meta`, runs amcheck's `bt_index_check` on every "
         "restored btree index, then drops the scratch database. The target's database is never "
@@ -159,6 +162,7 @@ def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinit
         key=key,
         **asset_attributes(name, "postgres"),
         deps=[target_key(name, LOGICAL_BACKUP)],
+        partitions_def=database_partitions(name),
         pool=host_pool(name),
         description=_description(name, settings),
         check_specs=[
@@ -183,7 +187,7 @@ def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinit
         try:
             project = backup_engine.project()
             rto_target = project.target(name).settings.restore.rto_target_seconds
-            result = run_drill(project, name, log=context.log)
+            result = run_drill(project, name, log=context.log, database=partition_database(context))
         except BackupPipelinesError as exc:  # the targets file itself is broken
             raise user_error(exc) from None
         return dg.MaterializeResult(

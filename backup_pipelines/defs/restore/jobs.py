@@ -25,6 +25,11 @@ class RestoreDatabaseConfig(dg.Config):
         "copy, or 'latest' (the target's newest backup, safety backups excluded).",
     )
     target: str = Field(description="Target whose database is replaced, e.g. staging.")
+    database: str | None = Field(
+        default=None,
+        description="For a server target (databases: all): which of its databases is replaced "
+        "(required there); leave empty for a single-database target.",
+    )
     confirm: str | None = Field(
         default=None,
         description="Type the target name again to confirm. Without a matching value the run "
@@ -100,6 +105,7 @@ def restore_database_op(
             log=context.log,
             prompt=_refuse_without_terminal,
             allow_other_database=config.allow_other_database,
+            database=config.database,
         )
     except RestoreStepError as exc:
         raise dg.Failure(

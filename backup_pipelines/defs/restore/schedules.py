@@ -10,6 +10,7 @@ import dagster as dg
 
 from backup_pipelines.lib.cadences import build_cadence_schedules
 from backup_pipelines.lib.names import LOGICAL_BACKUP, RESTORE_DRILL, target_key
+from backup_pipelines.lib.partitions import single_targets
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.tags import job_tags
 
@@ -25,7 +26,7 @@ def restore_drill_schedules() -> dg.Definitions:
         selection=dg.AssetSelection.assets(
             *[
                 target_key(n, name)
-                for n in project_config().targets
+                for n in single_targets(list(project_config().targets))
                 for name in (LOGICAL_BACKUP, RESTORE_DRILL)
             ]
         ),

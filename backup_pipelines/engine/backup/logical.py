@@ -44,7 +44,7 @@ from backup_pipelines.engine.backup.files import (
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
-from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
+from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError, RefusedError
 from backup_pipelines.engine.fsutil import fsync_dir, open_private, partial_path, write_atomic
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
@@ -228,6 +228,13 @@ def run_backup(
     """
     log = log or logger
     settings = target.settings
+    if target.is_server:
+        raise RefusedError(
+            f"target '{target.name}' is a server (databases: all): back up one of its databases "
+            "at a time",
+            hint="name the database (`backup-pipelines backup TARGET --database NAME`), or run "
+            "`backup-pipelines backup TARGET` to back up every database in turn",
+        )
     if stage_factory is None:
         stage_factory = encryption_stage_factory(settings.encryption)
     info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")

@@ -22,6 +22,30 @@ def _valid_env_name(value: str) -> str:
 # The name of an environment variable that holds a secret or a URL (never the value itself).
 EnvVarName = Annotated[str, AfterValidator(_valid_env_name)]
 
+
+def _valid_database_pattern(value: str) -> str:
+    if not value.strip():
+        raise ValueError("an exclude pattern is empty: remove it or write a database name or glob")
+    # fnmatch reads an unclosed '[' as a literal, so 'app_[12' would silently exclude nothing.
+    depth = 0
+    for char in value:
+        if char == "[":
+            depth += 1
+        elif char == "]" and depth:
+            depth -= 1
+    if depth:
+        raise ValueError(
+            f"exclude pattern {value!r} has an unclosed '[': close it (e.g. 'app_[12]') or "
+            "write '[[]' for a literal bracket"
+        )
+    return value
+
+
+# A glob pattern (fnmatch: *, ?, [...]) matched against whole database names.
+DatabasePattern = Annotated[str, AfterValidator(_valid_database_pattern)]
+# The databases of a server target: ``all`` (every connectable, non-template database).
+ServerDatabases = Literal["all"]
+
 DumpFormat = Literal["plain", "custom"]
 Compression = Literal["gzip", "zstd", "none"]
 

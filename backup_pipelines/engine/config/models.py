@@ -8,7 +8,9 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backup_pipelines.engine.config.cron import (
@@ -23,9 +25,11 @@ from backup_pipelines.engine.config.fields import (
     COMPRESSION_LEVEL_RANGE,
     DEFAULT_COMPRESSION_LEVEL,
     Compression,
+    DatabasePattern,
     DumpFormat,
     EnvVarName,
     OptionalDuration,
+    ServerDatabases,
     StrictModel,
     absolute_path,
 )
@@ -128,6 +132,19 @@ class TargetSettings(StrictModel):
             "of the connection URL (when set at load time), else the target name."
         ),
     )
+    databases: ServerDatabases | None = Field(
+        default=None,
+        description=(
+            "all: the target is a whole server, every database on it is backed up on its own "
+            "(the connection URL's database is only where the list is read); unset: the one "
+            "database of the connection URL."
+        ),
+    )
+    exclude: tuple[DatabasePattern, ...] = Field(
+        default=(),
+        description="With databases: all, glob patterns (fnmatch, case-sensitive) of databases "
+        "not to back up, e.g. [postgres, 'scratch_*']; template0 and template1 never are.",
+    )
 
     @field_validator("lock_wait_timeout")
     @classmethod
@@ -153,6 +170,34 @@ class TargetSettings(StrictModel):
                 )
         return value
 
+    @field_validator("databases", mode="before")
+    @classmethod
+    def _databases_all(cls, value: Any) -> Any:
+        if value is not None and value != "all":
+            raise ValueError(
+                f"{value!r} is not supported: use 'databases: all' for every database of the "
+                "server (with exclude: patterns), or leave it out for the connection URL's database"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _server_target_fields(self) -> TargetSettings:
+        if self.exclude and self.databases is None:
+            raise ValueError(
+                "exclude applies only to a server target: add 'databases: all' or remove exclude"
+            )
+        if self.databases is not None and self.migrations is not None:
+            raise ValueError(
+                "migrations belong to one database, not to a server target with databases: all; "
+                "declare that database as a target of its own for migrations"
+            )
+        return self
+
+    @property
+    def is_server(self) -> bool:
+        """A target that names a server (``databases: all``) instead of one database."""
+        return self.databases is not None
+
     @model_validator(mode="after")
     def _level_in_range(self) -> TargetSettings:
         if self.compression_level is not None:
@@ -172,7 +217,13 @@ class TargetSettings(StrictModel):
 
 
 class Target(BaseModel):
-    """A configured target with its name, as the engine uses it."""
+    """A configured target with its name, as the engine uses it.
+
+    For a server target (``databases: all``) the target itself stands for the server (its
+    ``dsn`` is where the list of databases is read, :mod:`engine.databases`), and
+    :meth:`for_database` gives the target of one of its databases: same settings, its own
+    ``backup_dir`` (``<backup_root>/<target>/<database>``) and a ``dsn`` naming that database.
+    """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -181,16 +232,66 @@ class Target(BaseModel):
     backup_dir: Path
     # settings.migrations.folder resolved against the targets file (None: not configured).
     migrations_folder: Path | None = None
+    # One database of a server target; None for a single-database target or the server itself.
+    database: str | None = None
+
+    @property
+    def is_server(self) -> bool:
+        """The whole server of a ``databases: all`` target (not one of its databases)."""
+        return self.settings.is_server and self.database is None
+
+    @property
+    def label(self) -> str:
+        """``target 'prod'``, or ``target 'prod', database 'app'``, for messages."""
+        if self.database is None:
+            return f"target '{self.name}'"
+        return f"target '{self.name}', database '{self.database}'"
+
+    @property
+    def storage_name(self) -> str:
+        """The target's folder under backup_root and under the offsite prefix."""
+        if self.database is None:
+            return self.name
+        return f"{self.name}/{database_folder_name(self.database)}"
+
+    def for_database(self, database: str) -> Target:
+        """The target of one database of this server target."""
+        if not self.settings.is_server:
+            raise ConfigError(
+                f"target '{self.name}' is one database (the one of its connection URL), "
+                f"so it takes no database name ({database!r})",
+                hint="leave out --database, or make the target a server with 'databases: all'",
+            )
+        server_dir = self.backup_dir if self.database is None else self.backup_dir.parent
+        return self.model_copy(
+            update={"database": database, "backup_dir": server_dir / database_folder_name(database)}
+        )
 
     def dsn(self) -> str:
-        """The connection URL, read from the environment now."""
-        return _read_env(self.name, "dsn_env", self.settings.dsn_env)
+        """The connection URL, read from the environment now (naming :attr:`database`, if set)."""
+        dsn = _read_env(self.name, "dsn_env", self.settings.dsn_env)
+        if self.database is None:
+            return dsn
+        from backup_pipelines.engine.postgres import ConnectionInfo
+
+        info = ConnectionInfo.parse(dsn, source=f"target '{self.name}' ({self.settings.dsn_env})")
+        return make_conninfo(**info.with_dbname(self.database).params)
 
     def scratch_dsn(self) -> str:
         """Where restore tests create their scratch database."""
         if self.settings.scratch_dsn_env:
             return _read_env(self.name, "scratch_dsn_env", self.settings.scratch_dsn_env)
         return self.dsn()
+
+
+def database_folder_name(database: str) -> str:
+    """The folder of one database of a server target: its name, percent-encoded where it holds
+    a character a folder name cannot (``/``, ``%``, a leading dot) so that every database gets
+    a folder of its own inside the target's."""
+    folder = quote(database, safe="")
+    if folder.startswith("."):
+        folder = "%2E" + folder[1:]
+    return folder
 
 
 def _read_env(target: str, field: str, variable: str) -> str:
@@ -330,7 +431,8 @@ class ProjectConfig(StrictModel):
     def resolved_backup_root(self) -> Path:
         return self.resolve_path(self.backup_root)
 
-    def target(self, name: str) -> Target:
+    def target(self, name: str, database: str | None = None) -> Target:
+        """The target ``name``; with ``database``, that database of a server target."""
         if name in self.broken_targets:
             problems = [
                 line.removeprefix(f"target '{name}', ").removeprefix(f"target '{name}': ")
@@ -348,7 +450,7 @@ class ProjectConfig(StrictModel):
                 hint=f"use one of: {known}; or add it under 'targets:' in {self.source_path}",
             )
         settings = self.targets[name]
-        return Target(
+        target = Target(
             name=name,
             settings=settings,
             backup_dir=self.resolved_backup_root / name,
@@ -356,6 +458,7 @@ class ProjectConfig(StrictModel):
                 self.resolve_path(settings.migrations.folder) if settings.migrations else None
             ),
         )
+        return target if database is None else target.for_database(database)
 
     def all_targets(self) -> list[Target]:
         return [self.target(name) for name in self.targets]

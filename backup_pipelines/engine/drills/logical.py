@@ -29,6 +29,7 @@ import psycopg
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.clock import age_seconds
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
 from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
@@ -128,15 +129,18 @@ def run_drill(
     backup: str | None = None,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
     progress: ProgressReporter | None = None,
+    database: str | None = None,
 ) -> DrillResult:
     """Drill ``backup`` (default: the newest backup) of a target. Never touches the target's database.
+
+    ``database``: which database of a server target (``databases: all``); required for one.
 
     Raises only for configuration errors (unknown target); everything a drill can find wrong
     with a backup or the drill server comes back as a failed :class:`DrillResult`.
     """
     log = log or logger
     progress = reporter_for(progress, log, progress_interval)
-    target = config.target(target_name)
+    target = require_database(config.target(target_name), database, "drill")
     result = DrillResult(target=target.name, passed=False, started_at=datetime.now(UTC))
 
     def failed(step: str, reason: str) -> DrillResult:

@@ -99,8 +99,11 @@ def restore_database(
     allow_other_database: bool = False,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
     progress: ProgressReporter | None = None,
+    database: str | None = None,
 ) -> RestoreReport:
     """Replace the target's database with ``backup``, safely (see the module docstring).
+
+    ``database``: which database of a server target (``databases: all``); required for one.
 
     Long steps (download, safety backup, restore) report to ``progress``; by default lines in
     ``log`` at most every ``progress_interval`` seconds.
@@ -110,7 +113,11 @@ def restore_database(
     """
     log = log or logger
     run = steps.start(
-        config, target_name, log=log, progress=reporter_for(progress, log, progress_interval)
+        config,
+        target_name,
+        log=log,
+        progress=reporter_for(progress, log, progress_interval),
+        database=database,
     )
     artifact = run.step("locate", steps.locate, run, backup, allow_other_database, wrap=False)
     steps.confirm(run, artifact, confirm, prompt)

@@ -24,6 +24,7 @@ from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
+from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, RestoreFailedError
 from backup_pipelines.engine.postgres import ConnectionInfo, PgTools, connect, table_row_counts
 from backup_pipelines.engine.progress import ProgressReporter
@@ -139,10 +140,16 @@ class RestoreRun:
 
 
 def start(
-    config: ProjectConfig, target_name: str, *, log: Any, progress: ProgressReporter
+    config: ProjectConfig,
+    target_name: str,
+    *,
+    log: Any,
+    progress: ProgressReporter,
+    database: str | None = None,
 ) -> RestoreRun:
-    """The restore of ``target_name``; refused when its database is the maintenance database."""
-    target = config.target(target_name)
+    """The restore of ``target_name`` (``database`` of a server target); refused when its
+    database is the maintenance database."""
+    target = require_database(config.target(target_name), database, "restore")
     live = ConnectionInfo.parse(
         target.dsn(), source=f"target '{target.name}' ({target.settings.dsn_env})"
     )
