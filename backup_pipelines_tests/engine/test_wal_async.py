@@ -367,3 +367,48 @@ def test_pitr_with_async_archiving_and_prefetch_gives_the_rows_at_the_target(  #
     assert f"--spool-dir {spool} %f %p" in auto_conf
     recovery_log = "".join(p.read_text(errors="replace") for p in data_dir.glob("*.log"))
     assert "prefetched and verified" in recovery_log
+
+
+def test_only_what_wal_setup_prints_takes_the_fast_path() -> None:
+    from backup_pipelines.cli.wal_async import _parse
+
+    printed = ["--config", "/etc/bp.yaml", "wal-push", "--target", "main", "--spool-dir", "/s"]
+    parsed = _parse([*printed, "pg_wal/000000010000000000000001"])
+    assert parsed is not None and parsed["command"] == "wal-push"
+    assert _parse(["wal-fetch", "--spool-dir=/s", "000000010000000000000001", "pg_wal/X"])
+    # Anything else runs the ordinary (synchronous) command, which knows every option.
+    assert _parse([*printed, "--name", "X", "pg_wal/000000010000000000000001"]) is None
+    assert _parse([*printed]) is None
+    assert _parse(["wal-push", "pg_wal/000000010000000000000001"]) is None
+    assert _parse(["--unknown", "wal-push", "--spool-dir", "/s", "p"]) is None
+
+
+def test_an_ok_about_another_file_of_the_same_name_is_no_answer(tmp_path: Path) -> None:
+    segment = tmp_path / "000000010000000000000001"
+    segment.write_bytes(b"x" * 100)
+    base = str(tmp_path / segment.name)
+    info = segment.stat()
+    stale = {**spool_protocol.file_identity(info), "inode": info.st_ino + 1, "stored": "/a"}
+    spool_protocol.write_status(base + ".ok", stale)
+    assert spool_protocol._push_answer(base, info) is None
+    assert not os.path.exists(base + ".ok")  # discarded, never reported
+    spool_protocol.write_status(
+        base + ".ok", {**spool_protocol.file_identity(info), "stored": "/a"}
+    )
+    assert spool_protocol._push_answer(base, info) == (0, f"{segment.name} is stored in /a")
+
+
+def test_async_mode_is_in_the_commands_wal_setup_prints(make_project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from backup_pipelines.engine.wal import archive_command, restore_command
+
+    pitr = {"archive_dir": str(tmp_path / "a"), "spool_dir": str(tmp_path / "s")}
+    config = make_project({TARGET: {"dsn_env": "X", "pitr": pitr}})
+    assert "--spool-dir" not in archive_command(config, config.target(TARGET))
+    config = make_project({TARGET: {"dsn_env": "X", "pitr": {**pitr, "async_archive": True}}})
+    target = config.target(TARGET)
+    assert archive_command(config, target).endswith(f"--spool-dir {tmp_path / 's'} %p")
+    assert restore_command(config, target).endswith(f"--spool-dir {tmp_path / 's'} %f %p")
+    with pytest.raises(Exception, match="async_archive needs spool_dir"):
+        make_project(
+            {TARGET: {"dsn_env": "X", "pitr": {"archive_dir": "/a", "async_archive": True}}}
+        )
