@@ -224,7 +224,10 @@ def push(spool: str, path: str, name: str, command: list[str]) -> tuple[int, str
             return answer
         write_status(base + REQUEST, {"path": source, **file_identity(info)})
     except OSError as exc:
-        return 1, f"the spool {spool} cannot be used: {exc.strerror or exc} (nothing was archived)"
+        return (
+            1,
+            f"the spool {spool} cannot be used: {exc.strerror or exc} (not reported archived; PostgreSQL retries)",
+        )
     waiter = Waiter(spool, command, PUSH_WAIT_SECONDS)
     while True:
         try:
