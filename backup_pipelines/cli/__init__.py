@@ -9,34 +9,24 @@ stderr saying what is wrong and what to do; a Python traceback only with ``-v``.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import os
 import sys
-from collections.abc import Sequence
-from logging.handlers import TimedRotatingFileHandler
-from pathlib import Path
 
-from backup_pipelines.cli.output import silence_stdout, use_live_line
-from backup_pipelines.engine.config import CONFIG_ENV_VAR
-from backup_pipelines.engine.errors import (
-    EXIT_FAILED,
-    BackupPipelinesError,
-    ConfigError,
-    exit_code_for,
-)
-from backup_pipelines.engine.fsutil import ensure_private_dir
-from backup_pipelines.engine.progress import LiveLine, LiveLineHandler
+TYPE_CHECKING = False  # typing itself is not imported: it costs the per-segment path
+if TYPE_CHECKING:
+    import argparse
+    import logging
+    from collections.abc import Sequence
 
-log = logging.getLogger("backup_pipelines")
+# Nothing heavy is imported at module level: in async WAL mode (``--spool-dir``) PostgreSQL's
+# per-segment wal-push / wal-fetch are answered by ``cli/wal_async.py`` alone, before any of the
+# engine, pydantic or the targets file is loaded.
 
 # Areas whose commands the CLI offers (modules ``cli/<name>.py``), in the order `--help` lists them.
-COMMAND_MODULES = ["backups", "restore", "migrations", "pitr", "offsite", "monitoring"]
+COMMAND_MODULES = ["backups", "restore", "migrations", "pitr", "wal_async", "offsite", "monitoring"]
 
 # PostgreSQL runs these once per WAL file (archive_command / restore_command): load only their
 # own area, so a recovery replaying thousands of segments does not pay for every import.
-FAST_COMMANDS = {"wal-push": "pitr", "wal-fetch": "pitr"}
+FAST_COMMANDS = {"wal-push": "pitr", "wal-fetch": "pitr", "wal-worker": "wal_async"}
 
 
 def _command_modules(argv: Sequence[str]) -> list[str]:
@@ -46,7 +36,19 @@ def _command_modules(argv: Sequence[str]) -> list[str]:
     return COMMAND_MODULES
 
 
+def __getattr__(name: str) -> object:
+    # ``backup_pipelines.cli.log`` as before, without importing logging for the fast path.
+    if name == "log":
+        import logging
+
+        return logging.getLogger("backup_pipelines")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="backup-pipelines",
         description="PostgreSQL backups, verification and recovery (works without Dagster running).",
@@ -63,6 +65,12 @@ def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.Ar
 
 
 def _log_file_handler(log_file: str) -> logging.Handler:
+    from logging.handlers import TimedRotatingFileHandler
+    from pathlib import Path
+
+    from backup_pipelines.engine.errors import ConfigError
+    from backup_pipelines.engine.fsutil import ensure_private_dir
+
     path = Path(log_file).expanduser()
     if not path.name or path.is_dir():
         raise ConfigError(
@@ -87,6 +95,11 @@ def _is_terminal(stream: object) -> bool:
 
 
 def configure_logging(verbose: bool, log_file: str | None) -> None:
+    import logging
+
+    from backup_pipelines.cli.output import use_live_line
+    from backup_pipelines.engine.progress import LiveLine, LiveLineHandler
+
     # At a terminal, progress is one live line on stderr and log records are written above it.
     live = LiveLine(sys.stderr) if _is_terminal(sys.stderr) else None
     use_live_line(live)
@@ -107,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:
+        from backup_pipelines.cli.output import silence_stdout
+
         # The reader of our output went away (`... | head`). Results go through say(), which
         # survives that and lets the command finish; this only catches a stray write (e.g.
         # --help), after which we cannot tell whether the command finished.
@@ -116,6 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(token == "--spool-dir" or token.startswith("--spool-dir=") for token in argv):
+        from backup_pipelines.cli.wal_async import run_async
+
+        answered = run_async(argv)
+        if answered is not None:
+            return answered
+        # Not answered through the spool (e.g. a direct fetch): the ordinary command.
+    import logging
+    import os
+    from pathlib import Path
+
+    from backup_pipelines.engine.config import CONFIG_ENV_VAR
+    from backup_pipelines.engine.errors import EXIT_FAILED, BackupPipelinesError, exit_code_for
+
+    log = logging.getLogger("backup_pipelines")
     parser = build_parser(_command_modules(argv))
     args = parser.parse_args(argv)
     try:

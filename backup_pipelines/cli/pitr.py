@@ -111,6 +111,11 @@ def cmd_wal_setup(args: argparse.Namespace) -> int:
             f"WAL archive folder ready: {folder} (owner {_owner(info.st_uid)}, "
             f"mode {info.st_mode & 0o7777:04o}{shared})"
         )
+    if settings.async_archive and settings.spool_dir is not None:
+        spool = setup_archive_dir(
+            settings.spool_dir, settings.server_os_user, what="async WAL spool (pitr.spool_dir)"
+        )
+        say(f"async archiving spool ready: {spool} (status files and prefetched segments)")
     if settings.archive_s3:
         say(
             f"WAL is also archived to {settings.archive_s3} (the server's OS user needs AWS credentials)"
@@ -237,6 +242,14 @@ def cmd_pitr_drill(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _spool_option(parser: argparse.ArgumentParser) -> None:
+    # Answered by cli/wal_async.py before this parser runs; here only when it falls back to
+    # the synchronous command (e.g. a direct fetch).
+    parser.add_argument(
+        "--spool-dir", help="async mode: the target's pitr.spool_dir (wal-setup adds it)"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "wal-push", help="archive_command: archive one WAL file (wal-push --target NAME %%p)"
@@ -244,6 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="%%p: the file's path (relative to the data directory)")
     p.add_argument("--target", help="target name (default: the only target with pitr:)")
     p.add_argument("--name", help="archive under this name (default: the file's own name)")
+    _spool_option(p)
     p.set_defaults(func=cmd_wal_push)
 
     p = sub.add_parser(
@@ -252,6 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="%%f: the file PostgreSQL asks for")
     p.add_argument("path", help="%%p: where to put it")
     p.add_argument("--target", help="target name (default: the only target with pitr:)")
+    _spool_option(p)
     p.set_defaults(func=cmd_wal_fetch)
 
     p = sub.add_parser(

@@ -125,6 +125,38 @@ class PitrSettings(StrictModel):
     )
     drill_timeout_minutes: float = Field(default=30, gt=0, le=10_080)
     archive_check_interval_seconds: int = Field(default=120, ge=30, le=86400)
+    async_archive: bool = Field(
+        default=False,
+        description=(
+            "Asynchronous archiving and recovery: a background worker pushes finished WAL "
+            "(pg_wal/archive_status/*.ready) ahead of PostgreSQL's calls and prefetches segments "
+            "ahead of recovery, so each wal-push / wal-fetch only checks a status file in "
+            "spool_dir. wal-push still exits 0 only once the segment is stored in every place. "
+            "Takes effect through the commands wal-setup prints (they gain --spool-dir)."
+        ),
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder of the async worker's status files and prefetched segments (owned by the "
+            "server's OS user; wal-setup creates it). Required with async_archive; one per target."
+        ),
+    )
+    async_workers: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Segments the async worker pushes or prefetches in parallel.",
+    )
+    prefetch_segments: int = Field(
+        default=8,
+        ge=0,
+        le=1024,
+        description=(
+            "How many segments past the one recovery asks for the async worker fetches ahead "
+            "(each takes 16 MiB in spool_dir until recovery uses it)."
+        ),
+    )
     archive_group: str | None = Field(
         default=None,
         description=(
@@ -160,7 +192,7 @@ class PitrSettings(StrictModel):
 
         return grp.getgrnam(self.archive_group).gr_gid
 
-    @field_validator("archive_dir", "drill_dir")
+    @field_validator("archive_dir", "drill_dir", "spool_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.expanduser().is_absolute():
@@ -181,6 +213,16 @@ class PitrSettings(StrictModel):
     def _somewhere(self) -> PitrSettings:
         if self.archive_dir is None and self.archive_s3 is None:
             raise ValueError("set archive_dir and/or archive_s3: the WAL archive needs a place")
+        if self.async_archive and self.spool_dir is None:
+            raise ValueError(
+                "async_archive needs spool_dir (e.g. /var/spool/backup-pipelines/<target>)"
+            )
+        if (
+            self.spool_dir is not None
+            and self.archive_dir is not None
+            and (self.spool_dir == self.archive_dir or self.archive_dir in self.spool_dir.parents)
+        ):
+            raise ValueError("spool_dir must not be inside archive_dir (it is no archived WAL)")
         return self
 
 

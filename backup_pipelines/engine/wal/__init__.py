@@ -8,6 +8,8 @@
     fetch.py      wal-fetch (both checksums verified; "not in the archive" reported distinctly)
     inventory.py  listing, gaps, newest segment, pruning
     setup.py      how PostgreSQL calls us: archive/restore command, postgresql.conf lines, folder
+    spool.py      async mode: the spool the per-segment commands and the worker share (light)
+    worker.py     async mode: the background worker pushing and prefetching through the spool
 
 Contract with PostgreSQL (see the PostgreSQL docs, "Continuous Archiving"): ``wal-push`` reports
 success only once the file is durably stored everywhere; ``wal-fetch`` exits 1 exactly when the
@@ -20,10 +22,14 @@ inventory.py or setup.py.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
 
+# Neither typing nor importlib: async wal-push / wal-fetch import spool.py through this package
+# once per WAL file, and pay for every import here.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from backup_pipelines.engine.wal.archive import (
         WalArchive,
         WalStore,
@@ -175,7 +181,9 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    qualified = f"{__name__}.{module}"
+    __import__(qualified)
+    value = getattr(sys.modules[qualified], name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

@@ -38,12 +38,25 @@ def tool_command(config: ProjectConfig, target: Target) -> str:
     return f"{prefix} --config {shlex.quote(str(config.source_path))}"
 
 
+def _spool_option(target: Target) -> str:
+    """``--spool-dir`` in async mode: the per-segment calls then only check the spool."""
+    settings = pitr_settings(target)
+    if not settings.async_archive or settings.spool_dir is None:
+        return ""
+    return f" --spool-dir {shlex.quote(str(settings.spool_dir))}"
+
+
 def archive_command(config: ProjectConfig, target: Target) -> str:
-    return f"{tool_command(config, target)} wal-push --target {target.name} %p"
+    return (
+        f"{tool_command(config, target)} wal-push --target {target.name}{_spool_option(target)} %p"
+    )
 
 
 def restore_command(config: ProjectConfig, target: Target) -> str:
-    return f"{tool_command(config, target)} wal-fetch --target {target.name} %f %p"
+    return (
+        f"{tool_command(config, target)} wal-fetch --target {target.name}"
+        f"{_spool_option(target)} %f %p"
+    )
 
 
 def conf_quote(value: str) -> str:
@@ -63,8 +76,15 @@ def postgresql_conf_lines(
     ]
 
 
-def setup_archive_dir(path: Path, server_os_user: str, group: int | None = None) -> Path:
-    """Create the local archive folder (0700) owned by the server's OS user.
+def setup_archive_dir(
+    path: Path,
+    server_os_user: str,
+    group: int | None = None,
+    *,
+    what: str = "WAL archive folder (pitr.archive_dir)",
+) -> Path:
+    """Create the local archive folder (or the async spool: ``what``) 0700, owned by the
+    server's OS user.
 
     A folder that already exists keeps its owner and mode (someone chose them); it is only
     checked: a warning says when the server's OS user apparently cannot write it. With
@@ -83,7 +103,6 @@ def setup_archive_dir(path: Path, server_os_user: str, group: int | None = None)
                 hint="set pitr.server_os_user to the user PostgreSQL runs as",
             ) from None
     existed = path.exists()
-    what = "WAL archive folder (pitr.archive_dir)"
     # Missing parents get 0711: the server's OS user must reach the archive through them.
     if group is None:
         ensure_private_dir(path, what=what, parent_mode=0o711)
@@ -92,7 +111,7 @@ def setup_archive_dir(path: Path, server_os_user: str, group: int | None = None)
     if entry is not None and existed:
         if not _writable_by(path, entry):
             logger.warning(
-                f"WAL archive folder {path} exists and {server_os_user} apparently cannot write "
+                f"{what}: {path} exists and {server_os_user} apparently cannot write "
                 f"it: archiving will fail until you run `chown {server_os_user}: {path}` (its "
                 "owner and mode were left as they are)"
             )
