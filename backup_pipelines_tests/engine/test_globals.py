@@ -12,17 +12,21 @@ import json
 import logging
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from backup_pipelines.defs.restore.assets import drill_metadata
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
 from backup_pipelines.devtools.sample_data import SAMPLE_ROLES, create_sample_roles
 from backup_pipelines.engine.artifacts import list_artifacts, load_artifact
 from backup_pipelines.engine.backup.globals import read_globals_sql
 from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.drills.fresh_server import choose_drill_mode
+from backup_pipelines.engine.drills.logical import run_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.restore import restore_database
 from backup_pipelines.engine.verify import verify_artifact
@@ -304,3 +308,96 @@ def test_backups_taken_before_globals_still_list_verify_and_restore(
     assert fingerprint(pg, sample_db) == at_backup
     assert report.roles_created == []
     pg.psql(f'DROP DATABASE "{report.previous_database}"')
+
+
+# --- the fresh-server drill ----------------------------------------------------------------------
+
+
+def _drill_config(make_project, cluster: LocalCluster, db: str, name: str, **drill: object):
+    return make_project(
+        {
+            name: {
+                "dsn_env": "DB_PROD",
+                "format": "custom",
+                "restore": {"drill": drill},
+            }
+        },
+        env={"DB_PROD": cluster.dsn(db)},
+    )
+
+
+def _fresh_drill_dirs(name: str) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"bp-drill-fresh-{name}-*"))
+
+
+def test_fresh_server_drill_restores_from_the_backup_set_alone(
+    pg: LocalCluster, sample_db: str, app_roles: list[str], make_project, cli
+) -> None:
+    name = f"fresh{secrets.token_hex(3)}"
+    config = _drill_config(make_project, pg, sample_db, name, fresh_server=True)
+    run_backup(config.target(name), log=log)
+
+    result = run_drill(config, name, log=log)
+
+    assert result.passed, result.reason
+    assert result.mode == "fresh_server"
+    assert result.roles_created >= len(app_roles)  # none of them existed on the new cluster
+    assert result.tables > 5 and result.rows > 1000
+    assert result.amcheck is not None and result.amcheck.indexes_checked >= 10
+    assert result.scratch_server == "a throwaway PostgreSQL 15 cluster"
+    assert _fresh_drill_dirs(name) == []  # stopped and deleted
+    metadata = drill_metadata(result, 3600.0)
+    assert metadata["drill_mode"].value == "fresh_server"
+
+    # The same from the command line, and the other mode on request.
+    fresh = cli("drill", name, "--fresh-server")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "restore drill (fresh_server) passed" in fresh.stdout
+    same = cli("drill", name, "--same-server")
+    assert same.returncode == 0, same.stderr
+    assert "restore drill (same_server) passed" in same.stdout
+    assert _fresh_drill_dirs(name) == []
+
+
+def test_fresh_server_drill_fails_clearly_when_the_globals_are_damaged(
+    pg: LocalCluster, sample_db: str, make_project, cli
+) -> None:
+    name = f"fresh{secrets.token_hex(3)}"
+    config = _drill_config(make_project, pg, sample_db, name, fresh_server=True)
+    backup = run_backup(config.target(name), log=log)
+    assert backup.globals_path is not None
+    data = bytearray(backup.globals_path.read_bytes())
+    data[-10] ^= 0x55
+    backup.globals_path.write_bytes(bytes(data))
+
+    result = run_drill(config, name, log=log)
+
+    assert not result.passed and result.mode == "fresh_server"
+    assert result.failed_step == "verify"
+    assert result.reason is not None and "globals file" in result.reason
+    assert _fresh_drill_dirs(name) == []
+    failed = cli("drill", name)
+    assert failed.returncode == 1
+    assert "FAILED at step 'verify'" in failed.stdout and "globals file" in failed.stdout
+    assert "Traceback" not in failed.stderr
+
+
+def test_fresh_server_drill_without_the_servers_binaries(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    name = f"fresh{secrets.token_hex(3)}"
+    config = _drill_config(make_project, pg, sample_db, name, fresh_server=True)
+    backup = run_backup(config.target(name), log=log)
+    # A backup of a server version whose binaries this host does not have.
+    meta = json.loads(backup.meta_path.read_text())
+    meta["server_version_num"] = 990004
+    backup.meta_path.write_text(json.dumps(meta))
+
+    required = run_drill(config, name, log=log)
+    assert not required.passed and required.failed_step == "fresh_server"
+    assert required.reason is not None and "PostgreSQL 99 server binaries" in required.reason
+
+    auto = _drill_config(make_project, pg, sample_db, name, fresh_server="auto")
+    assert choose_drill_mode(auto.target(name), 99, None)[0] == "same_server"
+    assert choose_drill_mode(auto.target(name), 15, None)[0] == "fresh_server"
+    assert choose_drill_mode(auto.target(name), 15, False)[0] == "same_server"

@@ -29,7 +29,8 @@ class DrillSettings(StrictModel):
             "down): the backup set alone, globals included, must restore the database. true: "
             "always (the drill fails when those binaries are missing); false: in a scratch "
             "database on the drill server (scratch_dsn_env, else the target's own server); "
-            "auto (default): fresh when the matching initdb is installed on this host."
+            "auto (default): fresh when the matching initdb is installed on this host and the "
+            "target names no drill server (scratch_dsn_env)."
         ),
     )
     server_os_user: str = Field(

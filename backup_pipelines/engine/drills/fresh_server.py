@@ -190,6 +190,9 @@ def choose_drill_mode(
     setting = requested if requested is not None else target.settings.restore.drill.fresh_server
     if setting is False:
         return SAME_SERVER, None, "fresh_server is off for this drill"
+    if setting == "auto" and target.settings.scratch_dsn_env:
+        # The operator chose a drill server: auto keeps drilling there (true overrides).
+        return SAME_SERVER, None, "the target names a drill server (scratch_dsn_env)"
     bin_dir, why = fresh_server_binaries(major, target)
     if bin_dir is None:
         if setting is True:
