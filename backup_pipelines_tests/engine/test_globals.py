@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import stat
 import tempfile
@@ -28,7 +29,15 @@ from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.drills.fresh_server import choose_drill_mode
 from backup_pipelines.engine.drills.logical import run_drill
 from backup_pipelines.engine.errors import BackupPipelinesError
+from backup_pipelines.engine.offsite import (
+    check_offsite_copy,
+    offsite_storage,
+    sync_offsite,
+    upload_backup,
+)
 from backup_pipelines.engine.restore import restore_database
+from backup_pipelines.engine.retention import cleanup_leftovers, prune_target
+from backup_pipelines.engine.storage import default_s3_client, list_stored_backups
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint, full_dump
@@ -401,3 +410,76 @@ def test_fresh_server_drill_without_the_servers_binaries(
     assert choose_drill_mode(auto.target(name), 99, None)[0] == "same_server"
     assert choose_drill_mode(auto.target(name), 15, None)[0] == "fresh_server"
     assert choose_drill_mode(auto.target(name), 15, False)[0] == "same_server"
+
+
+# --- offsite copies, retention and encryption of the globals -------------------------------------
+
+
+def test_offsite_copy_retention_and_encryption_carry_the_globals(
+    pg: LocalCluster, sample_db: str, make_project, aws_env: str
+) -> None:
+    bucket = f"bp-globals-{secrets.token_hex(4)}"
+    default_s3_client().create_bucket(Bucket=bucket)
+    config = make_project(
+        {
+            "prod": {
+                "dsn_env": "DB_PROD",
+                "format": "custom",
+                "compression": "zstd",
+                "offsite": {"bucket": bucket},
+                "encryption": {"mode": "passphrase", "passphrase_env": "BP_GLOBALS_PASS"},
+                "retention": {"daily": 1, "weekly": 0, "monthly": 0},
+            }
+        },
+        env={"DB_PROD": pg.dsn(sample_db), "BP_GLOBALS_PASS": "globals " + secrets.token_hex(6)},
+    )
+    target = config.target("prod")
+    older = run_backup(target, log=log)
+    newer = run_backup(target, log=log)
+    assert older.globals_path is not None and newer.globals_path is not None
+    # Encrypted like the dump: no SQL (and no password hash) readable in the stored file.
+    assert newer.globals_path.name.endswith(".globals.zst.gpg")
+    assert b"ROLE" not in newer.globals_path.read_bytes()
+    assert newer.meta.globals is not None and newer.meta.globals.encryption["mode"] == "passphrase"
+    assert "CREATE ROLE shiftmanager_owner" in read_globals_sql(newer)
+
+    storage = offsite_storage(target)
+    sync_offsite(target, storage)
+    names = {o.name for o in storage.list()}
+    for backup in (older, newer):
+        globals_name = backup.globals_path.name
+        assert {globals_name, globals_name + ".sha256"} <= names
+    assert check_offsite_copy(newer, storage).passed
+
+    # An offsite copy that lost its globals is incomplete; the next upload completes it.
+    storage.delete(newer.globals_path.name)
+    outcome = check_offsite_copy(newer, storage)
+    assert not outcome.passed and "globals" in outcome.message
+    upload_backup(newer, storage)
+    assert check_offsite_copy(newer, storage).passed
+
+    # The remote copy verifies on its own, globals decrypted from S3.
+    remote = next(a for a in list_stored_backups(storage) if a.path.name == newer.path.name)
+    outcomes = verify_artifact(remote)
+    assert all(o.passed for o in outcomes), [o.message for o in outcomes]
+
+    for backup in (older, newer):
+        for outcome in verify_artifact(backup):
+            backup = backup.record_check(outcome.name, outcome.passed, outcome.message)
+    report = prune_target(target, storage=storage)
+    assert report.errors == []
+    assert [e.name for e in report.pruned] == [older.path.name]
+    left_local = {p.name for p in target.backup_dir.iterdir() if not p.name.startswith(".")}
+    left_remote = {o.name for o in storage.list()}
+    for gone in (older.path, *older.sidecars):
+        assert gone.name not in left_local and gone.name not in left_remote
+    for kept in (newer.path, *newer.sidecars):
+        assert kept.name in left_local and kept.name in left_remote
+
+    # A globals file whose backup never got its data file (killed between the two renames)
+    # is a leftover, removed by age like the others.
+    orphan = target.backup_dir / "shop_20200101_000000.dump.globals.zst.gpg"
+    orphan.write_bytes(b"x")
+    os.utime(orphan, (0, 0))
+    assert cleanup_leftovers(target.backup_dir, 1) == [orphan]
+    assert newer.globals_path.exists()
