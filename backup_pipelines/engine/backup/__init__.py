@@ -2,6 +2,8 @@
 
 - ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
   file, in one streaming pass): ``run_backup``.
+- ``globals``: the server's globals (``pg_dumpall --globals-only``) and the database's own
+  owner, privileges and settings, stored with every logical backup; reading them back.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
 - ``base_reader``: reading a base backup back (extract with its checksum, pg_verifybackup).
 - ``files``: what both write with: the target's folder and lock, the hashing sink, undoing a

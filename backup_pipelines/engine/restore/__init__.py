@@ -10,17 +10,18 @@ function in ``steps.py``) and touches the live database only in the last one:
 2. ``download``: an offsite copy is fetched once into the work folder.
 3. ``verify``: checksum, decryption and decompression of the whole backup.
 4. ``safety_backup``: a ``pre-restore`` backup of the current database (abort if it fails).
-4b. ``roles``: the roles the backup needs that this server lacks are created from the backup's
+5. ``roles``: the roles the backup needs that this server lacks are created from the backup's
    globals file, with their memberships and settings; existing roles are never changed.
-5. ``restore``: into a new database ``<db>_restoring_<time>``.
-6. ``check``: every table's row count against the backup's ``.meta``.
-7. ``swap``: block connections to the live database, terminate its sessions, and rename both
+6. ``restore``: into a new database ``<db>_restoring_<time>``.
+7. ``check``: every table's row count against the backup's ``.meta``.
+8. ``swap``: block connections to the live database, terminate its sessions, and rename both
    databases in one transaction; the replaced one is kept as ``<db>_pre_restore_<time>``.
-8. cleanup: replaced databases past ``restore.drop_previous_after_hours`` are dropped.
+9. cleanup: replaced databases past ``restore.drop_previous_after_hours`` are dropped.
 
-A failure in steps 1-7 leaves the live database as it was; the error names the step and the
+A failure in steps 1-8 leaves the live database as it was; the error names the step and the
 safety backup. The other modules of the package: ``locate`` (finding and fetching the backup),
-``database`` (create, label, swap databases), ``runner`` (psql / pg_restore), ``cleanup``
+``database`` (create, label, swap databases), ``roles`` (the missing roles from a backup's
+globals, never changing existing ones), ``runner`` (psql / pg_restore), ``cleanup``
 (leftovers of killed restores, replaced databases, ``restore-cleanup``, the restore lock).
 """
 
