@@ -39,7 +39,7 @@ from backup_pipelines.engine.artifacts import (
     GlobalsEntry,
     sha256_line,
 )
-from backup_pipelines.engine.backup.files import HashingSink
+from backup_pipelines.engine.backup.files import HashingSink, discard_failed_backup
 from backup_pipelines.engine.compression import (
     CHUNK_SIZE,
     compressor,
@@ -227,13 +227,20 @@ def capture_globals(
             }
         )
     except BaseException as exc:
-        captured.discard()
         if isinstance(exc, psycopg.Error):
-            raise BackupFailedError(
+            exc = BackupFailedError(
                 f"capturing the server's globals for target '{target.name}' failed: "
                 f"{info.redact(str(exc).strip())}; nothing of this backup was kept"
-            ) from None
-        raise
+            )
+        # Removes what was written; a full disk becomes the same actionable error as for a dump.
+        raise discard_failed_backup(
+            exc,
+            what=f"the globals file of the backup of '{target.name}'",
+            folder=final.parent,
+            proc=None,
+            aborts=[],
+            leftovers=list(captured.paths),
+        ) from None
     log.info(
         f"Globals captured: {name} ({entry.roles} roles, role passwords "
         f"{'included' if entry.role_passwords else 'NOT included'}, {entry.size_bytes} bytes)"

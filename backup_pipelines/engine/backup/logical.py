@@ -422,6 +422,7 @@ def _dump_to_file(
         writing = "the .meta file"
         write_meta(sidecars[1], meta)
         if globals_set is not None:
+            writing = "the globals .sha256 file"
             globals_set.commit()
         # The rename is the commit point: before it there is no backup, after it a complete one.
         os.replace(tmp, final)
