@@ -361,10 +361,10 @@ def test_fresh_server_drill_restores_from_the_backup_set_alone(
     # The same from the command line, and the other mode on request.
     fresh = cli("drill", name, "--fresh-server")
     assert fresh.returncode == 0, fresh.stderr
-    assert "restore drill (fresh_server) passed" in fresh.stdout
+    assert "restore drill passed (fresh_server)" in fresh.stdout
     same = cli("drill", name, "--same-server")
     assert same.returncode == 0, same.stderr
-    assert "restore drill (same_server) passed" in same.stdout
+    assert "restore drill passed (same_server)" in same.stdout
     assert _fresh_drill_dirs(name) == []
 
 

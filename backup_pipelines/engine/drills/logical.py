@@ -100,13 +100,13 @@ class DrillResult:
         if self.passed:
             assert self.rto_seconds is not None and self.backup_age_seconds is not None
             return (
-                f"restore drill ({self.mode}) passed: {Path(self.backup or '').name} "
+                f"restore drill passed ({self.mode}): {Path(self.backup or '').name} "
                 f"({self.source}) restored in "
                 f"{self.rto_seconds:.1f}s, {self.tables} tables / {self.rows} rows match, "
                 f"{self.amcheck.detail if self.amcheck else 'amcheck not run'}; "
                 f"backup age {self.backup_age_seconds / 3600:.1f} h"
             )
-        return f"restore drill ({self.mode}) FAILED at step '{self.failed_step}': {self.reason}"
+        return f"restore drill FAILED at step '{self.failed_step}' ({self.mode}): {self.reason}"
 
 
 def drill_backup(target: Target, *, log: Any = None) -> tuple[BackupArtifact, str] | None:
