@@ -299,7 +299,8 @@ def test_killed_backup_leaves_nothing_that_looks_complete(
         assert names and all(name.endswith(".partial") for name in names), names
         assert list_artifacts(backup_dir) == []
         listing = cli("list", "prod")
-        assert "no backups" in listing.stdout and "1 .partial leftover" in listing.stdout
+        # The dump's and the globals' .partial files.
+        assert "no backups" in listing.stdout and "2 .partial leftover" in listing.stdout
     finally:
         pg.psql(f'DROP DATABASE IF EXISTS "{big}" WITH (FORCE)')
 
