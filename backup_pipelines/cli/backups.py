@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
+from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
 from backup_pipelines.engine.config import Target, load_config
@@ -209,6 +210,27 @@ class ListRow:
     sha256: str | None = None
     encryption: dict | None = None
     dated_in_future: bool = False
+    globals: dict | None = None
+
+
+def _globals_note(artifact: BackupArtifact) -> str:
+    """What a restore onto a new server would lack: the roles' passwords, or every role."""
+    entry = artifact.meta.globals
+    if entry is None:
+        return "no globals (taken before they were captured): roles not included"
+    return "" if entry.role_passwords else "globals without role passwords (no role passwords)"
+
+
+def _globals_json(artifact: BackupArtifact) -> dict | None:
+    entry = artifact.meta.globals
+    if entry is None:
+        return None
+    return {
+        "file_name": entry.file_name,
+        "roles": entry.roles,
+        "role_passwords": entry.role_passwords,
+        "role_passwords_reason": entry.role_passwords_reason,
+    }
 
 
 def _list_rows(listing: BackupListing) -> list[ListRow]:
@@ -224,10 +246,13 @@ def _list_rows(listing: BackupListing) -> list[ListRow]:
                 purpose=a.meta.purpose,
                 status=a.status,
                 key=describe_encryption(a.meta.encryption),
-                note=problem_of(a) or (future_note(a, listing.now) if future else ""),
+                note=problem_of(a)
+                or (future_note(a, listing.now) if future else "")
+                or _globals_note(a),
                 sha256=a.meta.sha256,
                 encryption=a.meta.encryption,
                 dated_in_future=future,
+                globals=_globals_json(a),
             )
         )
     for u in listing.unreadable:
@@ -285,6 +310,7 @@ def _json_row(r: ListRow, database: str | None) -> dict[str, object]:
             "dated_in_future": r.dated_in_future,
             "sha256": r.sha256,
             "encryption": r.encryption,
+            "globals": r.globals,
         }
     )
     return row

@@ -37,6 +37,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
         backup=args.backup,
         progress=progress_for(args),
         database=args.database,
+        fresh_server=args.fresh_server,
     )
     say(result.summary())
     if result.rto_seconds is not None:
@@ -114,6 +115,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target")
     p.add_argument("--backup", help="drill this backup instead of the newest one")
     p.add_argument("--database", help=DATABASE_HELP)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--fresh-server",
+        dest="fresh_server",
+        action="store_const",
+        const=True,
+        default=None,
+        help="restore onto a throwaway cluster initialised for the drill (initdb of the "
+        "backup's server version), roles from the backup's globals; fails when those "
+        "binaries are missing (default: restore.drill.fresh_server, auto)",
+    )
+    mode.add_argument(
+        "--same-server",
+        dest="fresh_server",
+        action="store_const",
+        const=False,
+        help="restore into a scratch database on the drill server (or the target's own)",
+    )
     add_progress_option(p)
     p.set_defaults(func=cmd_drill)
 

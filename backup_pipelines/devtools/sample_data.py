@@ -263,6 +263,12 @@ SAMPLE_MEMBERSHIPS = (
     ("shiftmanager_reader", "shiftmanager Prüfer ü"),
 )
 
+# (role, setting, value): ALTER ROLE ... SET, kept in pg_db_role_setting outside the database.
+SAMPLE_ROLE_SETTINGS = (
+    ("shiftmanager_app", "statement_timeout", "30s"),
+    ("shiftmanager Prüfer ü", "search_path", "hr, public"),
+)
+
 DATA_SQL = r"""
 INSERT INTO hr.department (name, cost_center) VALUES
   ('Küche', 'CC-0001'), ('Service', 'CC-0002'), ('Réception', 'CC-0003'),
@@ -386,6 +392,10 @@ def create_sample_roles(admin_dsn: str) -> None:
                 "DO $$ BEGIN EXECUTE " + _literal(statement) + "; "
                 "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
             )
+        # Role settings live outside the database too: a restore onto a new server must bring
+        # them (setting them again is harmless).
+        for role, key, value in SAMPLE_ROLE_SETTINGS:
+            conn.execute(f"ALTER ROLE {_quote_ident(role)} SET {key} = {_literal(value)}")
 
 
 def _literal(text: str) -> str:

@@ -27,6 +27,9 @@ from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX, write_atomic
 
 META_SUFFIX = ".meta"
 SHA256_SUFFIX = ".sha256"
+# The server's globals beside a dump: ``<data file>.globals[.gz|.zst][.gpg]``. Never ends like a
+# data file (see DATA_EXTENSIONS), so listings never mistake it for a backup.
+GLOBALS_MARKER = ".globals"
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 # The .meta layout this version writes and understands. A newer layout may change what fields
 # mean, so it is never read by guessing: such a backup is shown as unreadable, never trusted,
@@ -61,9 +64,63 @@ def is_data_file_name(name: str) -> bool:
     return name.endswith(DATA_EXTENSIONS)
 
 
+def data_name_of_globals(name: str) -> str | None:
+    """The data file a globals file (or its ``.sha256``) belongs to; None for other names."""
+    if GLOBALS_MARKER not in name:
+        return None
+    return name[: name.rindex(GLOBALS_MARKER)]
+
+
 def backup_file_name(database: str, started_at: datetime, extension: str) -> str:
     safe_db = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in database)
     return f"{safe_db}_{started_at.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}{extension}"
+
+
+class DatabaseGrant(BaseModel):
+    """One privilege on the database itself (``GRANT CONNECT ON DATABASE ... TO ...``)."""
+
+    grantee: str | None  # None: PUBLIC
+    privilege: str
+    grantable: bool = False
+
+
+class DatabaseSetting(BaseModel):
+    """One ``ALTER [ROLE r IN] DATABASE d SET key = value`` of the database."""
+
+    role: str | None  # None: the database-wide setting
+    setting: str  # "key=value", as pg_db_role_setting stores it
+
+
+class DatabaseProperties(BaseModel):
+    """What the database itself carries outside its dump: owner, privileges, settings.
+
+    pg_dump without --create and pg_dumpall --globals-only both leave these out, so a restore
+    onto a server that never had the database would lose them without this record."""
+
+    owner: str
+    default_acl: bool = True  # datacl IS NULL: the built-in defaults, no explicit grants
+    grants: list[DatabaseGrant] = Field(default_factory=list)
+    settings: list[DatabaseSetting] = Field(default_factory=list)
+
+
+class GlobalsEntry(BaseModel):
+    """The server's globals (``pg_dumpall --globals-only``) stored beside the dump."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file_name: str
+    size_bytes: int
+    sha256: str
+    sql_bytes: int
+    compression: str
+    encryption: dict[str, Any] = Field(default_factory=lambda: {"mode": "none"})
+    pg_dumpall_version: str = ""
+    roles: int = 0
+    # False when the backup role may not read pg_authid: the roles are there, their password
+    # hashes are not (pg_dumpall --no-role-passwords); the reason says why and what to do.
+    role_passwords: bool = True
+    role_passwords_reason: str | None = None
+    database: DatabaseProperties | None = None
 
 
 class BackupMeta(BaseModel):
@@ -105,6 +162,9 @@ class BackupMeta(BaseModel):
     # restores are checked the same way.
     row_counts_scope: Literal["own", "with_children"] = "with_children"
     verification: dict[str, Any] | None = None
+    # The server's globals captured with this backup; None for backups taken before globals
+    # were captured (they still list, verify and restore, without recreating roles).
+    globals: GlobalsEntry | None = None
 
     @property
     def row_counts_with_children(self) -> bool:
@@ -169,8 +229,41 @@ class BackupArtifact:
         return self.path.with_name(self.path.name + META_SUFFIX)
 
     @property
+    def globals_path(self) -> Path | None:
+        """The server's globals stored with this backup (None for older backups)."""
+        entry = self.meta.globals
+        return self.path.with_name(entry.file_name) if entry is not None else None
+
+    @property
     def sidecars(self) -> list[Path]:
-        return [self.sha256_path, self.meta_path]
+        paths = [self.sha256_path, self.meta_path]
+        if self.globals_path is not None:
+            paths += [
+                self.globals_path,
+                self.globals_path.with_name(self.globals_path.name + SHA256_SUFFIX),
+            ]
+        return paths
+
+    def globals_stored_chunks(self) -> Iterator[bytes]:
+        """The stored bytes of the globals file (raises IntegrityError when it is missing)."""
+        path = self.globals_path
+        assert path is not None
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"globals file missing: {path}",
+                hint="the backup set is incomplete: the roles cannot be recreated from it on a "
+                "new server; use another backup or the offsite copy",
+            ) from None
+        with handle:
+            yield from read_chunks(handle)
+
+    def recorded_globals_sha256(self) -> str:
+        """The digest in the globals file's ``.sha256`` sidecar."""
+        path = self.globals_path
+        assert path is not None
+        return parse_sha256_file(path.with_name(path.name + SHA256_SUFFIX))
 
     @property
     def is_local(self) -> bool:
@@ -223,6 +316,17 @@ class BackupArtifact:
             return exc.message
         if recorded != self.meta.sha256.lower():
             return f"{self.sha256_path.name} and {self.meta_path.name} record different checksums"
+        globals_path = self.globals_path
+        if globals_path is not None and self.meta.globals is not None:
+            try:
+                globals_size = globals_path.stat().st_size
+            except FileNotFoundError:
+                return f"the globals file {globals_path.name} is missing"
+            if globals_size != self.meta.globals.size_bytes:
+                return (
+                    f"the globals file {globals_path.name} has {globals_size} bytes but .meta "
+                    f"records {self.meta.globals.size_bytes}: truncated or modified"
+                )
         return None
 
     def open_stored(self) -> BinaryIO:

@@ -89,7 +89,25 @@ def already_stored(artifact: BackupArtifact, storage: S3Storage) -> ObjectInfo |
         return None
     if storage.head(name + SHA256_SUFFIX) is None or storage.head(name + META_SUFFIX) is None:
         return None
+    if _globals_problem(artifact, storage) is not None:
+        return None
     return info
+
+
+def _globals_problem(artifact: BackupArtifact, storage: S3Storage) -> str | None:
+    """What is wrong with the offsite copy of the backup's globals file (None: all there)."""
+    entry = artifact.meta.globals
+    if entry is None:
+        return None
+    url = storage.url(entry.file_name)
+    info = storage.head(entry.file_name)
+    if info is None:
+        return f"{url} (the server's globals) is missing: the copy of the backup set is incomplete"
+    if info.size != entry.size_bytes or info.sha256 != entry.sha256:
+        return f"{url} differs from the globals file .meta records (size or SHA-256)"
+    if storage.head(entry.file_name + SHA256_SUFFIX) is None:
+        return f"{url}{SHA256_SUFFIX} is missing: the copy of the backup set is incomplete"
+    return None
 
 
 def upload_backup(
@@ -114,6 +132,16 @@ def upload_backup(
             artifact.path, name, expected_sha256=artifact.meta.sha256, progress=meter.advance
         )
     storage.put_file(artifact.sha256_path, name + SHA256_SUFFIX)
+    globals_path = artifact.globals_path
+    if globals_path is not None and artifact.meta.globals is not None:
+        # Before the .meta: a listed offsite backup always has its globals beside it.
+        storage.put_file(
+            globals_path, globals_path.name, expected_sha256=artifact.meta.globals.sha256
+        )
+        storage.put_file(
+            globals_path.with_name(globals_path.name + SHA256_SUFFIX),
+            globals_path.name + SHA256_SUFFIX,
+        )
     storage.put_bytes(name + META_SUFFIX, _meta_for_upload(artifact))
     info = storage.head(name)
     if (
@@ -192,6 +220,9 @@ def check_offsite_copy(artifact: BackupArtifact, storage: S3Storage) -> CheckOut
                 return CheckOutcome(
                     CHECK_NAME, False, f"{url}{sidecar} is missing: the copy is incomplete", details
                 )
+        globals_problem = _globals_problem(artifact, storage)
+        if globals_problem is not None:
+            return CheckOutcome(CHECK_NAME, False, globals_problem, details)
         remote_meta = json.loads(storage.read_bytes(name + META_SUFFIX))
         if remote_meta.get("sha256") != artifact.meta.sha256:
             return CheckOutcome(

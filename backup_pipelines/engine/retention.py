@@ -52,6 +52,7 @@ from backup_pipelines.engine.artifacts import (
     SHA256_SUFFIX,
     BackupArtifact,
     UnreadableBackup,
+    data_name_of_globals,
     list_artifacts,
     list_unreadable,
 )
@@ -438,8 +439,16 @@ def _delete(
                 report.errors.append(f"{entry.local.path}: {exc}")
         if entry.remote is not None and remote_storage is not None:
             name = getattr(entry.remote, "name", entry.name)
+            # The data object first, its .meta last: an interrupted delete never leaves a
+            # listable backup without its data. The globals file goes with its backup.
+            sidecars = getattr(entry.remote, "sidecar_names", None) or [
+                name + SHA256_SUFFIX,
+                name + META_SUFFIX,
+            ]
+            others = [n for n in sidecars if not n.endswith(META_SUFFIX)]
+            metas = [n for n in sidecars if n.endswith(META_SUFFIX)]
             try:
-                for object_name in (name, name + SHA256_SUFFIX, name + META_SUFFIX):
+                for object_name in (name, *others, *metas):
                     remote_storage.delete(object_name)
                 entry.deleted_from.append("s3")
             except Exception as exc:  # one failed delete must not stop the rest
@@ -469,6 +478,10 @@ def cleanup_leftovers(
             if name.endswith(suffix) and not name.endswith(PARTIAL_SUFFIX):
                 data = path.with_name(name[: -len(suffix)])
                 orphan = not data.exists()
+        globals_of = data_name_of_globals(name)
+        if globals_of is not None and not name.endswith(PARTIAL_SUFFIX):
+            # A globals file (or its .sha256) whose backup never got its data file.
+            orphan = not path.with_name(globals_of).exists()
         if not (name.endswith(PARTIAL_SUFFIX) or orphan):
             continue
         try:

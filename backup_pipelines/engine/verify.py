@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.globals import GLOBALS_TRAILER, globals_sql_chunks
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.postgres import find_tools
 from backup_pipelines.engine.processes import one_line, spawn, stop
@@ -158,9 +159,80 @@ def _feed(
     return lines[0] if count_stdout_lines else size
 
 
+def describe_role_passwords(artifact: BackupArtifact) -> str:
+    """``role passwords included`` or why they are not (never the passwords themselves)."""
+    entry = artifact.meta.globals
+    if entry is None:
+        return "no globals in this backup"
+    if entry.role_passwords:
+        return "role passwords included"
+    return f"role passwords NOT included: {entry.role_passwords_reason or 'pg_authid not readable'}"
+
+
+def check_globals(artifact: BackupArtifact) -> CheckOutcome:
+    """The server's globals stored with the backup: present, checksum as recorded, and
+    decoding (decrypt, decompress) to pg_dumpall's complete output."""
+    entry = artifact.meta.globals
+    if entry is None:
+        return CheckOutcome(
+            "globals",
+            True,
+            "no globals file: this backup was taken before backups captured the server's "
+            "roles; a restore onto a new server needs its roles created first",
+        )
+    name = entry.file_name
+    try:
+        recorded = artifact.recorded_globals_sha256()
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in artifact.globals_stored_chunks():
+            digest.update(chunk)
+            size += len(chunk)
+        actual = digest.hexdigest()
+        details: dict[str, Any] = {"globals_file": name, "globals_size": size}
+        if actual != recorded or actual != entry.sha256.lower() or size != entry.size_bytes:
+            return CheckOutcome(
+                "globals",
+                False,
+                f"globals file {name}: SHA-256 or size differs from its .sha256 and the .meta "
+                "(damaged or replaced): the roles cannot be trusted to recreate on a new server",
+                details,
+                hint="use another backup, or the offsite copy of this one",
+            )
+        sql_bytes = 0
+        tail = b""
+        for chunk in globals_sql_chunks(artifact):
+            sql_bytes += len(chunk)
+            tail = (tail + chunk)[-4096:]
+        if GLOBALS_TRAILER not in tail or sql_bytes != entry.sql_bytes:
+            return CheckOutcome(
+                "globals",
+                False,
+                f"globals file {name} decodes to {sql_bytes} bytes without pg_dumpall's "
+                f"complete output (.meta records {entry.sql_bytes}): it is incomplete",
+                details,
+                hint="use another backup, or the offsite copy of this one",
+            )
+    except BackupPipelinesError as exc:
+        return CheckOutcome(
+            "globals",
+            False,
+            f"globals of the backup set: {exc.message}",
+            hint=exc.hint or "use another backup, or the offsite copy of this one",
+        )
+    return CheckOutcome(
+        "globals",
+        True,
+        f"globals file {name} intact: {entry.roles} roles, {describe_role_passwords(artifact)}",
+        {**details, "roles": entry.roles, "role_passwords": str(entry.role_passwords).lower()},
+    )
+
+
 def verify_artifact(artifact: BackupArtifact) -> list[CheckOutcome]:
-    """Checksum first; decoding a file whose checksum is wrong proves nothing."""
+    """Checksum first; decoding a file whose checksum is wrong proves nothing. Then the
+    globals stored with it (a backup set without intact globals fails)."""
     outcomes = [check_checksum(artifact)]
     if outcomes[0].passed:
         outcomes.append(check_readable(artifact))
+        outcomes.append(check_globals(artifact))
     return outcomes

@@ -30,7 +30,12 @@ def test_backup_with_test_then_list_and_verify(
     assert len(backups) == 1
     meta = json.loads(Path(f"{backups[0]}.meta").read_text())
     assert meta["verification"]["passed"] is True
-    assert set(meta["verification"]["checks"]) == {"checksum", "readable", "restore_test"}
+    assert set(meta["verification"]["checks"]) == {
+        "checksum",
+        "readable",
+        "globals",
+        "restore_test",
+    }
 
     time.sleep(1.1)
     second = run_cli("backup", "production")

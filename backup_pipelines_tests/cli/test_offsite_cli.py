@@ -83,11 +83,12 @@ def test_encrypted_backup_offsite_verify_from_s3_list_and_prune(
     assert old[0].path.exists()
     assert not (old[1].path.exists() or old[1].meta_path.exists())
     names = {o["Key"] for o in default_s3_client().list_objects_v2(Bucket=bucket)["Contents"]}
+    globals_name = meta["globals"]["file_name"]  # the real backup carries the server's globals
     assert names == {
         f"pg/production/{name}{s}"
         for name in (data.name, old[0].path.name)
         for s in ("", ".sha256", ".meta")
-    }
+    } | {f"pg/production/{globals_name}{s}" for s in ("", ".sha256")}
 
     # Wrong passphrase: a clear error naming the key, exit 1, the passphrase never printed.
     wrong = run_cli("verify", url, env={"BACKUP_PASSPHRASE": "wrong " + PASSPHRASE})

@@ -71,6 +71,7 @@ def test_restore_replaces_database_with_backup_and_keeps_previous(
         "locate",
         "verify",
         "safety_backup",
+        "roles",
         "restore",
         "check",
         "swap",

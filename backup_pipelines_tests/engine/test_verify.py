@@ -36,7 +36,11 @@ def artifact(request, pg: LocalCluster, sample_db: str, make_project) -> BackupA
 
 def test_intact_backup_verifies(artifact: BackupArtifact) -> None:
     outcomes = verify_artifact(artifact)
-    assert [(o.name, o.passed) for o in outcomes] == [("checksum", True), ("readable", True)]
+    assert [(o.name, o.passed) for o in outcomes] == [
+        ("checksum", True),
+        ("readable", True),
+        ("globals", True),
+    ]
 
 
 def test_flipped_byte_fails_the_checksum(artifact: BackupArtifact) -> None:

@@ -217,7 +217,7 @@ def test_disk_full_while_recording_the_verification_result(full_disk: Path, cli)
     assert "What to do: free space" in result.stderr
     assert backup.meta_path.read_bytes() == before  # ... and its .meta is as it was
     assert sorted(p.name for p in backup.path.parent.iterdir()) == sorted(
-        [backup.path.name, backup.sha256_path.name, backup.meta_path.name]
+        [backup.path.name, *(p.name for p in backup.sidecars)]
     )
 
     filler.unlink()

@@ -50,13 +50,16 @@ def source_db(pg: LocalCluster) -> Iterator[str]:
 @pytest.mark.parametrize(
     ("stage", "room"),
     [
-        # Room left on the filesystem, from the size of the previous (identical) data file:
-        ("the data file", lambda data: 0),  # before pg_dump wrote anything
-        ("the data file", lambda data: _pages(data // 2)),  # mid-dump
-        ("the .sha256 file", lambda data: _pages(data)),  # the dump fits exactly
-        ("the .meta file", lambda data: _pages(data) + PAGE),  # and one page for the .sha256
+        # Room left on the filesystem, from the sizes of the previous (identical) data file and
+        # globals file (written first, as .partial, and named last with its .sha256):
+        ("the globals file", lambda data, glob: 0),  # before pg_dumpall wrote anything
+        ("the data file", lambda data, glob: _pages(glob)),  # before pg_dump wrote anything
+        ("the data file", lambda data, glob: _pages(glob) + _pages(data // 2)),  # mid-dump
+        ("the .sha256 file", lambda data, glob: _pages(glob) + _pages(data)),  # the dump fits
+        ("the .meta file", lambda data, glob: _pages(glob) + _pages(data) + PAGE),
+        ("the globals .sha256 file", lambda data, glob: _pages(glob) + _pages(data) + 2 * PAGE),
     ],
-    ids=["before-dump", "mid-dump", "sha256", "meta"],
+    ids=["globals", "before-dump", "mid-dump", "sha256", "meta", "globals-sha256"],
 )
 def test_full_disk_leaves_nothing_that_looks_complete(
     pg: LocalCluster, source_db: str, make_project, cli, tmp_path: Path, stage, room
@@ -74,7 +77,8 @@ def test_full_disk_leaves_nothing_that_looks_complete(
         before = sorted(p.name for p in target.backup_dir.iterdir())
         assert previous.meta_path.stat().st_size <= PAGE
 
-        filler = fill(root, room(previous.meta.size_bytes))
+        assert previous.meta.globals is not None
+        filler = fill(root, room(previous.meta.size_bytes, previous.meta.globals.size_bytes))
         result = cli("backup", "prod")
         assert_clear_failure(
             result,

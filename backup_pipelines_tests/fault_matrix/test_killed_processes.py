@@ -120,15 +120,18 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
     # pg_dump loses its reader and dies of SIGPIPE; its session ends.
     _wait_sessions_gone(pg, f"datname = '{big_db}' AND application_name = 'pg_dump'")
 
-    [partial] = list_partials(backup_dir)
+    partials = list_partials(backup_dir)
+    # The dump's .partial, and the globals' .partial written beside it.
+    [partial] = [p for p in partials if ".globals" not in p.name]
+    assert len(partials) == 2
     now = {p.name: p for p in backup_files(backup_dir)}
-    assert set(now) == set(previous_files) | {partial.name}
+    assert set(now) == set(previous_files) | {p.name for p in partials}
     assert {n: _sha256(p) for n, p in now.items() if n in previous_files} == previous_files
     assert [a.path for a in list_artifacts(backup_dir)] == [previous.path]
     listing = cli("list", "prod")
     assert listing.returncode == 0, listing.stderr
     assert previous.path.name in listing.stdout and partial.name not in listing.stdout
-    assert "1 .partial leftover" in listing.stdout
+    assert "2 .partial leftover" in listing.stdout
     refused = cli("verify", str(partial))
     assert_clear_failure(refused, EXIT_FAILED, "leftover of an interrupted backup")
 
@@ -141,7 +144,8 @@ def test_kill_9_mid_backup_leaves_only_a_partial_that_prune_removes_by_age(
     young = prune_target(config.target("prod"))
     assert partial.exists() and young.leftovers_removed == []
     old = time.time() - 2 * 3600
-    os.utime(partial, (old, old))
+    for leftover in partials:
+        os.utime(leftover, (old, old))
     aged = cli("prune", "prod")
     assert aged.returncode == 0, aged.stderr
     assert f"removed leftover {partial}" in aged.stdout
@@ -268,7 +272,7 @@ def test_postgres_stopped_mid_dump_fails_clearly_and_leaves_no_backup(
 
         # Nothing complete-looking, not even a .partial: the failure path removed it.
         assert [p.name for p in backup_files(backup_dir)] == sorted(
-            p.name for p in (good.path, good.sha256_path, good.meta_path)
+            p.name for p in (good.path, *good.sidecars)
         )
         assert [a.path for a in list_artifacts(backup_dir)] == [good.path]
         assert _sha256(good.path) == good_sha

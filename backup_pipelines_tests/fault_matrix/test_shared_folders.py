@@ -72,7 +72,8 @@ def test_existing_shared_backup_root_keeps_its_mode(
     target_dir = root / "prod"
     assert mode_of(target_dir) == 0o700
     files = [p for p in target_dir.iterdir() if p.name != ".lock"]
-    assert len(files) == 3 and all(mode_of(p) == 0o600 for p in files)
+    # The backup, its .sha256 and .meta, the globals file and its .sha256.
+    assert len(files) == 5 and all(mode_of(p) == 0o600 for p in files)
 
 
 def test_new_backup_root_and_its_missing_parents_are_private(tmp_path: Path) -> None:

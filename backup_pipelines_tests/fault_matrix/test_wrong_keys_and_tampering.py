@@ -253,5 +253,6 @@ def test_meta_with_edited_row_counts_is_refused_by_restore_and_drill(
     assert_clear_failure(result, EXIT_FAILED, "step 'check'", "scheduling.shift", "safety backup")
     assert fingerprint(pg, live_db) == checks.live
     assert databases(pg) == checks.dbs
-    assert len(checks.snapshot()) == len(before) + 3  # the pre-restore safety backup triple
+    # The pre-restore safety backup: data, .sha256, .meta, globals and its .sha256.
+    assert len(checks.snapshot()) == len(before) + 5
     checks.drill(backup.path, "check", "scheduling.shift")

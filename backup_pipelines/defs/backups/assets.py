@@ -44,7 +44,27 @@ def artifact_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | 
         "database": dg.MetadataValue.text(meta.database),
         "format": dg.MetadataValue.text(f"{meta.format}/{meta.compression}"),
         "encryption": dg.MetadataValue.text(meta.encryption.get("mode", "none")),
+        **_globals_metadata(artifact),
     }
+
+
+def _globals_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | int | float | str]:
+    """What the backup set holds of the server's globals (names and counts, never a password)."""
+    entry = artifact.meta.globals
+    if entry is None:
+        return {
+            "globals": dg.MetadataValue.text("none (backup taken before globals were captured)")
+        }
+    metadata: dict[str, dg.MetadataValue | int | float | str] = {
+        "globals": dg.MetadataValue.text(entry.file_name),
+        "globals_roles": dg.MetadataValue.int(entry.roles),
+        "globals_role_passwords": dg.MetadataValue.bool(entry.role_passwords),
+    }
+    if not entry.role_passwords:
+        metadata["globals_role_passwords_missing"] = dg.MetadataValue.text(
+            entry.role_passwords_reason or "pg_authid not readable by the backup role"
+        )
+    return metadata
 
 
 def _description(name: str, settings: TargetSettings) -> str:
@@ -57,7 +77,12 @@ def _description(name: str, settings: TargetSettings) -> str:
         "SHA-256 hashing into `<backup_root>/"
         f"{name}/<database>_<YYYYmmdd_HHMMSS>` with a `.sha256` and a `.meta` beside it. Row counts are "
         "taken in the dump's own snapshot, so a restore can be checked exactly.\n\n"
-        "Checks: `checksum_matches` (blocks downstream steps), `archive_readable`, `size_not_anomalous`.\n\n"
+        "The server's globals (roles, memberships, role settings, tablespaces: `pg_dumpall "
+        "--globals-only`) are stored with every backup (`<backup>.globals...`), so it can be "
+        "restored onto a new server; `globals_role_passwords` is false when the backup role may "
+        "not read the password hashes (not a superuser).\n\n"
+        "Checks: `checksum_matches` (blocks downstream steps), `archive_readable`, "
+        "`globals_readable`, `size_not_anomalous`.\n\n"
         "Manual restore of a plain backup: `gunzip -c FILE | psql -v ON_ERROR_STOP=1 --single-transaction DB`."
     )
 

@@ -10,7 +10,12 @@ from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, lo
 from backup_pipelines.engine.config import TargetSettings
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.listing import human_size
-from backup_pipelines.engine.verify import CheckOutcome, check_checksum, check_readable
+from backup_pipelines.engine.verify import (
+    CheckOutcome,
+    check_checksum,
+    check_globals,
+    check_readable,
+)
 from backup_pipelines.lib.names import LOGICAL_BACKUP, target_key
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.results import failure, latest_materialized_path
@@ -78,6 +83,20 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
 
     @dg.asset_check(
         asset=key,
+        name="globals_readable",
+        description="The server's globals stored with the backup (roles, memberships, role "
+        "settings) are there, match their checksum and decode to pg_dumpall's complete output; "
+        "the result says whether role passwords are included. Fails when the globals file is "
+        "missing or damaged: the backup could not be restored onto a new server with its roles.",
+    )
+    def globals_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        artifact = _latest_artifact(context, key)
+        if isinstance(artifact, dg.AssetCheckResult):
+            return artifact
+        return _result(artifact, check_globals(artifact), dg.AssetCheckSeverity.ERROR)
+
+    @dg.asset_check(
+        asset=key,
         name="size_not_anomalous",
         description=f"Warns when a backup is more than {settings.size_drop_warn_ratio:.0%} smaller than "
         "the previous one: often a sign of lost data or a dump of the wrong database.",
@@ -119,7 +138,7 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
             },
         )
 
-    return [checksum_matches, archive_readable, size_not_anomalous]
+    return [checksum_matches, archive_readable, globals_readable, size_not_anomalous]
 
 
 @dg.definitions

@@ -63,6 +63,8 @@ def drill_metadata(result: DrillResult, rto_target_seconds: float) -> dict[str, 
             result.backup_taken_at.isoformat() if result.backup_taken_at else "(none)"
         ),
         "drill_server": dg.MetadataValue.text(result.scratch_server or "(none)"),
+        "drill_mode": dg.MetadataValue.text(result.mode),
+        "roles_created": dg.MetadataValue.int(result.roles_created),
         "scratch_database_dropped": dg.MetadataValue.bool(result.scratch_dropped),
         "result": dg.MetadataValue.text(result.summary()),
     }
@@ -134,11 +136,23 @@ def drill_check_results(
 
 
 def _description(name: str, settings: TargetSettings) -> str:
-    server = (
+    same = (
         f"the drill server in `${settings.scratch_dsn_env}`"
         if settings.scratch_dsn_env
         else "the target's own server, under a throwaway name"
     )
+    fresh = (
+        "a throwaway cluster initialised for the drill (initdb with the binaries of the "
+        "backup's server version; the roles come from the backup's globals file, so the drill "
+        "proves the backup set alone restores the database)"
+    )
+    mode = settings.restore.drill.fresh_server
+    if mode is True:
+        server = fresh
+    elif mode is False:
+        server = same
+    else:
+        server = f"{fresh} when those binaries are installed on this host, else on {same}"
     return (
         f"Restore drill of **{name}**"
         + (" (one partition per database of the server)" if settings.is_server else "")
@@ -147,6 +161,8 @@ def _description(name: str, settings: TargetSettings) -> str:
         "table's row count with the backup's `.meta`, runs amcheck's `bt_index_check` on every "
         "restored btree index, then drops the scratch database. The target's database is never "
         "touched.\n\n"
+        "`drill_mode` says which ran: `fresh_server` or `same_server` "
+        "(`restore.drill.fresh_server`).\n\n"
         "Metadata to plot: `rto_seconds` (measured time to a verified restore), `rpo_seconds` "
         "(age of the backup drilled), `tables`, `rows`, `indexes_checked`.\n\n"
         f"Checks: `{DRILL_PASSED_CHECK}` (ERROR; fails the run and says which step failed and "

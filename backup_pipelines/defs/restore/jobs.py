@@ -70,6 +70,7 @@ def report_metadata(report: RestoreReport) -> dict[str, dg.MetadataValue]:
         "tables": dg.MetadataValue.int(report.tables),
         "rows": dg.MetadataValue.int(report.rows),
         "terminated_sessions": dg.MetadataValue.int(report.terminated_sessions),
+        "roles_created": dg.MetadataValue.text(", ".join(report.roles_created) or "(none)"),
         "duration_seconds": dg.MetadataValue.float(report.duration_seconds),
         "steps": dg.MetadataValue.table(
             steps,

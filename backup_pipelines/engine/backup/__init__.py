@@ -2,6 +2,8 @@
 
 - ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
   file, in one streaming pass): ``run_backup``.
+- ``globals``: the server's globals (``pg_dumpall --globals-only``) and the database's own
+  owner, privileges and settings, stored with every logical backup; reading them back.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
 - ``server_config``: the server's configuration files kept outside its data directory
   (Debian's /etc/postgresql/...), captured into the base backup's tar and listed in ``.meta``.

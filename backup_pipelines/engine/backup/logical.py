@@ -41,6 +41,7 @@ from backup_pipelines.engine.backup.files import (
     ensure_target_dirs,
     target_lock,
 )
+from backup_pipelines.engine.backup.globals import CapturedGlobals, capture_globals
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
@@ -262,6 +263,8 @@ def run_backup(
         )
         final = _final_path(target.backup_dir, info.dbname, started, extension)
         log.info(f"Backing up {info.describe()} (PostgreSQL {server_version}) to {final}")
+        # The server's globals join the set; they are removed again if the dump fails.
+        captured = capture_globals(target, info, tools, final, stage_factory=stage_factory, log=log)
 
         counts: dict[str, int] = {}
         count_errors: list[BaseException] = []
@@ -304,7 +307,11 @@ def run_backup(
                 counter,
                 counts,
                 count_errors,
+                captured,
             )
+        except BaseException:
+            captured.discard()
+            raise
         finally:
             counter.join()
             with contextlib.suppress(Exception):
@@ -325,6 +332,7 @@ def _dump_to_file(
     counter: threading.Thread,
     counts: dict[str, int],
     count_errors: list[BaseException],
+    globals_set: CapturedGlobals | None = None,
 ) -> BackupArtifact:
     settings = target.settings
     tmp = partial_path(final)
@@ -414,11 +422,15 @@ def _dump_to_file(
             database_collate=source.collate,
             database_ctype=source.ctype,
             row_counts_scope="own",
+            globals=globals_set.entry if globals_set is not None else None,
         )
         writing = "the .sha256 file"
         write_atomic(sidecars[0], sha256_line(meta.sha256, final.name).encode())
         writing = "the .meta file"
         write_meta(sidecars[1], meta)
+        if globals_set is not None:
+            writing = "the globals .sha256 file"
+            globals_set.commit()
         # The rename is the commit point: before it there is no backup, after it a complete one.
         os.replace(tmp, final)
         fsync_dir(final.parent)

@@ -53,6 +53,7 @@ from backup_pipelines.engine.config.monitoring import (
     WebhookNotifierSettings,
 )
 from backup_pipelines.engine.config.settings import (
+    DrillSettings,
     EncryptionSettings,
     LifecycleSettings,
     MigrationSettings,
@@ -74,6 +75,7 @@ __all__ = [
     "TARGET_NAME_PATTERN",
     "AlertSettings",
     "Compression",
+    "DrillSettings",
     "DumpFormat",
     "EmailNotifierSettings",
     "EncryptionSettings",

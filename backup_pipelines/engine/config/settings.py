@@ -18,6 +18,27 @@ from backup_pipelines.engine.config.fields import (
 )
 
 
+class DrillSettings(StrictModel):
+    """How the restore drill of a target runs (key ``restore.drill:``)."""
+
+    fresh_server: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Drill on a throwaway cluster initialised for the drill (initdb with the binaries of "
+            "the backup's server major version, a free port, a temporary folder, always torn "
+            "down): the backup set alone, globals included, must restore the database. true: "
+            "always (the drill fails when those binaries are missing); false: in a scratch "
+            "database on the drill server (scratch_dsn_env, else the target's own server); "
+            "auto (default): fresh when the matching initdb is installed on this host and the "
+            "target names no drill server (scratch_dsn_env)."
+        ),
+    )
+    server_os_user: str = Field(
+        default="postgres",
+        description="OS user the throwaway cluster runs as when the drill runs as root.",
+    )
+
+
 class RestoreSettings(StrictModel):
     """How restores into a target and its restore drills behave (key ``restore:`` of a target)."""
 
@@ -40,6 +61,9 @@ class RestoreSettings(StrictModel):
     maintenance_database: str = Field(
         default="postgres",
         description="Database to connect to for CREATE/ALTER/DROP DATABASE during a restore.",
+    )
+    drill: DrillSettings = Field(
+        default_factory=DrillSettings, description="How the restore drill runs (fresh_server)."
     )
 
 

@@ -27,12 +27,19 @@ from typing import Any
 import psycopg
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.globals import apply_database_properties, read_globals_sql
 from backup_pipelines.engine.clock import age_seconds
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
+from backup_pipelines.engine.drills.fresh_server import (
+    FRESH_SERVER,
+    SAME_SERVER,
+    choose_drill_mode,
+    throwaway_cluster,
+)
 from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
+from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major, table_row_counts
 from backup_pipelines.engine.progress import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
     ProgressReporter,
@@ -54,6 +61,7 @@ from backup_pipelines.engine.restore.locate import (
     local_copy,
     locate_backup,
 )
+from backup_pipelines.engine.restore.roles import create_missing_roles
 from backup_pipelines.engine.restore.runner import compare_counts, describe_mismatches, restore_into
 from backup_pipelines.engine.storage import load_remote_artifact
 from backup_pipelines.engine.verify import verify_artifact
@@ -84,17 +92,22 @@ class DrillResult:
     scratch_server: str | None = None
     scratch_database: str | None = None
     scratch_dropped: bool = False
+    # fresh_server: a throwaway cluster initialised for the drill got the backup's globals
+    # first; same_server: a scratch database on the drill (or the target's) server.
+    mode: str = SAME_SERVER
+    roles_created: int = 0
 
     def summary(self) -> str:
         if self.passed:
             assert self.rto_seconds is not None and self.backup_age_seconds is not None
             return (
-                f"restore drill passed: {Path(self.backup or '').name} ({self.source}) restored in "
+                f"restore drill passed ({self.mode}): {Path(self.backup or '').name} "
+                f"({self.source}) restored in "
                 f"{self.rto_seconds:.1f}s, {self.tables} tables / {self.rows} rows match, "
                 f"{self.amcheck.detail if self.amcheck else 'amcheck not run'}; "
                 f"backup age {self.backup_age_seconds / 3600:.1f} h"
             )
-        return f"restore drill FAILED at step '{self.failed_step}': {self.reason}"
+        return f"restore drill FAILED at step '{self.failed_step}' ({self.mode}): {self.reason}"
 
 
 def drill_backup(target: Target, *, log: Any = None) -> tuple[BackupArtifact, str] | None:
@@ -130,10 +143,14 @@ def run_drill(
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
     progress: ProgressReporter | None = None,
     database: str | None = None,
+    fresh_server: bool | None = None,
 ) -> DrillResult:
     """Drill ``backup`` (default: the newest backup) of a target. Never touches the target's database.
 
     ``database``: which database of a server target (``databases: all``); required for one.
+    ``fresh_server`` (None: the target's ``restore.drill.fresh_server``) restores onto a
+    throwaway cluster initialised for the drill, after creating the roles from the backup's
+    globals: proof that the backup set alone restores the database.
 
     Raises only for configuration errors (unknown target); everything a drill can find wrong
     with a backup or the drill server comes back as a failed :class:`DrillResult`.
@@ -161,18 +178,35 @@ def run_drill(
         else:
             artifact = locate_backup(config, target, backup)
             result.source = "local" if artifact.is_local else "s3"
-        admin = ConnectionInfo.parse(
-            target.scratch_dsn(), source=f"target '{target.name}' drill server"
-        )
     except BackupPipelinesError as exc:
         return failed("locate", exc.message)
+    major = server_major(artifact.meta.server_version_num)
+    try:
+        result.mode, fresh_bin_dir, why_not = choose_drill_mode(target, major, fresh_server)
+    except BackupPipelinesError as exc:
+        result.mode = FRESH_SERVER
+        return failed("fresh_server", f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
+    admin: ConnectionInfo | None = None
+    if result.mode == SAME_SERVER:
+        try:
+            admin = ConnectionInfo.parse(
+                target.scratch_dsn(), source=f"target '{target.name}' drill server"
+            )
+        except BackupPipelinesError as exc:
+            return failed("locate", exc.message)
     result.backup = artifact.location
     result.backup_taken_at = artifact.meta.started_at
     result.backup_age_seconds = round(age_seconds(artifact.meta.started_at, result.started_at), 1)
-    result.scratch_server = admin.describe().rsplit("/", 1)[0]
+    if admin is not None:
+        result.scratch_server = admin.describe().rsplit("/", 1)[0]
+        if target.settings.restore.drill.fresh_server is not False and fresh_server is None:
+            log.info(f"Restore drill on the same server, not a fresh one: {why_not}")
+    else:
+        result.scratch_server = f"a throwaway PostgreSQL {major} cluster"
     log.info(
-        f"Restore drill of '{target.name}': {artifact.location} ({result.source}, taken "
-        f"{artifact.meta.started_at.isoformat()}) into a scratch database on {result.scratch_server}"
+        f"Restore drill of '{target.name}' ({result.mode}): {artifact.location} ({result.source}, "
+        f"taken {artifact.meta.started_at.isoformat()}) into a scratch database on "
+        f"{result.scratch_server}"
     )
 
     clock = time.monotonic()
@@ -194,19 +228,23 @@ def run_drill(
             failed,
             log=log,
             progress=progress,
+            fresh_bin_dir=fresh_bin_dir,
+            stack=cleanup,
         )
 
 
 def _verify_restore_check(
     result: DrillResult,
     target: Target,
-    admin: ConnectionInfo,
+    admin: ConnectionInfo | None,
     artifact: BackupArtifact,
     clock: float,
     failed: Callable[[str, str], DrillResult],
     *,
     log: Any,
     progress: ProgressReporter,
+    fresh_bin_dir: Path | None = None,
+    stack: contextlib.ExitStack,
 ) -> DrillResult:
     try:
         outcomes = verify_artifact(artifact)
@@ -216,6 +254,16 @@ def _verify_restore_check(
     if broken:
         return failed("verify", broken[0].message)
     result.verify_seconds = round(time.monotonic() - clock, 3)
+    if admin is None:
+        assert fresh_bin_dir is not None
+        try:
+            admin = stack.enter_context(throwaway_cluster(fresh_bin_dir, target, log=log))
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            return failed("fresh_server", _message(exc))
+        try:
+            result.roles_created = _apply_globals(admin, artifact, log=log)
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            return failed("globals", _message(exc))
 
     name = scratch_name("bp_drill", target.name)
     result.scratch_database = name
@@ -239,7 +287,11 @@ def _verify_restore_check(
                 log=log,
                 progress=progress,
             )
-        except BackupPipelinesError as exc:
+            if result.mode == FRESH_SERVER:
+                _apply_database_properties(admin, name, artifact)
+        except (BackupPipelinesError, psycopg.Error) as exc:
+            if isinstance(exc, psycopg.Error):
+                return failed("restore", _message(exc))
             return failed("restore", f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
         result.restore_seconds = round(time.monotonic() - restore_clock, 3)
         try:
@@ -283,6 +335,39 @@ def _verify_restore_check(
                 failed("cleanup", problem)
             else:
                 log.error(problem)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, BackupPipelinesError):
+        return exc.message
+    return " ".join(str(exc).split())
+
+
+def _apply_globals(admin: ConnectionInfo, artifact: BackupArtifact, *, log: Any) -> int:
+    """The backup's roles, memberships and role settings onto the fresh cluster."""
+    entry = artifact.meta.globals
+    if entry is None:
+        log.warning(
+            f"{Path(artifact.location).name} was taken before backups captured the server's "
+            "globals: no roles to create, the restore needs the roles it references"
+        )
+        return 0
+    text = read_globals_sql(artifact)
+    with connect(admin, autocommit=True) as conn:
+        report = create_missing_roles(conn, text, log=log)
+    if not entry.role_passwords:
+        log.warning(
+            f"The drilled backup's globals lack role passwords: {entry.role_passwords_reason}"
+        )
+    return len(report.created)
+
+
+def _apply_database_properties(admin: ConnectionInfo, name: str, artifact: BackupArtifact) -> None:
+    """The owner, privileges and settings the backup recorded, onto the scratch database."""
+    entry = artifact.meta.globals
+    if entry is not None and entry.database is not None:
+        with connect(admin, autocommit=True) as conn:
+            apply_database_properties(conn, name, entry.database)
 
 
 # --- the restore test of `backup --test` --------------------------------------------------------

@@ -10,15 +10,18 @@ function in ``steps.py``) and touches the live database only in the last one:
 2. ``download``: an offsite copy is fetched once into the work folder.
 3. ``verify``: checksum, decryption and decompression of the whole backup.
 4. ``safety_backup``: a ``pre-restore`` backup of the current database (abort if it fails).
-5. ``restore``: into a new database ``<db>_restoring_<time>``.
-6. ``check``: every table's row count against the backup's ``.meta``.
-7. ``swap``: block connections to the live database, terminate its sessions, and rename both
+5. ``roles``: the roles the backup needs that this server lacks are created from the backup's
+   globals file, with their memberships and settings; existing roles are never changed.
+6. ``restore``: into a new database ``<db>_restoring_<time>``.
+7. ``check``: every table's row count against the backup's ``.meta``.
+8. ``swap``: block connections to the live database, terminate its sessions, and rename both
    databases in one transaction; the replaced one is kept as ``<db>_pre_restore_<time>``.
-8. cleanup: replaced databases past ``restore.drop_previous_after_hours`` are dropped.
+9. cleanup: replaced databases past ``restore.drop_previous_after_hours`` are dropped.
 
-A failure in steps 1-7 leaves the live database as it was; the error names the step and the
+A failure in steps 1-8 leaves the live database as it was; the error names the step and the
 safety backup. The other modules of the package: ``locate`` (finding and fetching the backup),
-``database`` (create, label, swap databases), ``runner`` (psql / pg_restore), ``cleanup``
+``database`` (create, label, swap databases), ``roles`` (the missing roles from a backup's
+globals, never changing existing ones), ``runner`` (psql / pg_restore), ``cleanup``
 (leftovers of killed restores, replaced databases, ``restore-cleanup``, the restore lock).
 """
 
@@ -66,6 +69,7 @@ class RestoreReport:
     duration_seconds: float
     step_seconds: dict[str, float]
     expired_copies_dropped: list[str] = field(default_factory=list)
+    roles_created: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -78,6 +82,8 @@ class RestoreReport:
             lines.append(f"  previous database kept as: {self.previous_database}")
         elif self.previous_database:
             lines.append(f"  previous database dropped: {self.previous_database}")
+        if self.roles_created:
+            lines.append(f"  created missing roles: {', '.join(self.roles_created)}")
         if self.terminated_sessions:
             lines.append(f"  terminated {self.terminated_sessions} open session(s)")
         for name in self.expired_copies_dropped:
@@ -128,10 +134,11 @@ def restore_database(
         run.step("verify", steps.verify, run, local)
         exists, tools = run.step("connect", steps.inspect_server, run, timed=False)
         run.step("safety_backup", steps.take_safety_backup, run, exists)
+        run.step("roles", steps.create_roles, run, local, hint=steps.ROLES_HINT)
         try:
             run.step("restore", steps.restore_into_new_database, run, local, tools)
             restored = run.step("check", steps.check_row_counts, run, local)
-            run.step("swap", steps.swap_in, run, exists, hint=steps.SWAP_HINT)
+            run.step("swap", steps.swap_in, run, exists, local, hint=steps.SWAP_HINT)
         except BaseException:
             steps.drop_restoring_copy(run)
             raise
@@ -155,4 +162,5 @@ def restore_database(
         duration_seconds=round(time.monotonic() - run.started, 3),
         step_seconds={step: round(seconds, 3) for step, seconds in run.step_seconds.items()},
         expired_copies_dropped=expired,
+        roles_created=list(run.roles.created) if run.roles else [],
     )

@@ -17,6 +17,10 @@ import psycopg
 from psycopg import sql
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.globals import (
+    apply_database_properties,
+    read_database_properties,
+)
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.errors import RestoreFailedError
 from backup_pipelines.engine.postgres import (
@@ -116,47 +120,7 @@ def copy_database_properties(conn: psycopg.Connection, source: str, dest: str) -
     pg_dump without --create leaves database-level properties out of the dump; without this
     the application role could lose CONNECT or its per-database settings after the swap.
     """
-    row = conn.execute(
-        "SELECT pg_get_userbyid(datdba), datacl IS NULL FROM pg_database WHERE datname = %s",
-        (source,),
-    ).fetchone()
-    assert row is not None
-    owner, default_acl = row
-    ident = sql.Identifier(dest)
-    conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(owner)))
-    if not default_acl:
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
-        grants = conn.execute(
-            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
-            "a.privilege_type, a.is_grantable FROM pg_database d, aclexplode(d.datacl) a "
-            "WHERE d.datname = %s",
-            (source,),
-        ).fetchall()
-        for grantee, privilege, grantable in grants:
-            conn.execute(
-                sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                    sql.SQL(privilege),
-                    ident,
-                    sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
-                    sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL(""),
-                )
-            )
-    settings = conn.execute(
-        "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, "
-        "s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
-        "WHERE d.datname = %s",
-        (source,),
-    ).fetchall()
-    for role, config in settings:
-        for item in config or []:
-            key, _, value = item.partition("=")
-            statement = sql.SQL("ALTER {} DATABASE {} SET {} = {}").format(
-                sql.SQL("ROLE {} IN").format(sql.Identifier(role)) if role else sql.SQL(""),
-                ident,
-                sql.Identifier(key),
-                sql.Literal(value),
-            )
-            conn.execute(statement)
+    apply_database_properties(conn, dest, read_database_properties(conn, source))
 
 
 def terminate_sessions(conn: psycopg.Connection, database: str, *, log: Any) -> int:

@@ -19,6 +19,7 @@ from backup_pipelines.engine.artifacts import (
     write_meta,
 )
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.errors import IntegrityError
 from backup_pipelines.engine.fsutil import open_private
 from backup_pipelines.engine.listing import newest_backup
 from backup_pipelines.engine.offsite import offsite_storage
@@ -159,6 +160,23 @@ def local_copy(
                 meter.advance(len(chunk))
         with open_private(path.with_name(path.name + SHA256_SUFFIX)) as handle:
             handle.write(sha256_line(recorded, path.name).encode())
+        entry = artifact.meta.globals
+        if entry is not None:
+            # The globals file comes too (verify checks it, the restore creates roles from it);
+            # a missing one is left missing here so that verification names it.
+            globals_path = path.with_name(entry.file_name)
+            try:
+                with open_private(globals_path) as handle:
+                    for chunk in artifact.globals_stored_chunks():
+                        handle.write(chunk)
+            except IntegrityError:
+                globals_path.unlink(missing_ok=True)
+            with contextlib.suppress(IntegrityError):
+                recorded_globals = artifact.recorded_globals_sha256()
+                with open_private(
+                    globals_path.with_name(entry.file_name + SHA256_SUFFIX)
+                ) as handle:
+                    handle.write(sha256_line(recorded_globals, entry.file_name).encode())
         write_meta(path.with_name(path.name + META_SUFFIX), artifact.meta)
         yield BackupArtifact(path, artifact.meta)
     finally:

@@ -127,7 +127,8 @@ def restore_error_hint(error_text: str) -> str | None:
     if missing:
         return (
             f"the backup's objects belong to roles this server does not have (role "
-            f"{missing.group(1)!r}): pg_dump does not carry roles, so create them here first, "
+            f"{missing.group(1)!r}): `backup-pipelines restore` creates them from the backup's "
+            "globals; for a backup taken before globals were captured create them here first, "
             "e.g. `pg_dumpall --roles-only` on the source server piped into psql on this one"
         )
     return None

@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.globals import apply_database_properties, read_globals_sql
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
@@ -52,11 +53,16 @@ from backup_pipelines.engine.restore.locate import (
     local_copy,
     locate_backup,
 )
+from backup_pipelines.engine.restore.roles import RolesReport, create_missing_roles
 from backup_pipelines.engine.restore.runner import compare_counts, describe_mismatches, restore_into
 from backup_pipelines.engine.verify import verify_artifact
 
 T = TypeVar("T")
 
+ROLES_HINT = (
+    "no role was created (all or nothing); creating roles needs CREATEROLE (SUPERUSER for "
+    "superuser roles): restore as a superuser of this server"
+)
 SWAP_HINT = (
     "the restoring role needs to own the database (or be superuser) and be allowed to "
     "terminate its sessions (pg_signal_backend)"
@@ -79,6 +85,7 @@ class RestoreRun:
     restoring: str | None = None  # the new database the backup is restored into
     previous: str | None = None  # what the live database was renamed to by the swap
     terminated_sessions: int = 0
+    roles: RolesReport | None = None  # what the roles step created (None: not run)
 
     @property
     def database(self) -> str:
@@ -244,6 +251,26 @@ def take_safety_backup(run: RestoreRun, exists: bool) -> None:
     run.log.info(f"Safety backup written: {run.safety_backup}")
 
 
+def create_roles(run: RestoreRun, local: BackupArtifact) -> None:
+    """Create the roles the backup needs that this server lacks, from the backup's globals
+    file; existing roles are never changed (see ``roles.py`` for what is applied and why)."""
+    entry = local.meta.globals
+    if entry is None:
+        run.log.warning(
+            f"{local.path.name} was taken before backups captured the server's globals: "
+            "missing roles are not created (create them first when restoring onto a new server)"
+        )
+        return
+    text = read_globals_sql(local)
+    with connect(run.admin, autocommit=True) as conn:
+        run.roles = create_missing_roles(conn, text, log=run.log)
+    if run.roles.created and not entry.role_passwords:
+        run.log.warning(
+            f"The roles were created without passwords ({entry.role_passwords_reason}); "
+            "set them with ALTER ROLE ... PASSWORD before applications log in"
+        )
+
+
 def restore_into_new_database(run: RestoreRun, local: BackupArtifact, tools: PgTools) -> None:
     """Restore into a new database ``<db>_restoring_<time>``; the live one is still untouched.
     What killed restores of the target left behind is cleared away first."""
@@ -287,13 +314,18 @@ def check_row_counts(run: RestoreRun, local: BackupArtifact) -> dict[str, int]:
     return restored
 
 
-def swap_in(run: RestoreRun, exists: bool) -> None:
+def swap_in(run: RestoreRun, exists: bool, local: BackupArtifact | None = None) -> None:
     """The only step that touches the live database: the restored copy takes its name (and its
-    owner, privileges and settings); the live one is kept as ``<db>_pre_restore_<time>``."""
+    owner, privileges and settings); the live one is kept as ``<db>_pre_restore_<time>``.
+    A database new on this server gets the owner, privileges and settings the backup recorded
+    (none for backups taken before globals were captured)."""
     assert run.restoring is not None
+    entry = local.meta.globals if local is not None else None
     with connect(run.admin, autocommit=True) as conn:
         if not exists:
             with conn.transaction():
+                if entry is not None and entry.database is not None:
+                    apply_database_properties(conn, run.restoring, entry.database)
                 conn.execute(
                     sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                         sql.Identifier(run.restoring), sql.Identifier(run.database)

@@ -67,8 +67,42 @@ class RemoteBackupArtifact(BackupArtifact):
         return self.storage.url(self.name)
 
     @property
+    def globals_name(self) -> str | None:
+        """The object holding the server's globals stored with this backup (None: older ones)."""
+        entry = self.meta.globals
+        if entry is None:
+            return None
+        folder = self.name.rpartition("/")[0]
+        return f"{folder}/{entry.file_name}" if folder else entry.file_name
+
+    @property
     def sidecar_names(self) -> list[str]:
-        return [self.name + SHA256_SUFFIX, self.name + META_SUFFIX]
+        names = [self.name + SHA256_SUFFIX, self.name + META_SUFFIX]
+        if self.globals_name is not None:
+            names += [self.globals_name, self.globals_name + SHA256_SUFFIX]
+        return names
+
+    def globals_stored_chunks(self) -> Iterator[bytes]:
+        assert self.storage is not None and self.globals_name is not None
+        if self.storage.head(self.globals_name) is None:
+            raise IntegrityError(
+                f"globals file missing: {self.storage.url(self.globals_name)}",
+                hint="the offsite copy of the backup set is incomplete: the roles cannot be "
+                "recreated from it on a new server; use another backup",
+            )
+        yield from self.storage.iter_chunks(self.globals_name)
+
+    def recorded_globals_sha256(self) -> str:
+        assert self.storage is not None and self.globals_name is not None
+        sidecar = self.globals_name + SHA256_SUFFIX
+        try:
+            text = self.storage.read_bytes(sidecar).decode("utf-8", "replace")
+        except StorageError:
+            raise IntegrityError(
+                f"checksum file missing: {self.storage.url(sidecar)}",
+                hint="the offsite copy is incomplete; do not trust it",
+            ) from None
+        return parse_sha256_text(text, self.storage.url(sidecar))
 
     def open_stored(self) -> BinaryIO:
         raise StorageError(

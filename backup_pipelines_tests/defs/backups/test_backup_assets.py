@@ -82,9 +82,20 @@ def test_materialization_records_metadata_and_checks_pass(project) -> None:
             )
         assert metadata["server_version"].value.startswith("15.")
 
+        # The server's globals are part of the set; the superuser backup role read passwords.
+        assert metadata["globals"].value.startswith(path.name + ".globals")
+        assert metadata["globals_role_passwords"].value is True
+        assert metadata["globals_roles"].value >= 4
+
         checks = check_results(result)
-        assert set(checks) == {"checksum_matches", "archive_readable", "size_not_anomalous"}
+        assert set(checks) == {
+            "checksum_matches",
+            "archive_readable",
+            "globals_readable",
+            "size_not_anomalous",
+        }
         assert all(c.passed for c in checks.values()), {n: c.metadata for n, c in checks.items()}
+        assert "role passwords included" in checks["globals_readable"].metadata["result"].value
 
         # Secrets never reach the event log (metadata, logs, anything).
         records = instance.get_records_for_run(result.run_id).records
@@ -106,6 +117,18 @@ def test_tampered_backup_fails_checksum_matches_with_error(project) -> None:
         assert not evaluation.passed
         assert evaluation.severity == dg.AssetCheckSeverity.ERROR
         assert "SHA-256 mismatch" in evaluation.metadata["result"].value
+
+
+def test_missing_globals_file_fails_globals_readable(project) -> None:
+    with dg.instance_for_test() as instance:
+        result = materialize_backup(instance)
+        metadata = result.get_asset_materialization_events()[0].materialization.metadata
+        path = Path(metadata["path"].value)
+        path.with_name(metadata["globals"].value).unlink()
+        evaluation = run_checks(instance, "production", "globals_readable")["globals_readable"]
+        assert not evaluation.passed
+        assert evaluation.severity == dg.AssetCheckSeverity.ERROR
+        assert "globals file missing" in evaluation.metadata["result"].value
 
 
 def test_truncated_backup_fails_checks(project) -> None:
@@ -172,7 +195,12 @@ def test_every_target_gets_an_asset_with_its_checks(make_project) -> None:
         assert "postgres" in node.kinds
         assert "backup" in (node.description or "").lower()
         checks = {k.name for k in graph.asset_check_keys if k.asset_key == key}
-        assert {"checksum_matches", "archive_readable", "size_not_anomalous"} <= checks
+        assert {
+            "checksum_matches",
+            "archive_readable",
+            "globals_readable",
+            "size_not_anomalous",
+        } <= checks
     # A check pointing at a mistyped key would create a stub asset: every asset must be real.
     assert all(
         graph.get(k).is_materializable or graph.get(k).is_observable
