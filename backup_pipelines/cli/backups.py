@@ -8,27 +8,21 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
-from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
-from backup_pipelines.engine.config import load_config
-from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import EXIT_REFUSED, BackupPipelinesError, IntegrityError
-from backup_pipelines.engine.listing import (
-    BackupListing,
-    future_note,
-    human_age,
-    human_size,
-    list_backups,
-    problem_of,
-)
-from backup_pipelines.engine.preflight import project_problems
-from backup_pipelines.engine.storage import open_backup
-from backup_pipelines.engine.verify import verify_artifact
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.listing import BackupListing
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    # Only what the dump needs is imported before pg_dump starts; verification comes after.
+    from backup_pipelines.engine.backup.logical import run_backup
+    from backup_pipelines.engine.listing import human_size
+
     config = load_project(args.config)
     target = config.target(args.target)
     progress = progress_for(args)
@@ -44,6 +38,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     if args.skip_verify:
         return 0
+    from backup_pipelines.engine.drills.logical import restore_test
+    from backup_pipelines.engine.verify import verify_artifact
+
     passed = True
     for outcome in verify_artifact(artifact):
         say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
@@ -61,6 +58,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.storage import open_backup
+    from backup_pipelines.engine.verify import verify_artifact
+
     artifact = open_backup(args.backup)
     meta = artifact.meta
     say(f"{artifact.location}")
@@ -121,6 +121,8 @@ class ListRow:
 
 
 def _list_rows(listing: BackupListing) -> list[ListRow]:
+    from backup_pipelines.engine.listing import future_note, problem_of
+
     rows = []
     for a in listing.artifacts:
         future = is_future(a.meta.started_at, listing.now)
@@ -156,6 +158,8 @@ UNREADABLE_NOTE = " (not trusted, never deleted by retention)"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.listing import human_age, human_size, list_backups
+
     config = load_project(args.config)
     target = config.target(args.target)
     listing = list_backups(target)
@@ -206,6 +210,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     # Not load_project: broken targets are listed below with everything else, not as warnings.
+    from backup_pipelines.engine.config import load_config
+    from backup_pipelines.engine.preflight import project_problems
+
     config = load_config(args.config, isolate_targets=True)
     problems = project_problems(config)
     count = len(config.targets) + len(config.broken_targets)

@@ -7,18 +7,13 @@ import json
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
-from backup_pipelines.engine.listing import human_size
-from backup_pipelines.engine.offsite import (
-    apply_lifecycle,
-    lifecycle_rules,
-    lifecycle_warnings,
-    offsite_storage,
-    sync_offsite,
-)
-from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.listing import human_size
+    from backup_pipelines.engine.offsite import offsite_storage
+    from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
+
     config = load_project(args.config)
     target = config.target(args.target)
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
@@ -76,6 +71,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.offsite import (
+        apply_lifecycle,
+        lifecycle_rules,
+        lifecycle_warnings,
+        offsite_storage,
+    )
+
     config = load_project(args.config)
     target = config.target(args.target)
     rules = lifecycle_rules(target)
@@ -101,6 +103,9 @@ def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
 
 
 def cmd_offsite_sync(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.listing import human_size
+    from backup_pipelines.engine.offsite import offsite_storage, sync_offsite
+
     config = load_project(args.config)
     target = config.target(args.target)
     if not target.settings.offsite.is_enabled:

@@ -7,6 +7,7 @@ password-free description (``user@host:port/db``) ever reaches a log or an error
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -231,19 +232,29 @@ class PgTools:
         return found
 
     def major_version(self, tool: str = "pg_dump") -> int:
-        out = subprocess.run(
-            [self.path(tool), "--version"], capture_output=True, text=True, check=False
-        ).stdout
+        out = _version_output(self.path(tool))
         match = _VERSION_RE.search(out)
         if not match:
             raise ToolError(f"cannot read the version of {self.path(tool)}: {out.strip()!r}")
         return int(match.group(1))
 
     def version_string(self, tool: str = "pg_dump") -> str:
-        out = subprocess.run(
-            [self.path(tool), "--version"], capture_output=True, text=True, check=False
-        ).stdout
-        return out.strip()
+        return _version_output(self.path(tool)).strip()
+
+
+def _version_output(path: str) -> str:
+    # Asked before and after every backup: run the tool once per installed binary (a package
+    # upgrade changes the file's mtime, and with it the answer).
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _cached_version_output(path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_version_output(path: str, stamp: int) -> str:
+    return subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
 
 
 def _installed_bin_dirs() -> list[tuple[int, Path]]:
