@@ -384,6 +384,15 @@ def _dump_to_file(
     abort_stored: Any = None
     writing = "the data file"
     try:
+        # pg_dump starts first: its connection and catalog reads overlap with setting up the
+        # file and the encryption/compression stages (its output waits in the pipe meanwhile).
+        proc, stderr = spawn(
+            _pg_dump_argv(source.tools, target, source.snapshot),
+            env=source.info.child_env(),
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        _grow_pipe(proc.stdout)
         handle = open_private(tmp)
         with handle:
             sink = HashingSink(handle)
@@ -398,13 +407,6 @@ def _dump_to_file(
                 )
             outer = outer_codec(settings.format, settings.compression)
             codec = compressor(outer, settings.effective_compression_level)
-            proc, stderr = spawn(
-                _pg_dump_argv(source.tools, target, source.snapshot),
-                env=source.info.child_env(),
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            _grow_pipe(proc.stdout)
             dump_bytes = 0
             compress = codec.compress
             with progress.start("pg_dump") as meter:
