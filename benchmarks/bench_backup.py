@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +40,11 @@ sys.path.insert(0, str(REPO))
 from backup_pipelines.devtools.local_postgres import throwaway_cluster  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed_shell(command: str, env: dict[str, str]) -> float:
@@ -166,13 +172,17 @@ def main() -> int:
             )
             # Interleaved repetitions, median of each: a noisy moment hits every variant alike.
             samples: dict[str, list[float]] = {name: [] for name in variants}
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
             for round_ in range(args.repeat):
                 for name, run in variants.items():
+                    before = _children_cpu()
                     samples[name].append(run())
+                    cpu[name].append(_children_cpu() - before)
                     for leftover in (work / "backups").glob("*/*.*"):
                         leftover.unlink()
                 print(f"round {round_ + 1}/{args.repeat} done", flush=True)
             results = {name: statistics.median(values) for name, values in samples.items()}
+            cpu_used = {name: statistics.median(values) for name, values in cpu.items()}
             _, rss_big, tree_big = timed_backup(["backup", "plain_zstd", "--skip-verify"], ours_env)
             _, rss_small, tree_small = timed_backup(["backup", "small", "--skip-verify"], ours_env)
 
@@ -180,14 +190,22 @@ def main() -> int:
                 f"pgbench scale {args.scale} ({size}), median of {args.repeat} interleaved runs, "
                 f"same data, {os.cpu_count()} CPUs, load average at the end "
                 f"{os.getloadavg()[0]:.1f}",
-                f"{'pair':<15} {'shell s':>8} {'ours s':>8}  ratio",
-                f"{'floor':<15} {results['floor']:8.2f}",
+                "wall seconds (shell, ours, ratio), then CPU seconds of the client processes "
+                "(pg_dump, compressor, our process; the server's are the same for both)",
+                f"{'pair':<15} {'shell s':>8} {'ours s':>8}  {'ratio':>6}  "
+                f"{'shell cpu':>9} {'ours cpu':>9}  {'ratio':>6}",
+                f"{'floor':<15} {results['floor']:8.2f} {'':>8}  {'':>6}  {cpu_used['floor']:9.2f}",
             ]
             for dump_format, compression in [*PAIRS, ("plain", "gzip+v")]:
                 pair = f"{dump_format}/{compression}"
                 ours = results[f"ours {pair}"]
                 theirs = results[f"shell {pair.removesuffix('+v')}"]
-                report.append(f"{pair:<15} {theirs:8.2f} {ours:8.2f}  {ours / theirs:.2f}x")
+                ours_cpu = cpu_used[f"ours {pair}"]
+                theirs_cpu = cpu_used[f"shell {pair.removesuffix('+v')}"]
+                report.append(
+                    f"{pair:<15} {theirs:8.2f} {ours:8.2f}  {ours / theirs:5.2f}x  "
+                    f"{theirs_cpu:9.2f} {ours_cpu:9.2f}  {ours_cpu / theirs_cpu:5.2f}x"
+                )
             report.append(
                 f"peak RSS of the backup process: scale {args.small_scale}: "
                 f"{rss_small / 1024:.0f} MiB, scale {args.scale}: {rss_big / 1024:.0f} MiB "

@@ -2,6 +2,8 @@
 
 - ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
   file, in one streaming pass): ``run_backup``.
+- ``counting``: exact per-table row counts read from the dump stream in that same pass (plain
+  COPY blocks, custom-format data blocks), so the source is scanned once.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
 - ``base_reader``: reading a base backup back (extract with its checksum, pg_verifybackup).
 - ``files``: what both write with: the target's folder and lock, the hashing sink, undoing a
