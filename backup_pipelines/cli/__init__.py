@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 
 from backup_pipelines.cli.output import silence_stdout, use_live_line
@@ -62,6 +61,9 @@ def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.Ar
 
 
 def _log_file_handler(log_file: str) -> logging.Handler:
+    # Not at start-up: logging.handlers pulls in socket, pickle and more, for --log-file only.
+    from logging.handlers import TimedRotatingFileHandler
+
     path = Path(log_file).expanduser()
     if not path.name or path.is_dir():
         raise ConfigError(
