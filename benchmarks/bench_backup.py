@@ -1,21 +1,29 @@
 """Backup speed and memory against the plain shell pipeline, on the same data in the same run.
 
-    .venv/bin/python benchmarks/bench_backup.py [--scale 50] [--small-scale 10]
+    .venv/bin/python benchmarks/bench_backup.py [--scale 30] [--small-scale 10] [--repeat 3]
+        [--output benchmarks/results/backup-scale30.txt]
 
-Builds pgbench databases in a throwaway cluster and times, for the large scale:
-  floor      pg_dump > /dev/null
-  shell-gz   pg_dump | gzip > file            (what the guide's script does)
-  ours-gz    backup-pipelines backup --skip-verify   (gzip level 6, same as gzip's default)
-  shell-zst  pg_dump | zstd > file
-  ours-zst   backup-pipelines backup --skip-verify   (zstd level 3, same as zstd's default)
-  ours-gz+v  backup-pipelines backup            (adds the checksum + full decode verification)
+Builds pgbench databases in a throwaway cluster and times, for the large scale, every
+format/compression pair of `backup-pipelines backup --skip-verify` against the shell pipeline
+doing the same work:
+  floor          pg_dump > /dev/null
+  plain/none     pg_dump > file                        ours: format plain, compression none
+  plain/gzip     pg_dump | gzip > file                 ours: plain, gzip 6 (gzip's default)
+  plain/zstd     pg_dump | zstd -3 > file              ours: plain, zstd 3 (zstd's default)
+  custom/none    pg_dump -Fc -Z0 > file                ours: custom, none
+  custom/gzip    pg_dump -Fc -Z6 > file                ours: custom, gzip 6 (pg_dump compresses)
+  custom/zstd    pg_dump -Fc -Z0 | zstd -3 > file      ours: custom, zstd 3
+  plain/gzip+v   the shell's plain/gzip                ours with its verification (checksum + decode)
 and the peak memory of the backup process at both scales (it must not grow with the data).
+All variants run interleaved, `--repeat` times; the table shows medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -23,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +40,11 @@ sys.path.insert(0, str(REPO))
 from backup_pipelines.devtools.local_postgres import throwaway_cluster  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed_shell(command: str, env: dict[str, str]) -> float:
@@ -71,13 +85,28 @@ def timed_backup(args: list[str], env: dict[str, str]) -> tuple[float, int, int]
     return elapsed, peak[0], usage.ru_maxrss
 
 
+PAIRS = [
+    ("plain", "none"),
+    ("plain", "gzip"),
+    ("plain", "zstd"),
+    ("custom", "none"),
+    ("custom", "gzip"),
+    ("custom", "zstd"),
+]
+
+
+def _ours(args: list[str], env: dict[str, str]) -> float:
+    return timed_backup(args, env)[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", type=int, default=50)
+    parser.add_argument("--scale", type=int, default=30)
     parser.add_argument("--small-scale", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--output", help="also write the table to this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bp-bench-"))
     try:
@@ -101,12 +130,14 @@ def main() -> int:
                 )
             size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('bench_{args.scale}'))")
             config = work / "targets.yaml"
-            config.write_text(
-                f"backup_root: {work}/backups\ntargets:\n"
-                f"  gz_{args.scale}: {{dsn_env: BENCH_BIG}}\n"
-                f"  zst_{args.scale}: {{dsn_env: BENCH_BIG, compression: zstd}}\n"
-                f"  gz_{args.small_scale}: {{dsn_env: BENCH_SMALL}}\n"
-            )
+            lines = [f"backup_root: {work}/backups", "targets:"]
+            for dump_format, compression in PAIRS:
+                lines.append(
+                    f"  {dump_format}_{compression}: {{dsn_env: BENCH_BIG, "
+                    f"format: {dump_format}, compression: {compression}}}"
+                )
+            lines.append("  small: {dsn_env: BENCH_SMALL}")
+            config.write_text("\n".join(lines) + "\n")
             ours_env = {
                 **os.environ,
                 "BACKUP_PIPELINES_CONFIG": str(config),
@@ -117,54 +148,74 @@ def main() -> int:
             db = f"bench_{args.scale}"
             out = work / "shell"
             out.mkdir()
+            shell = {
+                "plain/none": f"{pg_dump} {db} > {out}/dump.sql",
+                "plain/gzip": f"{pg_dump} {db} | gzip > {out}/dump.sql.gz",
+                "plain/zstd": f"{pg_dump} {db} | zstd -q -3 -f -o {out}/dump.sql.zst",
+                "custom/none": f"{pg_dump} -Fc -Z0 {db} > {out}/dump.dump",
+                "custom/gzip": f"{pg_dump} -Fc -Z6 {db} > {out}/dump.dump",
+                "custom/zstd": f"{pg_dump} -Fc -Z0 {db} | zstd -q -3 -f -o {out}/dump.dump.zst",
+            }
             # Warm the page cache so the first measurement is not penalised.
             timed_shell(f"{pg_dump} {db} > /dev/null", env)
-            variants = {
-                "floor": lambda: timed_shell(f"{pg_dump} {db} > /dev/null", env),
-                "shell-gz": lambda: timed_shell(f"{pg_dump} {db} | gzip > {out}/dump.sql.gz", env),
-                "ours-gz": lambda: timed_backup(
-                    ["backup", f"gz_{args.scale}", "--skip-verify"], ours_env
-                )[0],
-                "shell-zst": lambda: timed_shell(
-                    f"{pg_dump} {db} | zstd -q -f -o {out}/dump.sql.zst", env
-                ),
-                "ours-zst": lambda: timed_backup(
-                    ["backup", f"zst_{args.scale}", "--skip-verify"], ours_env
-                )[0],
-                "ours-gz+v": lambda: timed_backup(["backup", f"gz_{args.scale}"], ours_env)[0],
+            variants: dict[str, Callable[[], float]] = {
+                "floor": lambda: timed_shell(f"{pg_dump} {db} > /dev/null", env)
             }
+            for dump_format, compression in PAIRS:
+                pair = f"{dump_format}/{compression}"
+                variants[f"shell {pair}"] = functools.partial(timed_shell, shell[pair], env)
+                variants[f"ours {pair}"] = functools.partial(
+                    _ours, ["backup", f"{dump_format}_{compression}", "--skip-verify"], ours_env
+                )
+            variants["ours plain/gzip+v"] = functools.partial(
+                _ours, ["backup", "plain_gzip"], ours_env
+            )
             # Interleaved repetitions, median of each: a noisy moment hits every variant alike.
             samples: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(args.repeat):
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
+            for round_ in range(args.repeat):
                 for name, run in variants.items():
+                    before = _children_cpu()
                     samples[name].append(run())
+                    cpu[name].append(_children_cpu() - before)
                     for leftover in (work / "backups").glob("*/*.*"):
                         leftover.unlink()
+                print(f"round {round_ + 1}/{args.repeat} done", flush=True)
             results = {name: statistics.median(values) for name, values in samples.items()}
-            _, rss_big, tree_big = timed_backup(
-                ["backup", f"gz_{args.scale}", "--skip-verify"], ours_env
-            )
-            _, rss_small, tree_small = timed_backup(
-                ["backup", f"gz_{args.small_scale}", "--skip-verify"], ours_env
-            )
+            cpu_used = {name: statistics.median(values) for name, values in cpu.items()}
+            _, rss_big, tree_big = timed_backup(["backup", "plain_zstd", "--skip-verify"], ours_env)
+            _, rss_small, tree_small = timed_backup(["backup", "small", "--skip-verify"], ours_env)
 
-            print(
-                f"\npgbench scale {args.scale} ({size}), median of {args.repeat} interleaved runs, same data"
-            )
-            print(f"{'variant':<11} {'seconds':>8}  ratio")
-            baseline = {"ours-gz": "shell-gz", "ours-zst": "shell-zst", "ours-gz+v": "shell-gz"}
-            for name, seconds in results.items():
-                ratio = ""
-                if name in baseline:
-                    ratio = f"{seconds / results[baseline[name]]:.2f}x {baseline[name]}"
-                elif name != "floor":
-                    ratio = f"{seconds / results['floor']:.2f}x floor"
-                print(f"{name:<11} {seconds:8.2f}  {ratio}")
-            print(
-                f"\npeak RSS of the backup process: scale {args.small_scale}: {rss_small / 1024:.0f} MiB, "
-                f"scale {args.scale}: {rss_big / 1024:.0f} MiB "
+            report = [
+                f"pgbench scale {args.scale} ({size}), median of {args.repeat} interleaved runs, "
+                f"same data, {os.cpu_count()} CPUs, load average at the end "
+                f"{os.getloadavg()[0]:.1f}",
+                "wall seconds (shell, ours, ratio), then CPU seconds of the client processes "
+                "(pg_dump, compressor, our process; the server's are the same for both)",
+                f"{'pair':<15} {'shell s':>8} {'ours s':>8}  {'ratio':>6}  "
+                f"{'shell cpu':>9} {'ours cpu':>9}  {'ratio':>6}",
+                f"{'floor':<15} {results['floor']:8.2f} {'':>8}  {'':>6}  {cpu_used['floor']:9.2f}",
+            ]
+            for dump_format, compression in [*PAIRS, ("plain", "gzip+v")]:
+                pair = f"{dump_format}/{compression}"
+                ours = results[f"ours {pair}"]
+                theirs = results[f"shell {pair.removesuffix('+v')}"]
+                ours_cpu = cpu_used[f"ours {pair}"]
+                theirs_cpu = cpu_used[f"shell {pair.removesuffix('+v')}"]
+                report.append(
+                    f"{pair:<15} {theirs:8.2f} {ours:8.2f}  {ours / theirs:5.2f}x  "
+                    f"{theirs_cpu:9.2f} {ours_cpu:9.2f}  {ours_cpu / theirs_cpu:5.2f}x"
+                )
+            report.append(
+                f"peak RSS of the backup process: scale {args.small_scale}: "
+                f"{rss_small / 1024:.0f} MiB, scale {args.scale}: {rss_big / 1024:.0f} MiB "
                 f"(process tree incl. pg_dump: {tree_small / 1024:.0f} / {tree_big / 1024:.0f} MiB)"
             )
+            text = "\n".join(report)
+            print("\n" + text)
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(text + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

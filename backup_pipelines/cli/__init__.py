@@ -154,6 +154,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"backup-pipelines: {exc.one_line()}", file=sys.stderr, flush=True)
         return exit_code_for(exc)
     if args.config:
+        from backup_pipelines.engine.config import CONFIG_ENV_VAR
+
         # Code that finds settings on its own (e.g. decryption keys for a backup's target)
         # must read the same targets file as the command.
         os.environ[CONFIG_ENV_VAR] = str(Path(args.config).expanduser().resolve())

@@ -8,18 +8,10 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
-from backup_pipelines.engine.artifacts import BackupArtifact
-from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.clock import is_future
-from backup_pipelines.engine.config import Target, load_config
-from backup_pipelines.engine.databases import (
-    database_targets,
-    databases_with_backups,
-    server_databases,
-)
-from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import (
     EXIT_REFUSED,
     BackupPipelinesError,
@@ -27,20 +19,17 @@ from backup_pipelines.engine.errors import (
     IntegrityError,
     exit_code_for,
 )
-from backup_pipelines.engine.listing import (
-    BackupListing,
-    future_note,
-    human_age,
-    human_size,
-    list_backups,
-    problem_of,
-)
-from backup_pipelines.engine.preflight import project_problems
-from backup_pipelines.engine.storage import open_backup
-from backup_pipelines.engine.verify import verify_artifact
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.artifacts import BackupArtifact
+    from backup_pipelines.engine.config import Target
+    from backup_pipelines.engine.listing import BackupListing
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    # Only what the dump needs is imported before pg_dump starts; verification comes after.
+    from backup_pipelines.engine.databases import database_targets
+
     config = load_project(args.config)
     server = config.target(args.target)
     targets = database_targets(server, args.database)
@@ -67,6 +56,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _backup_one(args: argparse.Namespace, target: Target) -> int:
+    from backup_pipelines.engine.backup.logical import run_backup
+    from backup_pipelines.engine.listing import human_size
+
     progress = progress_for(args)
     artifact = run_backup(target, log=log, purpose="manual", progress=progress)
     say(f"backup: {artifact.path}")
@@ -80,6 +72,9 @@ def _backup_one(args: argparse.Namespace, target: Target) -> int:
     )
     if args.skip_verify:
         return 0
+    from backup_pipelines.engine.drills.logical import restore_test
+    from backup_pipelines.engine.verify import verify_artifact
+
     passed = True
     for outcome in verify_artifact(artifact):
         say(f"  {outcome.name}: {'ok' if outcome.passed else 'FAILED'} - {outcome.message}")
@@ -115,6 +110,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_locations(args: argparse.Namespace) -> list[str]:
     """The backup file named, or the newest backup of a target (each database of a server)."""
+    from backup_pipelines.engine.databases import database_targets, databases_with_backups
+    from backup_pipelines.engine.listing import list_backups
+
     given = args.backup
     is_file = given.startswith("s3://") or Path(given).exists()
     if is_file:
@@ -154,6 +152,9 @@ def _verify_locations(args: argparse.Namespace) -> list[str]:
 
 
 def _verify_one(location: str) -> None:
+    from backup_pipelines.engine.storage import open_backup
+    from backup_pipelines.engine.verify import verify_artifact
+
     artifact = open_backup(location)
     meta = artifact.meta
     say(f"{artifact.location}")
@@ -234,6 +235,8 @@ def _globals_json(artifact: BackupArtifact) -> dict | None:
 
 
 def _list_rows(listing: BackupListing) -> list[ListRow]:
+    from backup_pipelines.engine.listing import future_note, problem_of
+
     rows = []
     for a in listing.artifacts:
         future = is_future(a.meta.started_at, listing.now)
@@ -272,6 +275,13 @@ UNREADABLE_NOTE = " (not trusted, never deleted by retention)"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.databases import (
+        database_targets,
+        databases_with_backups,
+        server_databases,
+    )
+    from backup_pipelines.engine.listing import list_backups
+
     config = load_project(args.config)
     server = config.target(args.target)
     if not server.is_server or args.database is not None:
@@ -317,6 +327,8 @@ def _json_row(r: ListRow, database: str | None) -> dict[str, object]:
 
 
 def _list_one(args: argparse.Namespace, target: Target, *, with_database: bool) -> int:
+    from backup_pipelines.engine.listing import human_age, human_size, list_backups
+
     listing = list_backups(target)
     rows = _list_rows(listing)
     if args.json:
@@ -346,6 +358,9 @@ def _list_one(args: argparse.Namespace, target: Target, *, with_database: bool) 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     # Not load_project: broken targets are listed below with everything else, not as warnings.
+    from backup_pipelines.engine.config import load_config
+    from backup_pipelines.engine.preflight import project_problems
+
     config = load_config(args.config, isolate_targets=True)
     problems = project_problems(config)
     count = len(config.targets) + len(config.broken_targets)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from backup_pipelines.cli.output import load_project, log, say
-from backup_pipelines.engine.migrations.plan import plan_rollback
-from backup_pipelines.engine.migrations.rollback import execute_rollback
 
 
 def _steps(value: str) -> int:
@@ -17,6 +15,9 @@ def _steps(value: str) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.migrations.plan import plan_rollback
+    from backup_pipelines.engine.migrations.rollback import execute_rollback
+
     config = load_project(args.config)
     target = config.target(args.target)
     plan = plan_rollback(target, args.steps)

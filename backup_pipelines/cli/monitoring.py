@@ -13,24 +13,27 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backup_pipelines.cli import backups
 from backup_pipelines.cli.output import add_progress_option, load_project, log, say
-from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.clock import utc_now
-from backup_pipelines.engine.config import MetricsSettings, ProjectConfig
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError
-from backup_pipelines.engine.listing import future_dated, future_note, human_age, newest_backup
-from backup_pipelines.engine.metrics import collect_from_disk, export
-from backup_pipelines.engine.notify import Alert, send_alert
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.config import ProjectConfig
 
 
 def _export_metrics(config: ProjectConfig) -> None:
+    from backup_pipelines.engine.metrics import collect_from_disk, export
+
     if config.metrics.textfile or config.metrics.pushgateway_url:
         export(config.metrics, collect_from_disk(config), log=log)
 
 
 def cmd_cron_backup(args: argparse.Namespace) -> int:
+    from backup_pipelines.cli import backups
+    from backup_pipelines.engine.notify import Alert, send_alert
+
     config = load_project(args.config)
     target = config.target(args.target)  # unknown target: a usage error, no alert
     backup_args = argparse.Namespace(
@@ -71,6 +74,10 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_check_freshness(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.artifacts import list_artifacts
+    from backup_pipelines.engine.listing import future_dated, future_note, human_age, newest_backup
+    from backup_pipelines.engine.notify import Alert, send_alert
+
     config = load_project(args.config)
     names = args.targets or list(config.targets)
     now = utc_now()
@@ -133,6 +140,9 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.config import MetricsSettings
+    from backup_pipelines.engine.metrics import collect_from_disk, export
+
     config = load_project(args.config)
     settings = config.metrics
     if args.textfile or args.pushgateway:
@@ -159,6 +169,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_test_notifiers(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.notify import Alert, send_alert
+
     config = load_project(args.config)
     if not config.notifiers:
         raise ConfigError(

@@ -5,26 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
-from backup_pipelines.engine.config import ProjectConfig, Target
-from backup_pipelines.engine.databases import database_targets, databases_with_backups
 from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, exit_code_for
-from backup_pipelines.engine.listing import human_size
-from backup_pipelines.engine.offsite import (
-    apply_lifecycle,
-    lifecycle_rules,
-    lifecycle_warnings,
-    offsite_storage,
-    sync_offsite,
-)
-from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.config import ProjectConfig, Target
 
 
 def each_database(args: argparse.Namespace, command: Callable[[Target], int]) -> int:
     """Run ``command`` on the target, or on each database of a server target with backups
     (dropped ones included: their retention still applies) or the one ``--database`` names.
     One database failing never stops the others; the status is the worst one."""
+    from backup_pipelines.engine.databases import database_targets, databases_with_backups
+
     config = load_project(args.config)
     server = config.target(args.target)
     if not server.is_server or args.database is not None:
@@ -43,11 +38,16 @@ def each_database(args: argparse.Namespace, command: Callable[[Target], int]) ->
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+
     config = load_project(args.config)
     return each_database(args, lambda target: _prune(args, config, target))
 
 
 def _prune(args: argparse.Namespace, config: ProjectConfig, target: Target) -> int:
+    from backup_pipelines.engine.listing import human_size
+    from backup_pipelines.engine.offsite import offsite_storage
+    from backup_pipelines.engine.retention import RetentionRefusedError, prune_target
+
     storage = offsite_storage(target) if target.settings.offsite.is_enabled else None
     report = prune_target(
         target,
@@ -103,6 +103,13 @@ def _prune(args: argparse.Namespace, config: ProjectConfig, target: Target) -> i
 
 
 def cmd_s3_lifecycle(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.offsite import (
+        apply_lifecycle,
+        lifecycle_rules,
+        lifecycle_warnings,
+        offsite_storage,
+    )
+
     config = load_project(args.config)
     target = config.target(args.target)
     rules = lifecycle_rules(target)
@@ -132,6 +139,9 @@ def cmd_offsite_sync(args: argparse.Namespace) -> int:
 
 
 def _offsite_sync(args: argparse.Namespace, target: Target) -> int:
+    from backup_pipelines.engine.listing import human_size
+    from backup_pipelines.engine.offsite import offsite_storage, sync_offsite
+
     if not target.settings.offsite.is_enabled:
         raise ConfigError(
             f"offsite copies are not enabled for target '{target.name}'",

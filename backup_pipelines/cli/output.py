@@ -2,17 +2,22 @@
 progress (a live line at a terminal, periodic log lines otherwise), and the targets file as
 commands read it."""
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from backup_pipelines.engine.config import ProjectConfig, load_config
 from backup_pipelines.engine.progress import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
     LiveLine,
     ProgressReporter,
 )
+
+if TYPE_CHECKING:
+    from backup_pipelines.engine.config import ProjectConfig
 
 log = logging.getLogger("backup_pipelines")
 
@@ -76,6 +81,9 @@ def silence_stdout() -> None:
 def load_project(path: str | None) -> ProjectConfig:
     """The targets file for a command. A target whose own settings are invalid stops only the
     commands that use it (they exit 2 with its problems); the others run, with a warning."""
+    # Imported here, not at start-up: `--help` and argument errors need no pydantic or YAML.
+    from backup_pipelines.engine.config import load_config
+
     config = load_config(path, isolate_targets=True)
     for name, problems in config.broken_targets.items():
         log.warning(

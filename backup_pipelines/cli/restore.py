@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 
 from backup_pipelines.cli.output import add_progress_option, load_project, log, progress_for, say
-from backup_pipelines.engine.drills.logical import run_drill
-from backup_pipelines.engine.restore import restore_database
-from backup_pipelines.engine.restore.cleanup import restore_cleanup
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.restore import restore_database
+
     config = load_project(args.config)
     report = restore_database(
         config,
@@ -29,6 +28,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.drills.logical import run_drill
+
     config = load_project(args.config)
     result = run_drill(
         config,
@@ -48,6 +49,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def cmd_restore_cleanup(args: argparse.Namespace) -> int:
+    from backup_pipelines.engine.restore.cleanup import restore_cleanup
+
     config = load_project(args.config)
     report = restore_cleanup(config.target(args.target), log=log)
     for name in report.interrupted.dropped:

@@ -7,6 +7,7 @@ password-free description (``user@host:port/db``) ever reaches a log or an error
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -326,17 +327,26 @@ class PgTools:
         return major
 
     def version_string(self, tool: str = "pg_dump") -> str:
-        out = subprocess.run(
-            [self.path(tool), "--version"], capture_output=True, text=True, check=False
-        ).stdout
-        return out.strip()
+        return _version_output(self.path(tool)).strip()
+
+
+def _version_output(path: str) -> str:
+    # Asked before and after every backup: run the tool once per installed binary (a package
+    # upgrade changes the file's mtime, and with it the answer).
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _cached_version_output(path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_version_output(path: str, stamp: int) -> str:
+    return subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
 
 
 def _tool_major(program: Path) -> int | None:
-    out = subprocess.run(
-        [str(program), "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    match = _VERSION_RE.search(out)
+    match = _VERSION_RE.search(_version_output(str(program)))
     return int(match.group(1)) if match else None
 
 

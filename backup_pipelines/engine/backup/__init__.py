@@ -4,6 +4,8 @@
   file, in one streaming pass): ``run_backup``.
 - ``globals``: the server's globals (``pg_dumpall --globals-only``) and the database's own
   owner, privileges and settings, stored with every logical backup; reading them back.
+- ``counting``: exact per-table row counts read from the dump stream in that same pass (plain
+  COPY blocks, custom-format data blocks), so the source is scanned once.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.
 - ``server_config``: the server's configuration files kept outside its data directory
   (Debian's /etc/postgresql/...), captured into the base backup's tar and listed in ``.meta``.

@@ -18,7 +18,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
+from backup_pipelines.engine.backup.counting import reconcile_counts, stream_counter
 from backup_pipelines.engine.backup.files import (
     HashingSink,
     discard_failed_backup,
@@ -55,6 +56,7 @@ from backup_pipelines.engine.postgres import (
     lock_blockers,
     server_major,
     table_row_counts,
+    tables_with_data,
 )
 from backup_pipelines.engine.processes import one_line, spawn
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
@@ -68,11 +70,14 @@ PREFETCH_CHUNKS = 8  # at most 8 MiB in flight between pg_dump and the compresso
 _PIPE_SIZE = 1 << 20
 
 
-def prefetched_chunks(stream: IO[bytes]) -> Iterator[bytes]:
+def prefetched_chunks(
+    stream: IO[bytes], observe: Callable[[bytes], None] | None = None
+) -> Iterator[bytes]:
     """Read ``stream`` in a background thread while the caller compresses and writes.
 
     Without it pg_dump stalls on a full pipe whenever we compress; zlib, zstd, hashlib and
     file writes release the GIL, so reading and compressing overlap like a shell pipeline.
+    ``observe`` sees every chunk in that thread too (the row counter), beside the compressor.
     """
     chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=PREFETCH_CHUNKS)
     stop = threading.Event()
@@ -81,6 +86,8 @@ def prefetched_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         try:
             while not stop.is_set():
                 chunk = stream.read(CHUNK_SIZE)
+                if observe is not None:
+                    observe(chunk)
                 while not stop.is_set():
                     try:
                         chunks.put(chunk, timeout=0.2)
@@ -132,6 +139,13 @@ def _lock_wait_ms(target: Target) -> int | None:
     return None if timeout is None else max(1, int(timeout.total_seconds() * 1000))
 
 
+def _pg_dump_compression(target: Target) -> int:
+    # custom+gzip lets pg_dump compress (pg_restore needs that archive as is); otherwise we
+    # compress the stream ourselves and pg_dump writes its data uncompressed.
+    settings = target.settings
+    return settings.effective_compression_level if settings.compression == "gzip" else 0
+
+
 def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
     settings = target.settings
     argv = [tools.path("pg_dump"), "--no-password", f"--snapshot={snapshot}"]
@@ -139,8 +153,7 @@ def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
     if lock_wait is not None:
         argv.append(f"--lock-wait-timeout={lock_wait}")
     if settings.format == "custom":
-        internal = settings.effective_compression_level if settings.compression == "gzip" else 0
-        argv += ["--format=custom", f"--compress={internal}"]
+        argv += ["--format=custom", f"--compress={_pg_dump_compression(target)}"]
     else:
         argv += ["--format=plain"]
     return argv
@@ -197,6 +210,56 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
         hint=f"let that session finish or end it ({end_them}), then run the backup again; "
         "if such long locks are expected, raise lock_wait_timeout for the target",
     )
+
+
+class _SnapshotScan:
+    """Exact row counts by ``count(*)`` in the dump's snapshot, on a connection of its own (an
+    error here must not abort the exporting transaction pg_dump depends on). Run beside pg_dump
+    (``start``) when the rows cannot be counted from the stream, or after it (``run``) when the
+    stream could not be read as expected."""
+
+    def __init__(self, target: Target, info: ConnectionInfo, snapshot: str) -> None:
+        self._target = target
+        self._info = info
+        self._snapshot = snapshot
+        self._counts: dict[str, int] = {}
+        self._errors: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="row-counts", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        try:
+            with connect(self._info) as counting:
+                counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                # Counting runs beside pg_dump: parallel workers would only steal its CPU.
+                counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                lock_wait = _lock_wait_ms(self._target)
+                if lock_wait is not None:
+                    counting.execute(
+                        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_wait}ms"))
+                    )
+                counting.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot))
+                )
+                self._counts.update(table_row_counts(counting, lock_first=True))
+        except BaseException as exc:  # reported by result(), after pg_dump finishes
+            self._errors.append(exc)
+
+    def result(self) -> dict[str, int]:
+        self.join()
+        if self._errors and isinstance(self._errors[0], psycopg.errors.LockNotAvailable):
+            raise lock_wait_failure(self._target, self._info)
+        if self._errors:
+            reason = self._info.redact(str(self._errors[0]))
+            raise BackupFailedError(f"counting rows in the dump's snapshot failed: {reason}")
+        return self._counts
 
 
 def _final_path(backup_dir: Path, database: str, started: datetime, extension: str) -> Path:
@@ -266,33 +329,29 @@ def run_backup(
         # The server's globals join the set; they are removed again if the dump fails.
         captured = capture_globals(target, info, tools, final, stage_factory=stage_factory, log=log)
 
-        counts: dict[str, int] = {}
-        count_errors: list[BaseException] = []
+        plain_stream = settings.format == "plain" or _pg_dump_compression(target) == 0
+        counter = stream_counter(settings.format, not plain_stream, encoding)
+        if counter is None:
+            # pg_dump compressed its data: the rows cannot be seen in the stream, so they are
+            # counted in the dump's snapshot beside it (a second scan of the source).
+            scan = _SnapshotScan(target, info, snapshot)
+            scan.start()
+            row_counts = scan.result
+        else:
 
-        def count_rows() -> None:
-            # Same snapshot as pg_dump, so the counts match the dump exactly. A connection of its
-            # own: an error here must not abort the exporting transaction pg_dump depends on.
-            try:
-                with connect(info) as counting:
-                    counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    # Counting runs beside pg_dump: parallel workers would only steal its CPU.
-                    counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-                    lock_wait = _lock_wait_ms(target)
-                    if lock_wait is not None:
-                        counting.execute(
-                            sql.SQL("SET LOCAL lock_timeout = {}").format(
-                                sql.Literal(f"{lock_wait}ms")
-                            )
-                        )
-                    counting.execute(
-                        sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
-                    )
-                    counts.update(table_row_counts(counting, lock_first=True))
-            except BaseException as exc:  # reported after pg_dump finishes
-                count_errors.append(exc)
+            def row_counts() -> dict[str, int]:
+                # The tables whose rows the dump holds, in the dump's own snapshot.
+                counted = reconcile_counts(counter.result(), tables_with_data(conn))
+                if counted is not None:
+                    return counted
+                log.warning(
+                    "the row counts could not be read from the dump stream; counting the rows "
+                    "in the dump's snapshot instead"
+                )
+                scan = _SnapshotScan(target, info, snapshot)
+                scan.run()
+                return scan.result()
 
-        counter = threading.Thread(target=count_rows, name="row-counts", daemon=True)
-        counter.start()
         try:
             artifact = _dump_to_file(
                 purpose,
@@ -304,16 +363,16 @@ def run_backup(
                 log,
                 reporter_for(progress, log),
                 stage_factory,
-                counter,
-                counts,
-                count_errors,
+                counter.feed if counter is not None else None,
+                row_counts,
                 captured,
             )
         except BaseException:
             captured.discard()
             raise
         finally:
-            counter.join()
+            if counter is None:
+                scan.join()
             with contextlib.suppress(Exception):
                 conn.rollback()
     return artifact
@@ -329,9 +388,8 @@ def _dump_to_file(
     log: Any,
     progress: ProgressReporter,
     stage_factory: Any,
-    counter: threading.Thread,
-    counts: dict[str, int],
-    count_errors: list[BaseException],
+    observe: Callable[[bytes], None] | None,
+    row_counts: Callable[[], dict[str, int]],
     globals_set: CapturedGlobals | None = None,
 ) -> BackupArtifact:
     settings = target.settings
@@ -341,6 +399,15 @@ def _dump_to_file(
     abort_stored: Any = None
     writing = "the data file"
     try:
+        # pg_dump starts first: its connection and catalog reads overlap with setting up the
+        # file and the encryption/compression stages (its output waits in the pipe meanwhile).
+        proc, stderr = spawn(
+            _pg_dump_argv(source.tools, target, source.snapshot),
+            env=source.info.child_env(),
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        _grow_pipe(proc.stdout)
         handle = open_private(tmp)
         with handle:
             sink = HashingSink(handle)
@@ -355,17 +422,10 @@ def _dump_to_file(
                 )
             outer = outer_codec(settings.format, settings.compression)
             codec = compressor(outer, settings.effective_compression_level)
-            proc, stderr = spawn(
-                _pg_dump_argv(source.tools, target, source.snapshot),
-                env=source.info.child_env(),
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            _grow_pipe(proc.stdout)
             dump_bytes = 0
             compress = codec.compress
             with progress.start("pg_dump") as meter:
-                for chunk in prefetched_chunks(proc.stdout):
+                for chunk in prefetched_chunks(proc.stdout, observe):
                     dump_bytes += len(chunk)
                     write_stored(compress(chunk))
                     meter.advance(len(chunk))
@@ -388,13 +448,7 @@ def _dump_to_file(
             handle.flush()
             os.fsync(handle.fileno())
 
-        counter.join()
-        if count_errors and isinstance(count_errors[0], psycopg.errors.LockNotAvailable):
-            raise lock_wait_failure(target, source.info)
-        if count_errors:
-            raise BackupFailedError(
-                f"counting rows in the dump's snapshot failed: {source.info.redact(str(count_errors[0]))}"
-            )
+        counts = row_counts()
         finished = datetime.now(UTC)
         meta = BackupMeta(
             tool_version=TOOL_VERSION,
