@@ -142,7 +142,6 @@ def _main(argv: Sequence[str] | None) -> int:
     import os
     from pathlib import Path
 
-    from backup_pipelines.engine.config import CONFIG_ENV_VAR
     from backup_pipelines.engine.errors import EXIT_FAILED, BackupPipelinesError, exit_code_for
 
     log = logging.getLogger("backup_pipelines")
