@@ -181,19 +181,22 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
-def open_private(path: Path) -> BinaryIO:
-    """Open a new 0600 file for writing; fails if it exists (no clobbering a concurrent run)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+def open_private(path: Path, *, readable: bool = False) -> BinaryIO:
+    """Open a new 0600 file for writing; fails if it exists (no clobbering a concurrent run).
+    ``readable``: its descriptor also allows ``os.pread`` (to check what was written)."""
+    access = os.O_RDWR if readable else os.O_WRONLY
+    fd = os.open(path, access | os.O_CREAT | os.O_EXCL, FILE_MODE)
     return os.fdopen(fd, "wb")
 
 
 @contextlib.contextmanager
-def atomic_writer(final: Path) -> Iterator[BinaryIO]:
-    """Write to ``final.partial``; on success fsync and rename to ``final``; on error remove it."""
+def atomic_writer(final: Path, *, readable: bool = False) -> Iterator[BinaryIO]:
+    """Write to ``final.partial``; on success fsync and rename to ``final``; on error remove it.
+    ``readable``: see :func:`open_private`."""
     tmp = partial_path(final)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    handle = open_private(tmp)
+    handle = open_private(tmp, readable=readable)
     try:
         yield handle
         handle.flush()
