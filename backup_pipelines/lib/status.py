@@ -180,9 +180,22 @@ def asset_outcome(
     )
 
 
-def backup_in_progress(instance: dg.DagsterInstance, target: str) -> bool:
-    """A run that will back the target up is queued or running right now."""
-    planned = instance.get_latest_planned_materialization_info(target_key(target, LOGICAL_BACKUP))
+def backup_in_progress(
+    instance: dg.DagsterInstance, target: str, snapshot: StatusSnapshot | None = None
+) -> bool:
+    """A run that will back the target up is queued or running right now. With a ``snapshot``
+    holding the target's backup asset, no further query is needed."""
+    key = target_key(target, LOGICAL_BACKUP)
+    if snapshot is not None and key in snapshot.entries:
+        entry = snapshot.entries[key]
+        latest = entry.last_materialization_record
+        if not entry.last_run_id or (latest is not None and entry.last_run_id == latest.run_id):
+            return False  # no attempt planned after the newest backup
+        run = snapshot.runs.get(entry.last_run_id)
+        return run is not None and run.status in _UNFINISHED_RUN
+    if snapshot is not None:
+        return False  # never planned nor materialized
+    planned = instance.get_latest_planned_materialization_info(key)
     if planned is None:
         return False
     run = instance.get_run_by_id(planned.run_id)

@@ -151,7 +151,11 @@ def evaluate_staleness(
         newest = newest_backup_timestamp(context.instance, config, target, snapshot)
         reference = newest if newest is not None else entry.get("first_seen", now)
         stale = now - reference > settings.max_age.total_seconds()
-        if stale and "alerted" not in entry and backup_in_progress(context.instance, target):
+        if (
+            stale
+            and "alerted" not in entry
+            and backup_in_progress(context.instance, target, snapshot)
+        ):
             # The scheduled backup is on its way (max_age is reached while it runs): wait for it.
             events.append(f"{target}: stale, backup in progress")
         elif stale and "alerted" not in entry:
