@@ -260,25 +260,27 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
-def open_private(path: Path) -> BinaryIO:
-    """Open a new 0600 file for writing; fails if it exists (no clobbering a concurrent run)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+def open_private(path: Path, *, readable: bool = False) -> BinaryIO:
+    """Open a new 0600 file for writing; fails if it exists (no clobbering a concurrent run).
+    ``readable``: its descriptor also allows ``os.pread`` (to check what was written)."""
+    access = os.O_RDWR if readable else os.O_WRONLY
+    fd = os.open(path, access | os.O_CREAT | os.O_EXCL, FILE_MODE)
     return os.fdopen(fd, "wb")
 
 
 @contextlib.contextmanager
 def atomic_writer(
-    final: Path, *, mode: int = FILE_MODE, group: int | None = None
+    final: Path, *, mode: int = FILE_MODE, group: int | None = None, readable: bool = False
 ) -> Iterator[BinaryIO]:
     """Write to ``final.partial``; on success fsync and rename to ``final``; on error remove it.
 
     ``group`` (a gid) with ``mode`` (e.g. 0640) shares the file with a group; it gets both
-    before its final name appears.
+    before its final name appears. ``readable``: see :func:`open_private`.
     """
     tmp = partial_path(final)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    handle = open_private(tmp)
+    handle = open_private(tmp, readable=readable)
     try:
         yield handle
         handle.flush()

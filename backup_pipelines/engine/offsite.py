@@ -62,6 +62,7 @@ def offsite_storage(target: Target, *, client: Any = None, **overrides: Any) -> 
         "storage_class": settings.storage_class,
         "server_side_encryption": None if settings.sse == "none" else settings.sse,
         "kms_key_id": settings.kms_key_id,
+        "concurrency": settings.concurrency,
     }
     options.update(overrides)
     return S3Storage(offsite_bucket(settings), prefix, **options)

@@ -1,5 +1,6 @@
 """The targets file as the Dagster definitions see it when they load."""
 
+from collections.abc import Callable
 from functools import cache
 
 import dagster as dg
@@ -58,18 +59,28 @@ def set_aside_unschedulable(config: ProjectConfig) -> ProjectConfig:
     )
 
 
+# Derived from the cached project_config(), computed once per loaded config: the definitions ask
+# for these once per target, and recomputing them each time made loading O(targets^2).
+_DERIVED: dict[str, tuple[ProjectConfig, dict[str, TargetSettings]]] = {}
+
+
+def _derived(what: str, pick: Callable[[TargetSettings], bool]) -> dict[str, TargetSettings]:
+    config = project_config()
+    cached = _DERIVED.get(what)
+    if cached is None or cached[0] is not config:
+        cached = (config, {n: s for n, s in config.targets.items() if pick(s)})
+        _DERIVED[what] = cached
+    return cached[1]
+
+
 def offsite_enabled_targets() -> dict[str, TargetSettings]:
     """Targets with offsite copies: `offsite.enabled`, or a bucket in config / $S3_BACKUP_BUCKET."""
-    return {
-        name: settings
-        for name, settings in project_config().targets.items()
-        if settings.offsite.is_enabled
-    }
+    return _derived("offsite", lambda s: s.offsite.is_enabled)
 
 
 def pitr_targets() -> dict[str, TargetSettings]:
     """Only targets with a ``pitr:`` block get PITR assets."""
-    return {name: s for name, s in project_config().targets.items() if s.pitr is not None}
+    return _derived("pitr", lambda s: s.pitr is not None)
 
 
 def invalid_target_message(name: str, problems: str, source: object) -> str:

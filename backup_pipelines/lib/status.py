@@ -70,27 +70,89 @@ def _step_duration(instance: dg.DagsterInstance, run_id: str, key: dg.AssetKey) 
     return None
 
 
+@dataclass
+class StatusSnapshot:
+    """What the instance knows about many assets, read by a few batched queries (one tick of a
+    sensor builds one): the asset records (newest materialization, last run that planned or
+    materialized each asset), the runs that planned an asset after its newest materialization,
+    and the latest execution of each ERROR check. Per-asset queries happen only for rare cases
+    (a newest backup dated in the future, a check evaluation still in progress, a duration
+    missing from the metadata)."""
+
+    instance: dg.DagsterInstance
+    entries: dict[dg.AssetKey, Any] = field(default_factory=dict)
+    runs: dict[str, dg.DagsterRun] = field(default_factory=dict)
+    checks: dict[dg.AssetCheckKey, Any] = field(default_factory=dict)
+
+    def latest(self, key: dg.AssetKey) -> dg.EventLogRecord | None:
+        entry = self.entries.get(key)
+        return None if entry is None else entry.last_materialization_record
+
+
+def read_status(
+    instance: dg.DagsterInstance,
+    keys: list[dg.AssetKey],
+    check_keys: list[dg.AssetCheckKey] | None = None,
+) -> StatusSnapshot:
+    snapshot = StatusSnapshot(instance)
+    if keys:
+        for record in instance.get_asset_records(keys):
+            snapshot.entries[record.asset_entry.asset_key] = record.asset_entry
+    # ``last_run_id`` is the run of the newest materialization *or planned* materialization:
+    # when it differs from the newest materialization's run, a later attempt was planned.
+    planned = {
+        entry.last_run_id
+        for entry in snapshot.entries.values()
+        if entry.last_run_id
+        and (
+            entry.last_materialization_record is None
+            or entry.last_run_id != entry.last_materialization_record.run_id
+        )
+    }
+    if planned:
+        for run in instance.get_runs(filters=dg.RunsFilter(run_ids=sorted(planned))):
+            snapshot.runs[run.run_id] = run
+    if check_keys:
+        snapshot.checks = dict(
+            instance.event_log_storage.get_latest_asset_check_execution_by_key(list(check_keys))
+        )
+    return snapshot
+
+
+def _latest_evaluation(snapshot: StatusSnapshot, check_key: dg.AssetCheckKey) -> Any:
+    record = snapshot.checks.get(check_key)
+    if record is None:
+        return None
+    event = record.event.dagster_event if record.event is not None else None
+    if event is not None and isinstance(event.event_specific_data, dg.AssetCheckEvaluation):
+        return record
+    # The latest execution is still planned (running): the latest finished one decides.
+    return snapshot.instance.get_latest_asset_check_evaluation_record(check_key)
+
+
 def asset_outcome(
-    instance: dg.DagsterInstance, key: dg.AssetKey, error_checks: tuple[str, ...] = ()
+    snapshot: StatusSnapshot,
+    key: dg.AssetKey,
+    error_checks: tuple[str, ...] = (),
+    *,
+    with_duration: bool = True,
 ) -> AssetOutcome:
     """The latest attempt at ``key``: a failed run that planned it, or a materialization whose
     ERROR check failed afterwards, counts as a failure."""
-    records = instance.fetch_materializations(key, limit=1).records
-    latest = records[0] if records else None
+    latest = snapshot.latest(key)
     ok: bool | None = None if latest is None else True
 
-    planned = instance.get_latest_planned_materialization_info(key)
-    if planned is not None and (latest is None or planned.run_id != latest.run_id):
-        run = instance.get_run_by_id(planned.run_id)
+    entry = snapshot.entries.get(key)
+    last_run_id = None if entry is None else entry.last_run_id
+    if last_run_id and (latest is None or last_run_id != latest.run_id):
+        run = snapshot.runs.get(last_run_id)
         if run is not None and run.status in _FAILED_RUN:
             ok = False
 
     checks_failed = False
     if latest is not None:
         for check_name in error_checks:
-            record = instance.get_latest_asset_check_evaluation_record(
-                dg.AssetCheckKey(key, check_name)
-            )
+            record = _latest_evaluation(snapshot, dg.AssetCheckKey(key, check_name))
             if record is None or record.event is None or record.event.dagster_event is None:
                 continue
             evaluation = record.event.dagster_event.event_specific_data
@@ -108,8 +170,8 @@ def asset_outcome(
         return AssetOutcome(ok=ok)
     metadata = _metadata_values(latest)
     duration = next((float(metadata[k]) for k in DURATION_KEYS if k in metadata), None)
-    if duration is None:
-        duration = _step_duration(instance, latest.run_id, key)
+    if duration is None and with_duration:
+        duration = _step_duration(snapshot.instance, latest.run_id, key)
     return AssetOutcome(
         ok=ok,
         last_success_timestamp=None if checks_failed else latest.timestamp,
@@ -119,9 +181,22 @@ def asset_outcome(
     )
 
 
-def backup_in_progress(instance: dg.DagsterInstance, target: str) -> bool:
-    """A run that will back the target up is queued or running right now."""
-    planned = instance.get_latest_planned_materialization_info(target_key(target, LOGICAL_BACKUP))
+def backup_in_progress(
+    instance: dg.DagsterInstance, target: str, snapshot: StatusSnapshot | None = None
+) -> bool:
+    """A run that will back the target up is queued or running right now. With a ``snapshot``
+    holding the target's backup asset, no further query is needed."""
+    key = target_key(target, LOGICAL_BACKUP)
+    if snapshot is not None and key in snapshot.entries:
+        entry = snapshot.entries[key]
+        latest = entry.last_materialization_record
+        if not entry.last_run_id or (latest is not None and entry.last_run_id == latest.run_id):
+            return False  # no attempt planned after the newest backup
+        run = snapshot.runs.get(entry.last_run_id)
+        return run is not None and run.status in _UNFINISHED_RUN
+    if snapshot is not None:
+        return False  # never planned nor materialized
+    planned = instance.get_latest_planned_materialization_info(key)
     if planned is None:
         return False
     run = instance.get_run_by_id(planned.run_id)
@@ -129,40 +204,56 @@ def backup_in_progress(instance: dg.DagsterInstance, target: str) -> bool:
 
 
 def newest_backup_timestamp(
-    instance: dg.DagsterInstance, config: ProjectConfig, target: str
+    instance: dg.DagsterInstance,
+    config: ProjectConfig,
+    target: str,
+    snapshot: StatusSnapshot | None = None,
 ) -> float | None:
     """When the newest successful backup finished: from Dagster, or from a backup file on disk
     (taken by `backup-pipelines backup` from cron), whichever is newer. Neither counts when it
     is dated in the future (recorded while the clock was fast): see ``engine.listing``.
-
     A server target (``databases: all``) is as fresh as its stalest database (one database
     failing every night must not hide behind the others): the oldest of its databases' newest
-    backups, None when one of them has none yet."""
+    backups, None when one of them has none yet. With a ``snapshot`` holding a single-database
+    target's backup asset, Dagster is asked again only when the newest materialization is
+    dated in the future."""
     if config.targets[target].is_server:
         per_database = [
-            _newest_of(instance, config, target, database)
+            _newest_of(instance, config, target, database, None)
             for database in instance.get_dynamic_partitions(partitions_name(target))
         ]
         if not per_database or None in per_database:
             return None
         return min(t for t in per_database if t is not None)
-    return _newest_of(instance, config, target, None)
+    return _newest_of(instance, config, target, None, snapshot)
 
 
 def _newest_of(
-    instance: dg.DagsterInstance, config: ProjectConfig, target: str, database: str | None
+    instance: dg.DagsterInstance,
+    config: ProjectConfig,
+    target: str,
+    database: str | None,
+    snapshot: StatusSnapshot | None,
 ) -> float | None:
     now = utc_now()
     candidates = []
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(
-            asset_key=target_key(target, LOGICAL_BACKUP),
-            asset_partitions=[database] if database is not None else None,
-        ),
-        limit=FUTURE_SCAN_LIMIT,
-    ).records
-    recorded = (datetime.fromtimestamp(r.timestamp, UTC) for r in records)
-    dagster_newest = next((moment for moment in recorded if not is_future(moment, now)), None)
+    key = target_key(target, LOGICAL_BACKUP)
+    dagster_newest: datetime | None = None
+    scan = snapshot is None
+    if snapshot is not None and (latest := snapshot.latest(key)) is not None:
+        moment = datetime.fromtimestamp(latest.timestamp, UTC)
+        scan = is_future(moment, now)
+        dagster_newest = None if scan else moment
+    if scan:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=key,
+                asset_partitions=[database] if database is not None else None,
+            ),
+            limit=FUTURE_SCAN_LIMIT,
+        ).records
+        recorded = (datetime.fromtimestamp(r.timestamp, UTC) for r in records)
+        dagster_newest = next((moment for moment in recorded if not is_future(moment, now)), None)
     if dagster_newest is not None:
         candidates.append(dagster_newest.timestamp())
     newest = newest_backup(list_artifacts(config.target(target, database).backup_dir), now=now)
@@ -171,24 +262,42 @@ def _newest_of(
     return max(candidates) if candidates else None
 
 
+def metric_keys(config: ProjectConfig) -> tuple[list[dg.AssetKey], list[dg.AssetCheckKey]]:
+    """The assets and ERROR checks the metrics read, for :func:`read_status`."""
+    keys = []
+    check_keys = []
+    for target in config.targets:
+        for asset in (LOGICAL_BACKUP, RESTORE_DRILL, OFFSITE_COPY):
+            key = target_key(target, asset)
+            keys.append(key)
+            check_keys += [dg.AssetCheckKey(key, name) for name in ERROR_CHECKS[asset]]
+    return keys, check_keys
+
+
 def collect_metrics(instance: dg.DagsterInstance, config: ProjectConfig) -> list[TargetMetrics]:
+    snapshot = read_status(instance, *metric_keys(config))
     results = []
     for target in config.targets:
         backup = asset_outcome(
-            instance, target_key(target, LOGICAL_BACKUP), ERROR_CHECKS[LOGICAL_BACKUP]
+            snapshot, target_key(target, LOGICAL_BACKUP), ERROR_CHECKS[LOGICAL_BACKUP]
         )
         drill = asset_outcome(
-            instance, target_key(target, RESTORE_DRILL), ERROR_CHECKS[RESTORE_DRILL]
+            snapshot, target_key(target, RESTORE_DRILL), ERROR_CHECKS[RESTORE_DRILL]
         )
         offsite = asset_outcome(
-            instance, target_key(target, OFFSITE_COPY), ERROR_CHECKS[OFFSITE_COPY]
+            snapshot,
+            target_key(target, OFFSITE_COPY),
+            ERROR_CHECKS[OFFSITE_COPY],
+            with_duration=False,  # not exported
         )
         size = backup.metadata.get("size_bytes")
         results.append(
             TargetMetrics(
                 target=target,
                 backup_success=backup.ok,
-                backup_last_success_timestamp=newest_backup_timestamp(instance, config, target),
+                backup_last_success_timestamp=newest_backup_timestamp(
+                    instance, config, target, snapshot
+                ),
                 backup_size_bytes=int(size) if size is not None else None,
                 backup_duration_seconds=backup.duration_seconds,
                 restore_drill_success=drill.ok,

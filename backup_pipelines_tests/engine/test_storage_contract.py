@@ -163,3 +163,30 @@ def test_move_hands_over_a_file_the_caller_wrote(store: BackupStorage, tmp_path:
 def test_a_usable_store_is_writable(store: BackupStorage) -> None:
     store.check_writable()
     assert store.url("n/o.bin").endswith("n/o.bin")
+
+
+@pytest.mark.parametrize("size", [0, MiB + 3, 17 * MiB + 5])
+def test_get_file_downloads_atomically_and_checks_the_sha256(
+    store: BackupStorage, tmp_path: Path, size: int
+) -> None:
+    """On S3, 17 MiB in 5 MiB ranges: four ranges fetched in parallel, written at their place."""
+    source = _file(tmp_path, size)
+    digest = store.put_file(source, "g/a.bin").sha256
+    dest = tmp_path / "out" / "a.bin"
+    dest.parent.mkdir()
+    received: list[int] = []
+    assert store.get_file("g/a.bin", dest, expected_sha256=digest, progress=received.append) == (
+        digest
+    )
+    assert dest.read_bytes() == source.read_bytes()
+    assert sum(received) == size
+    assert dest.stat().st_mode & 0o777 == 0o600
+
+    wrong = hashlib.sha256(b"what was recorded earlier").hexdigest()
+    other = dest.with_name("b.bin")
+    with pytest.raises(IntegrityError, match="does not match its recorded SHA-256"):
+        store.get_file("g/a.bin", other, expected_sha256=wrong)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.bin"]  # nothing half-written
+    with pytest.raises(ObjectNotFoundError):
+        store.get_file("g/missing.bin", other)
+    assert not other.exists()

@@ -145,9 +145,8 @@ def test_the_dagster_resource_follows_the_same_policy(
 ) -> None:  # type: ignore[no-untyped-def]
     """Dagster runs get their S3 client from the offsite_s3 resource: it must try a request
     as often as the engine's own client, neither more nor less."""
-    from backup_pipelines.defs.shared import OFFSITE_S3
-
     from backup_pipelines.definitions import defs
+    from backup_pipelines.lib.names import OFFSITE_S3
 
     make_project({"prod": {"dsn_env": "UNUSED", "offsite": {"bucket": bucket}}})
     resources = defs().resources
@@ -160,3 +159,36 @@ def test_the_dagster_resource_follows_the_same_policy(
     with pytest.raises(StorageError, match="kept failing"):
         storage.put_bytes("from-dagster.bin", b"x")
     assert proxy.count(is_put) == S3_MAX_ATTEMPTS
+
+
+def test_parallel_ranges_resume_a_cut_body_and_never_splice_a_replaced_object(
+    proxy: FailingS3Proxy, bucket: str, aws_env: str, tmp_path: Path
+) -> None:
+    payload = os.urandom(16 * MiB + 3)
+    _direct(aws_env).put_object(Bucket=bucket, Key="dump.bin", Body=payload)
+    storage = S3Storage(
+        bucket, client=default_s3_client(), min_part_size=5 * MiB, backoff_seconds=0.01
+    )
+
+    def range_two(s: Seen) -> bool:
+        return s.method == "GET" and s.headers.get("range", "").startswith(f"bytes={5 * MiB}-")
+
+    proxy.fail(range_two, times=1, action="cut")
+    dest = tmp_path / "dump.bin"
+    digest = hashlib.sha256(payload).hexdigest()
+    assert storage.get_file("dump.bin", dest, expected_sha256=digest) == digest
+    assert dest.read_bytes() == payload
+    gets = [s for s in proxy.seen if s.method == "GET" and s.key(bucket) == "dump.bin"]
+    assert len(gets) == 4 + 1  # four ranges, one of them resumed once
+    assert all("if-match" in s.headers for s in gets)  # every range pins the same object
+
+    # The object is replaced between the HEAD and the ranges: S3 refuses (If-Match), nothing
+    # is spliced and nothing is left behind.
+    proxy.reset()
+    info = storage.head("dump.bin")
+    assert info is not None
+    _direct(aws_env).put_object(Bucket=bucket, Key="dump.bin", Body=os.urandom(16 * MiB))
+    storage.head = lambda name: info  # type: ignore[method-assign]
+    with pytest.raises(StorageError, match="replaced while it was being read"):
+        storage.get_file("dump.bin", tmp_path / "again.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump.bin"]

@@ -29,7 +29,12 @@ from backup_pipelines.engine.metrics import export
 from backup_pipelines.engine.notify import Alert, send_alert
 from backup_pipelines.lib.names import LOGICAL_BACKUP, WAL_ARCHIVE_HEALTHY
 from backup_pipelines.lib.project import invalid_target_message, project_config
-from backup_pipelines.lib.status import backup_in_progress, collect_metrics, newest_backup_timestamp
+from backup_pipelines.lib.status import (
+    backup_in_progress,
+    collect_metrics,
+    newest_backup_timestamp,
+    read_status,
+)
 from backup_pipelines.lib.tags import TAG_TARGET
 
 MAX_REASON_CHARS = 1500
@@ -136,14 +141,21 @@ def evaluate_staleness(
         previous = {}
     state: dict[str, dict[str, float]] = {}
     events = []
-    for target, settings in config.targets.items():
-        if settings.max_age is None:
-            continue  # staleness alerts turned off for this target
+    watched = [t for t, settings in config.targets.items() if settings.max_age is not None]
+    # The newest backup of every watched target, in one query.
+    snapshot = read_status(context.instance, [dg.AssetKey([t, LOGICAL_BACKUP]) for t in watched])
+    for target in watched:
+        settings = config.targets[target]
+        assert settings.max_age is not None
         entry = dict(previous.get(target) or {"first_seen": now})
-        newest = newest_backup_timestamp(context.instance, config, target)
+        newest = newest_backup_timestamp(context.instance, config, target, snapshot)
         reference = newest if newest is not None else entry.get("first_seen", now)
         stale = now - reference > settings.max_age.total_seconds()
-        if stale and "alerted" not in entry and backup_in_progress(context.instance, target):
+        if (
+            stale
+            and "alerted" not in entry
+            and backup_in_progress(context.instance, target, snapshot)
+        ):
             # The scheduled backup is on its way (max_age is reached while it runs): wait for it.
             events.append(f"{target}: stale, backup in progress")
         elif stale and "alerted" not in entry:
@@ -391,7 +403,12 @@ def _new_check_results(
     grow across all runs, also with per-run SQLite storage), oldest first; and the newest id."""
     results = []
     newest = after_id
+    # One query for the latest execution of every check; the history only of those that ran.
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
     for check_key in check_keys:
+        record = latest.get(check_key)
+        if record is None or record.id <= after_id:
+            continue
         history = instance.event_log_storage.get_asset_check_execution_history(
             check_key, limit=CHECK_HISTORY_PER_TICK
         )
@@ -448,7 +465,10 @@ def failed_check_alert_sensor(
     )
     if context.cursor is None:
         # First tick ever: start from now instead of alerting about history.
-        _, newest = _new_check_results(context.instance, check_keys, 0)
+        latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            check_keys
+        )
+        newest = max((record.id for record in latest.values()), default=0)
         return dg.SensorResult(skip_reason="watching check results from now on", cursor=str(newest))
     config = _load_config(backup_engine, context)
     if config is None:

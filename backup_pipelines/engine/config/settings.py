@@ -377,6 +377,13 @@ class OffsiteSettings(StrictModel):
     storage_class: StorageClass = "STANDARD"
     sse: Literal["AES256", "aws:kms", "none"] = "AES256"
     kms_key_id: str | None = None
+    concurrency: int = Field(
+        default=6,
+        ge=1,
+        le=32,
+        description="Parts sent or fetched at once per upload/download; each holds one part "
+        "(8 MiB for files up to 78 GiB) in memory on uploads.",
+    )
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
 
     @model_validator(mode="after")

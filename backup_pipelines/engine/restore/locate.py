@@ -28,6 +28,7 @@ from backup_pipelines.engine.restore.cleanup import work_tmp_dir
 from backup_pipelines.engine.restore.errors import RestoreRefusedError
 from backup_pipelines.engine.storage import (
     S3_SCHEME,
+    RemoteBackupArtifact,
     S3Storage,
     list_stored_backups,
     open_backup,
@@ -140,8 +141,9 @@ def local_copy(
 ) -> Iterator[BackupArtifact]:
     """A remote backup downloaded once, with its sidecars, into a private temporary folder.
 
-    Streamed to disk (memory stays flat); verification and the restore then read the local
-    file instead of downloading the object again, and pg_restore -j gets a seekable file.
+    Fetched in parallel byte ranges straight to disk (memory stays flat) and checked against
+    its recorded SHA-256 (a mismatch leaves nothing behind); verification and the restore then
+    read the local file instead of downloading the object again, and pg_restore -j gets a seekable file.
     """
     if artifact.is_local:
         yield artifact
@@ -150,14 +152,9 @@ def local_copy(
     tmp_dir = work_tmp_dir(work_dir, "download")
     try:
         path = tmp_dir / artifact.path.name
-        recorded = artifact.recorded_sha256()
-        with (
-            progress.start(f"Download of {artifact.location}", artifact.meta.size_bytes) as meter,
-            open_private(path) as handle,
-        ):
-            for chunk in artifact.stored_chunks():
-                handle.write(chunk)
-                meter.advance(len(chunk))
+        assert isinstance(artifact, RemoteBackupArtifact)
+        with progress.start(f"Download of {artifact.location}", artifact.meta.size_bytes) as meter:
+            recorded = artifact.download(path, progress=meter.advance)
         with open_private(path.with_name(path.name + SHA256_SUFFIX)) as handle:
             handle.write(sha256_line(recorded, path.name).encode())
         entry = artifact.meta.globals

@@ -2,8 +2,9 @@
 
     base.py          the interface: BackupStorage, ObjectInfo, PutResult, errors, Progress
     local.py         LocalStorage: a folder (0700 folders, 0600 files, atomic writes)
-    s3.py            S3Storage: a bucket prefix (checksums confirmed by S3, resumable reads)
-    s3_multipart.py  part sizing and S3's checksum forms
+    s3.py            S3Storage: a bucket prefix (checksums confirmed by S3, resumable and
+                     parallel ranged reads)
+    s3_multipart.py  part sizing, S3's checksum forms, concurrent multipart uploads
     retry.py         the one retry policy for S3 (botocore's standard mode; nothing stacked)
     memory.py        MemoryStorage: a dict, for fast tests
     remote.py        backups held by a storage: open_backup, list_stored_backups

@@ -8,8 +8,9 @@ against all three, so code written against :class:`BackupStorage` behaves alike 
 - ``put_file(path, name)`` streams a local file in; it returns only once the object is durably
   stored (local: fsync + rename; S3: the server confirmed our SHA-256). ``put_bytes`` for small
   objects. ``expected_sha256`` refuses a source that no longer matches its recorded digest.
-- ``iter_chunks(name)`` streams an object out; ``read_bytes(name)`` for small ones. A missing
-  object raises :class:`ObjectNotFoundError`.
+- ``iter_chunks(name)`` streams an object out; ``read_bytes(name)`` for small ones;
+  ``get_file(name, path)`` downloads one to a local file atomically, checking its SHA-256
+  (S3 fetches byte ranges in parallel). A missing object raises :class:`ObjectNotFoundError`.
 - ``head(name)`` (``None`` when absent), ``exists``, ``list(prefix)`` (sorted by name),
   ``delete(name)`` (absent is fine).
 - ``progress``: the transfer methods accept ``progress=callable`` and call it with the number of
@@ -18,6 +19,7 @@ against all three, so code written against :class:`BackupStorage` behaves alike 
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from backup_pipelines.engine.compression import CHUNK_SIZE
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
+from backup_pipelines.engine.fsutil import atomic_writer
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred (an increment)."""
@@ -65,6 +68,7 @@ class ObjectInfo:
     server_side_encryption: str | None = None
     kms_key_id: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    etag: str | None = None  # S3's ETag: pins one version of the object across ranged reads
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,16 @@ def require_digest(source: Path, actual: str, expected: str | None) -> None:
             f"{source} no longer matches its recorded SHA-256 ({actual[:16]}… instead of "
             f"{expected[:16]}…); it was not uploaded",
             hint="the local file was modified or damaged; verify it and use another backup",
+        )
+
+
+def require_download_digest(location: str, actual: str, expected: str | None) -> None:
+    """Raise IntegrityError when downloaded bytes do not match the recorded SHA-256."""
+    if expected is not None and actual != expected:
+        raise IntegrityError(
+            f"{location} does not match its recorded SHA-256 ({actual[:16]}… instead of "
+            f"{expected[:16]}…); the download was discarded",
+            hint="the stored copy is damaged or was replaced; use another backup",
         )
 
 
@@ -166,6 +180,25 @@ class BackupStorage(ABC):
 
     def read_bytes(self, name: str, *, progress: Progress | None = None) -> bytes:
         return b"".join(self.iter_chunks(name, progress=progress))
+
+    def get_file(
+        self,
+        name: str,
+        dest: Path,
+        *,
+        expected_sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Download ``name`` to ``dest`` atomically (a temporary name, fsync, rename) and return
+        its hex SHA-256. When it differs from ``expected_sha256`` nothing is left at ``dest``
+        and :class:`IntegrityError` is raised."""
+        digest = hashlib.sha256()
+        with atomic_writer(dest) as handle:
+            for chunk in self.iter_chunks(name, progress=progress):
+                handle.write(chunk)
+                digest.update(chunk)
+            require_download_digest(self.url(name), digest.hexdigest(), expected_sha256)
+        return digest.hexdigest()
 
     def exists(self, name: str) -> bool:
         return self.head(name) is not None

@@ -113,6 +113,14 @@ class RemoteBackupArtifact(BackupArtifact):
         assert self.storage is not None
         yield from self.storage.iter_chunks(self.name)
 
+    def download(self, dest: Path, *, progress: Any = None) -> str:
+        """Download the backup to ``dest`` (atomic, parallel ranges on S3), checked against its
+        ``.sha256``; returns that digest."""
+        assert self.storage is not None
+        recorded = self.recorded_sha256()
+        self.storage.get_file(self.name, dest, expected_sha256=recorded, progress=progress)
+        return recorded
+
     def recorded_sha256(self) -> str:
         assert self.storage is not None
         try:

@@ -62,6 +62,8 @@ def s3_client_config() -> Any:
         retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS},
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         read_timeout=READ_TIMEOUT_SECONDS,
+        # One connection per part in flight (S3Storage(concurrency=) is capped at 32).
+        max_pool_connections=32,
     )
 
 

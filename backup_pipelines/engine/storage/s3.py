@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from backup_pipelines.engine.compression import CHUNK_SIZE
 from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.fsutil import atomic_writer
 from backup_pipelines.engine.storage.base import (
     BackupStorage,
     ObjectInfo,
@@ -30,6 +33,7 @@ from backup_pipelines.engine.storage.base import (
     StorageUnreachableError,
     check_name,
     require_digest,
+    require_download_digest,
 )
 from backup_pipelines.engine.storage.retry import (
     DOWNLOAD_RESUMES,
@@ -40,6 +44,8 @@ from backup_pipelines.engine.storage.retry import (
     s3_error,
 )
 from backup_pipelines.engine.storage.s3_multipart import (
+    DEFAULT_CONCURRENCY,
+    MAX_CONCURRENCY,
     MAX_PARTS,
     MIN_PART_SIZE,
     SHA256_METADATA_KEY,
@@ -61,6 +67,7 @@ class S3Storage(BackupStorage):
     (``AES256`` or ``aws:kms`` with ``kms_key_id``) apply to every upload. Each request is
     retried by botocore (``retry.py``); a download whose body breaks is resumed at most
     ``resume_attempts`` times, pausing ``backoff_seconds`` (doubling) in between.
+    ``concurrency`` parts travel at once in both directions (``put_file``, ``get_file``).
     ``min_part_size`` / ``max_parts`` exist so tests can exercise part sizing with small files.
     """
 
@@ -77,6 +84,7 @@ class S3Storage(BackupStorage):
         backoff_seconds: float = RESUME_BACKOFF_SECONDS,
         min_part_size: int = MIN_PART_SIZE,
         max_parts: int = MAX_PARTS,
+        concurrency: int = DEFAULT_CONCURRENCY,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not bucket:
@@ -93,6 +101,7 @@ class S3Storage(BackupStorage):
         self.backoff_seconds = backoff_seconds
         self.min_part_size = min_part_size
         self.max_parts = max_parts
+        self.concurrency = max(1, min(concurrency, MAX_CONCURRENCY))
         self._sleep = sleep
 
     @property
@@ -209,7 +218,7 @@ class S3Storage(BackupStorage):
         progress: Progress | None = None,
         move: bool = False,
     ) -> PutResult:
-        """Stream ``source`` to S3. Only one part is held in memory at a time."""
+        """Stream ``source`` to S3, in parts sent concurrently (see ``put_multipart``)."""
         size = source.stat().st_size
         part_size = part_size_for(size, min_part_size=self.min_part_size, max_parts=self.max_parts)
         if size <= part_size:
@@ -231,9 +240,23 @@ class S3Storage(BackupStorage):
         self, name: str, chunk_size: int = CHUNK_SIZE, *, progress: Progress | None = None
     ) -> Iterator[bytes]:
         """Stream an object; a dropped connection resumes where it stopped (Range request)."""
-        response = self._get(name)
-        etag = response.get("ETag")
-        offset = 0
+        return self._stream(name, chunk_size=chunk_size, progress=progress)
+
+    def _stream(
+        self,
+        name: str,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        etag: str | None = None,
+        chunk_size: int = CHUNK_SIZE,
+        progress: Progress | None = None,
+    ) -> Iterator[bytes]:
+        """Bytes ``start`` to ``end`` (inclusive; None: to the end) of the object. A body that
+        breaks is resumed from the byte it reached, at most ``resume_attempts`` times."""
+        response = self._get(name, start=start, end=end, if_match=etag)
+        etag = etag or response.get("ETag")
+        offset = start
         resumes = 0
         body = response["Body"]
         try:
@@ -253,7 +276,7 @@ class S3Storage(BackupStorage):
                     body.close()
                     self._sleep(self.backoff_seconds * 2 ** (resumes - 1))
                     # If-Match: never splice bytes of a replaced object onto the old ones.
-                    body = self._get(name, offset=offset, if_match=etag)["Body"]
+                    body = self._get(name, start=offset, end=end, if_match=etag)["Body"]
                     continue
                 if not chunk:
                     return
@@ -264,10 +287,77 @@ class S3Storage(BackupStorage):
         finally:
             body.close()
 
-    def _get(self, name: str, *, offset: int = 0, if_match: str | None = None) -> dict[str, Any]:
+    def get_file(
+        self,
+        name: str,
+        dest: Path,
+        *,
+        expected_sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Download ``name`` to ``dest``: byte ranges of one part size fetched by up to
+        ``concurrency`` requests at once, each written at its place in a temporary file (memory:
+        one read buffer per request). The SHA-256 is computed in order as ranges complete, while
+        later ones are still arriving; the file is renamed into place only when it matches
+        ``expected_sha256``. Every range asks for the same ETag, so a replaced object fails
+        instead of being spliced."""
+        info = self.head(name)
+        if info is None:
+            raise ObjectNotFoundError(f"{self.url(name)} does not exist")
+        part = part_size_for(info.size, min_part_size=self.min_part_size, max_parts=self.max_parts)
+        if info.size <= part or self.concurrency <= 1:
+            return super().get_file(name, dest, expected_sha256=expected_sha256, progress=progress)
+        ranges = [(start, min(start + part, info.size) - 1) for start in range(0, info.size, part)]
+        digest = hashlib.sha256()
+        with (
+            atomic_writer(dest, readable=True) as handle,
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-download") as pool,
+        ):
+            fd = handle.fileno()
+            futures = [
+                pool.submit(self._fetch_range, name, fd, start, end, info.etag)
+                for start, end in ranges
+            ]
+            try:
+                for (start, end), future in zip(ranges, futures, strict=True):
+                    future.result()
+                    # Hash what is on disk, in order: the page cache serves it back cheaply.
+                    offset = start
+                    while offset <= end:
+                        chunk = os.pread(fd, min(CHUNK_SIZE, end + 1 - offset), offset)
+                        digest.update(chunk)
+                        offset += len(chunk)
+                    if progress is not None:
+                        progress(end + 1 - start)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+            require_download_digest(self.url(name), digest.hexdigest(), expected_sha256)
+        return digest.hexdigest()
+
+    def _fetch_range(self, name: str, fd: int, start: int, end: int, etag: str | None) -> None:
+        offset = start
+        for chunk in self._stream(name, start=start, end=end, etag=etag):
+            os.pwrite(fd, chunk, offset)
+            offset += len(chunk)
+        if offset != end + 1:
+            raise StorageError(
+                f"download of {self.url(name)} ended at byte {offset}, expected {end + 1}",
+                hint="retry; if it repeats, check proxies between this host and S3",
+            )
+
+    def _get(
+        self,
+        name: str,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> dict[str, Any]:
         extra: dict[str, Any] = {}
-        if offset:
-            extra["Range"] = f"bytes={offset}-"
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end}"
         if if_match:
             extra["IfMatch"] = if_match
         try:
@@ -316,6 +406,7 @@ class S3Storage(BackupStorage):
             server_side_encryption=response.get("ServerSideEncryption"),
             kms_key_id=response.get("SSEKMSKeyId"),
             metadata=metadata,
+            etag=response.get("ETag"),
         )
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:

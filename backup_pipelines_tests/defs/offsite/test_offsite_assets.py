@@ -134,7 +134,7 @@ def test_s3_unreachable_fails_clearly_and_the_next_run_catches_up(
 
 def test_each_new_backup_is_followed_by_offsite_copy_and_retention(project) -> None:
     definitions = load_defs()
-    sensor = definitions.resolve_sensor_def("production_offsite_and_retention")
+    sensor = definitions.resolve_sensor_def("offsite_and_retention_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, definitions=definitions)

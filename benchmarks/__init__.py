@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios against the plain shell tool, measured in the same run."""
