@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import grp
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from backup_pipelines.engine.config import PitrSettings
+from backup_pipelines.engine.config import CONFIG_ENV_VAR, PitrSettings
 from backup_pipelines.engine.errors import ConfigError
 from backup_pipelines.engine.wal import (
     WalArchive,
@@ -22,6 +24,7 @@ from backup_pipelines.engine.wal import (
     wal_fetch,
     wal_push,
 )
+from backup_pipelines_tests.pitr_support import server_user_command
 
 SEGMENT = "000000010000000000000003"
 LATER = "000000010000000100000000"  # another log: a new folder
@@ -102,21 +105,32 @@ def test_an_unknown_group_is_a_configuration_error_naming_it(make_project) -> No
     assert "groupadd bp-no-such-group" in caught.value.one_line()
 
 
+@pytest.mark.slow  # wal-setup runs the archive command as the server's OS user (runuser)
 def test_wal_setup_brings_an_existing_archive_to_the_shared_layout(
-    tmp_path: Path, make_project, cli
+    tmp_path: Path, make_project, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     group = _group()
     root = tmp_path / "archive"
     root.mkdir(mode=0o700)
-    project = {"dsn_env": "UNUSED_DSN", "pitr": {"archive_dir": str(root)}}
+    # wal-setup first checks that postgres can run the command: one it can reach.
+    reachable = Path(tempfile.mkdtemp(prefix="bp-cmd-"))
+    reachable.chmod(0o755)
+    command = server_user_command(reachable)
+    project = {"dsn_env": "UNUSED_DSN", "pitr": {"archive_dir": str(root), "command": command}}
     make_project({"main": project})
     assert cli("wal-push", str(_write(tmp_path / "pg_wal", SEGMENT, 1))).returncode == 0
     assert {m for m, _g in _modes(root).values()} == {0o700, 0o600}
 
     project["pitr"]["archive_group"] = group.gr_name  # type: ignore[index]
     make_project({"main": project})
+    # ... and read the targets file: a copy where it can.
+    readable = reachable / "backup_targets.yaml"
+    shutil.copy(tmp_path / "backup_targets.yaml", readable)
+    readable.chmod(0o644)
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(readable))
     result = cli("wal-setup", "main")
     assert result.returncode == 0, result.stderr
+    shutil.rmtree(reachable, ignore_errors=True)
     assert "mode 2750, readable by group daemon" in result.stdout
     for name, (mode, gid) in _modes(root).items():
         wanted = 0o2750 if (root / name).is_dir() else 0o640
