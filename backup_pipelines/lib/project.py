@@ -1,5 +1,6 @@
 """The targets file as the Dagster definitions see it when they load."""
 
+import os
 from collections.abc import Callable
 from functools import cache
 
@@ -60,17 +61,19 @@ def set_aside_unschedulable(config: ProjectConfig) -> ProjectConfig:
 
 
 # Derived from the cached project_config(), computed once per loaded config: the definitions ask
-# for these once per target, and recomputing them each time made loading O(targets^2).
-_DERIVED: dict[str, tuple[ProjectConfig, dict[str, TargetSettings]]] = {}
+# for these once per target, and recomputing them each time made loading O(targets^2). The
+# environment is part of the key: a bucket may come from $S3_BACKUP_BUCKET alone.
+_DERIVED: dict[str, tuple[ProjectConfig, str | None, dict[str, TargetSettings]]] = {}
 
 
 def _derived(what: str, pick: Callable[[TargetSettings], bool]) -> dict[str, TargetSettings]:
     config = project_config()
+    environment = os.environ.get("S3_BACKUP_BUCKET")
     cached = _DERIVED.get(what)
-    if cached is None or cached[0] is not config:
-        cached = (config, {n: s for n, s in config.targets.items() if pick(s)})
+    if cached is None or cached[0] is not config or cached[1] != environment:
+        cached = (config, environment, {n: s for n, s in config.targets.items() if pick(s)})
         _DERIVED[what] = cached
-    return cached[1]
+    return cached[2]
 
 
 def offsite_enabled_targets() -> dict[str, TargetSettings]:

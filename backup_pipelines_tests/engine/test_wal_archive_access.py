@@ -21,7 +21,7 @@ import yaml
 
 from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.wal import wal_archive_for, wal_fetch
-from backup_pipelines_tests.fault_matrix.clear_errors import assert_clear_error, cli_as, run_as
+from backup_pipelines_tests.fault_matrix.clear_errors import assert_clear_error, run_as
 from backup_pipelines_tests.pitr_support import start_pitr_cluster
 
 
@@ -54,23 +54,6 @@ def _give_to(root: Path, user: str) -> None:
     entry = pwd.getpwnam(user)
     for path in [root, *root.rglob("*")]:
         os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-def _interpreter_lacks_tar_filter(user: str, folder: Path) -> bool:
-    """Whether ``user`` runs this package with a Python without ``tarfile.data_filter``."""
-    argv = cli_as(user, folder)
-    launcher = Path(argv[-1])
-    python = (
-        [str(launcher.parent / "python")]
-        if launcher.name == "backup-pipelines"
-        else [launcher.read_text().split(" exec ", 1)[1].split(" ", 1)[0]]
-    )
-    probe = subprocess.run(
-        [*argv[:-1], *python, "-c", "import tarfile; tarfile.data_filter"],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode != 0
 
 
 def _as(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -142,12 +125,8 @@ def test_the_archive_group_monitors_fetches_and_drills_and_nobody_else_reads(
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert "Permission denied" in refused.stderr, refused.stderr
         assert not Path("/tmp/never").exists()
-        if _interpreter_lacks_tar_filter(reader, setup.workdir):
-            pytest.skip(
-                f"{reader} can only run this package with a Python older than 3.11.4 (no "
-                "tarfile filter), which cannot extract base backups; the drill step needs "
-                "a newer interpreter"
-            )
+        # The reader may run us with Debian's python3 (3.11.2, no tarfile filters): the base
+        # backup's extraction applies the same rules by hand there.
         drill = run_as(reader, setup.workdir, "pitr-drill", "main")
         assert drill.returncode == 0, drill.stdout + drill.stderr
         assert "passed" in (drill.stdout + drill.stderr).lower()
