@@ -44,7 +44,7 @@ check: $(VENV)/.synced
 	@$(VENV)/ruff check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/ruff format --check backup_pipelines backup_pipelines_tests benchmarks
 	@$(VENV)/mypy
-	$(call pytest_strict,-q -m fast $(PYTEST_ARGS))
+	$(call pytest_strict,-q -m fast -n 2 $(PYTEST_ARGS))
 
 # The environment, when there is none yet or the lock file changed since (`make test` always
 # refreshes it).
