@@ -28,6 +28,7 @@ EVERY_MINUTE = "cron_x_x_x_x_x_backup_schedule"
 
 
 @pytest.mark.daemon
+@pytest.mark.timeout(1200)
 def test_production_instance_on_postgres_runs_a_queued_backup(
     pg: LocalCluster, sample_db: str, make_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,7 +89,13 @@ def test_production_instance_on_postgres_runs_a_queued_backup(
                 return None
 
             records = wait_for(
-                finished, 240, "the daemon to dequeue and finish both runs", daemon, daemon_log
+                # Every step is a process of its own (multiprocess executor): minutes while the
+                # other test workers keep both cores busy.
+                finished,
+                480,
+                "the daemon to dequeue and finish both runs",
+                daemon,
+                daemon_log,
             )
             assert [r.dagster_run.status for r in records] == [dg.DagsterRunStatus.SUCCESS] * 2, (
                 daemon_log.read_text()[-4000:]

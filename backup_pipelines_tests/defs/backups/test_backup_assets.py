@@ -209,17 +209,18 @@ def test_every_target_gets_an_asset_with_its_checks(make_project) -> None:
 
 
 @pytest.mark.slow
-def test_definitions_load_fast_with_hundreds_of_targets(tmp_path: Path) -> None:
+def test_definitions_load_hundreds_of_targets_with_every_asset(tmp_path: Path) -> None:
+    """Every one of 300 targets gets its assets in a fresh interpreter. (How fast that is, is
+    measured by benchmarks/bench_many_targets.py, not asserted here.)"""
     config = tmp_path / "many.yaml"
     config.write_text(
         "backup_root: b\ntargets:\n"
         + "".join(f"  db_{i:03d}:\n    dsn_env: DATABASE_URL_{i:03d}\n" for i in range(300))
     )
     code = (
-        "import time; t=time.perf_counter();"
         "from backup_pipelines.definitions import defs; d=defs();"
-        "n=len(d.resolve_asset_graph().get_all_asset_keys());"
-        "print(n, round(time.perf_counter()-t, 2))"
+        "keys=d.resolve_asset_graph().get_all_asset_keys();"
+        "print(len({k.path[0] for k in keys if k.path[-1] == 'logical_backup'}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -230,6 +231,4 @@ def test_definitions_load_fast_with_hundreds_of_targets(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assets, seconds = result.stdout.split()
-    assert int(assets) >= 300
-    assert float(seconds) < 60, f"loading 300 targets took {seconds}s"
+    assert int(result.stdout.split()[-1]) == 300
