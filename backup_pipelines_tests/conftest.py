@@ -27,8 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
-from backup_pipelines.devtools.local_postgres import LocalCluster, free_port, init_cluster
+from backup_pipelines.devtools.local_postgres import LocalCluster, init_cluster
+from backup_pipelines.devtools.s3_server import start_s3_server
 from backup_pipelines.devtools.sample_data import create_sample_database
 from backup_pipelines.engine.config import CONFIG_ENV_VAR, ProjectConfig, load_config
 
@@ -296,23 +295,7 @@ def run_cli() -> CliRunner:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server over real HTTP on 127.0.0.1; yields its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
+    proc, url = start_s3_server()
     try:
         yield url
     finally:

@@ -20,19 +20,18 @@ import argparse
 import functools
 import hashlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from backup_pipelines.devtools.s3_server import start_s3_server  # noqa: E402
 from backup_pipelines.engine.storage import S3Storage, default_s3_client  # noqa: E402
 from backup_pipelines.engine.storage.s3_multipart import DEFAULT_CONCURRENCY  # noqa: E402
 
@@ -40,30 +39,8 @@ VENV_BIN = Path(sys.executable).parent
 MiB = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.2)
+    return start_s3_server()
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -7,11 +7,9 @@ to the test artifacts folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -23,6 +21,7 @@ import pytest
 from backup_pipelines.definitions import defs as load_defs
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
 from backup_pipelines_tests.conftest import REPO_ROOT, VENV_BIN
+from backup_pipelines_tests.deploy.daemon_support import stop
 
 APP = dg.AssetKey(["app", "logical_backup"])
 BROWSER_ARGS = [
@@ -73,23 +72,9 @@ def _start_webserver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, 
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop(proc)
             raise AssertionError("dagster-webserver did not come up:\n" + log.read_text()[-4000:])
         time.sleep(0.25)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    # The code server it started (`dagster api grpc`, same process group) outlives SIGTERM and
-    # would linger for hours: nothing of the group may survive the test.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.daemon
@@ -165,5 +150,5 @@ def test_ui_shows_backup_metadata_and_the_failed_checksum_check(
             finally:
                 browser.close()
     finally:
-        _stop(proc)
+        stop(proc)
     assert (artifacts_dir / "ui_failed_checksum_check.png").stat().st_size > 10_000
