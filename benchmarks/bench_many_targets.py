@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backup_pipelines.devtools.local_postgres import throwaway_cluster  # noqa: E402
-from benchmarks.bench_s3_transfer import start_moto  # noqa: E402
+from backup_pipelines.devtools.s3_server import start_s3_server  # noqa: E402
 
 CPU: dict[str, float] = {}  # CPU seconds of this process per sensor (the database's not included)
 
@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
-    moto, s3_url = start_moto()
+    moto, s3_url = start_s3_server()
     work = Path(tempfile.mkdtemp(prefix="bench-targets-"))
     try:
         with throwaway_cluster(password="bench") as pg:

@@ -21,7 +21,6 @@ import functools
 import hashlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +38,6 @@ VENV_BIN = Path(sys.executable).parent
 MiB = 1 << 20
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    return start_s3_server()
-
-
 def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
@@ -58,7 +53,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     args = parser.parse_args()
 
-    proc, url = start_moto()
+    proc, url = start_s3_server()
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
