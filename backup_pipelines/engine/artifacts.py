@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -389,9 +390,25 @@ def write_meta(path: Path, meta: BackupMeta) -> None:
     write_atomic(path, (meta.model_dump_json(indent=2) + "\n").encode("utf-8"))
 
 
+# Parsed .meta files by path, valid while the file is unchanged (same inode, size, mtime and
+# ctime: every writer replaces the file atomically, so a rewrite is a new inode). Sensors list
+# every target's backups on each tick; with the cache a tick stats the files instead of reading
+# and parsing them again. BackupMeta is never modified in place (updates use model_copy).
+_META_CACHE_SIZE = 20_000
+_meta_cache: dict[Path, tuple[tuple[int, int, int, int], BackupMeta]] = {}
+_meta_cache_lock = threading.Lock()
+
+
 def read_meta(path: Path) -> BackupMeta:
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            st = os.fstat(handle.fileno())
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with _meta_cache_lock:
+                cached = _meta_cache.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            raw = handle.read()
     except FileNotFoundError:
         raise IntegrityError(
             f"metadata file missing: {path}",
@@ -399,7 +416,12 @@ def read_meta(path: Path) -> BackupMeta:
         ) from None
     except OSError as exc:
         raise IntegrityError(f"metadata file {path} cannot be read: {exc.strerror}") from None
-    return parse_meta(raw, str(path))
+    meta = parse_meta(raw, str(path))
+    with _meta_cache_lock:
+        if len(_meta_cache) >= _META_CACHE_SIZE:
+            _meta_cache.clear()
+        _meta_cache[path] = (stamp, meta)
+    return meta
 
 
 def parse_meta(raw: bytes | str, source: str) -> BackupMeta:
