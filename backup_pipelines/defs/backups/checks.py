@@ -1,6 +1,7 @@
 """Integrity checks on each ``<target>/logical_backup``: they turn red in the UI when a backup
 file is tampered with, truncated or suspiciously small."""
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -53,98 +54,118 @@ def _result(
     return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
 
 
-def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChecksDefinition]:
-    key = target_key(name, LOGICAL_BACKUP)
-
-    @dg.asset_check(
-        asset=key,
-        name="checksum_matches",
-        blocking=True,
-        description="Recomputes the backup file's SHA-256 and compares it with its `.sha256` and `.meta`. "
-        "Fails (and stops downstream steps) when the file was modified, truncated or replaced.",
-    )
-    def checksum_matches(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        artifact = _latest_artifact(context, key)
-        if isinstance(artifact, dg.AssetCheckResult):
-            return artifact
-        return _result(artifact, check_checksum(artifact), dg.AssetCheckSeverity.ERROR)
-
-    @dg.asset_check(
-        asset=key,
-        name="archive_readable",
-        description="Decompresses (and decrypts) the whole backup: a plain dump must end with pg_dump's "
-        "'dump complete' trailer, a custom archive must list and decode every data block.",
-    )
-    def archive_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        artifact = _latest_artifact(context, key)
-        if isinstance(artifact, dg.AssetCheckResult):
-            return artifact
-        return _result(artifact, check_readable(artifact), dg.AssetCheckSeverity.ERROR)
-
-    @dg.asset_check(
-        asset=key,
-        name="globals_readable",
-        description="The server's globals stored with the backup (roles, memberships, role "
-        "settings) are there, match their checksum and decode to pg_dumpall's complete output; "
-        "the result says whether role passwords are included. Fails when the globals file is "
-        "missing or damaged: the backup could not be restored onto a new server with its roles.",
-    )
-    def globals_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        artifact = _latest_artifact(context, key)
-        if isinstance(artifact, dg.AssetCheckResult):
-            return artifact
-        return _result(artifact, check_globals(artifact), dg.AssetCheckSeverity.ERROR)
-
-    @dg.asset_check(
-        asset=key,
-        name="size_not_anomalous",
-        description=f"Warns when a backup is more than {settings.size_drop_warn_ratio:.0%} smaller than "
-        "the previous one: often a sign of lost data or a dump of the wrong database.",
-    )
-    def size_not_anomalous(
-        context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource
-    ) -> dg.AssetCheckResult:
-        artifact = _latest_artifact(context, key)
-        if isinstance(artifact, dg.AssetCheckResult):
-            return artifact
-        # The backup's own folder: for a server target, that of its database.
-        target = backup_engine.target(name)
-        older = [
-            a
-            for a in list_artifacts(artifact.path.parent)
-            if a.meta.started_at < artifact.meta.started_at
-        ]
-        if not older:
-            return dg.AssetCheckResult(
-                passed=True, metadata={"result": "first backup: nothing to compare with"}
-            )
-        previous = older[0]
-        current_size, previous_size = artifact.meta.size_bytes, previous.meta.size_bytes
-        change = (current_size - previous_size) / previous_size if previous_size else 0.0
-        passed = change >= -target.settings.size_drop_warn_ratio
-        message = (
-            f"{human_size(current_size)} vs {human_size(previous_size)} for {previous.path.name} "
-            f"({change:+.1%}; warning below -{target.settings.size_drop_warn_ratio:.0%})"
-        )
+def _size_not_anomalous(artifact: BackupArtifact, drop_warn_ratio: float) -> dg.AssetCheckResult:
+    older = [
+        a
+        for a in list_artifacts(artifact.path.parent)
+        if a.meta.started_at < artifact.meta.started_at
+    ]
+    if not older:
         return dg.AssetCheckResult(
-            passed=passed,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "result": message,
-                "size_bytes": current_size,
-                "previous_size_bytes": previous_size,
-                "size_change_pct": round(change * 100, 2),
-                "previous_backup": previous.path.name,
-            },
+            passed=True, metadata={"result": "first backup: nothing to compare with"}
         )
+    previous = older[0]
+    current_size, previous_size = artifact.meta.size_bytes, previous.meta.size_bytes
+    change = (current_size - previous_size) / previous_size if previous_size else 0.0
+    passed = change >= -drop_warn_ratio
+    message = (
+        f"{human_size(current_size)} vs {human_size(previous_size)} for {previous.path.name} "
+        f"({change:+.1%}; warning below -{drop_warn_ratio:.0%})"
+    )
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "result": message,
+            "size_bytes": current_size,
+            "previous_size_bytes": previous_size,
+            "size_change_pct": round(change * 100, 2),
+            "previous_backup": previous.path.name,
+        },
+    )
 
-    return [checksum_matches, archive_readable, globals_readable, size_not_anomalous]
+
+# The file checks, in the order they run (the cheap checksum first).
+_FILE_CHECKS: dict[str, Callable[[BackupArtifact], CheckOutcome]] = {
+    "checksum_matches": check_checksum,
+    "archive_readable": check_readable,
+    "globals_readable": check_globals,
+}
+SIZE_CHECK = "size_not_anomalous"
+
+
+def build_backup_checks(name: str, settings: TargetSettings) -> dg.AssetChecksDefinition:
+    """The integrity checks of ``<name>/logical_backup``, as one op (one step in a run, one
+    definition to load: a thousand targets load in seconds), any subset of them runnable alone
+    ("Execute checks" in the UI)."""
+    key = target_key(name, LOGICAL_BACKUP)
+    specs = [
+        dg.AssetCheckSpec(
+            "checksum_matches",
+            asset=key,
+            blocking=True,
+            description="Recomputes the backup file's SHA-256 and compares it with its `.sha256` "
+            "and `.meta`. Fails (and stops downstream steps) when the file was modified, "
+            "truncated or replaced.",
+        ),
+        dg.AssetCheckSpec(
+            "archive_readable",
+            asset=key,
+            description="Decompresses (and decrypts) the whole backup: a plain dump must end with "
+            "pg_dump's 'dump complete' trailer, a custom archive must list and decode every data "
+            "block.",
+        ),
+        dg.AssetCheckSpec(
+            "globals_readable",
+            asset=key,
+            description="The server's globals stored with the backup (roles, memberships, role "
+            "settings) are there, match their checksum and decode to pg_dumpall's complete "
+            "output; the result says whether role passwords are included. Fails when the globals "
+            "file is missing or damaged: the backup could not be restored onto a new server with "
+            "its roles.",
+        ),
+        dg.AssetCheckSpec(
+            SIZE_CHECK,
+            asset=key,
+            description=f"Warns when a backup is more than {settings.size_drop_warn_ratio:.0%} "
+            "smaller than the previous one: often a sign of lost data or a dump of the wrong "
+            "database.",
+        ),
+    ]
+
+    @dg.multi_asset_check(
+        name=f"{name}__logical_backup_checks",
+        specs=specs,
+        can_subset=True,
+        description=f"Integrity checks of the newest backup of {name}.",
+    )
+    def logical_backup_checks(
+        context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        selected = {check.name for check in context.selected_asset_check_keys}
+        artifact = _latest_artifact(context, key)
+        for check_name in [*_FILE_CHECKS, SIZE_CHECK]:
+            if check_name not in selected:
+                continue
+            if isinstance(artifact, dg.AssetCheckResult):
+                result = artifact
+            elif check_name == SIZE_CHECK:
+                # The backup's own folder: for a server target, that of its database.
+                ratio = backup_engine.target(name).settings.size_drop_warn_ratio
+                result = _size_not_anomalous(artifact, ratio)
+            else:
+                outcome = _FILE_CHECKS[check_name](artifact)
+                result = _result(artifact, outcome, dg.AssetCheckSeverity.ERROR)
+            yield result._replace(asset_key=key, check_name=check_name)
+
+    return logical_backup_checks
 
 
 @dg.definitions
 def backup_checks() -> dg.Definitions:
     return dg.Definitions(
         asset_checks=[
-            c for name, s in project_config().targets.items() for c in build_backup_checks(name, s)
+            build_backup_checks(name, settings)
+            for name, settings in project_config().targets.items()
         ]
     )
