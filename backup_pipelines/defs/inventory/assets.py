@@ -1,5 +1,7 @@
 """``<target>/backup_inventory``: every backup on disk and in S3, with calendar retention applied."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -116,90 +118,158 @@ def clock_check_result(report: RetentionReport) -> dg.AssetCheckResult:
     )
 
 
-def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
-    upstream = OFFSITE_COPY if settings.offsite.is_enabled else LOGICAL_BACKUP
-    key = target_key(name, BACKUP_INVENTORY)
+def _clock_check_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        CLOCK_CHECK,
+        asset=key,
+        description="Fails when this host's clock cannot be trusted against the "
+        "backups' recorded times: a backup dated in the future (the clock went back, or "
+        "the backup was taken while it was fast; it is never used as the newest backup) "
+        "or a newest backup older than 3x max_age (the clock jumped forward, or backups "
+        "stopped). Retention then deletes nothing until the times agree again.",
+    )
 
-    @dg.asset(
-        key=key,
+
+def _inventory_spec(name: str, settings: TargetSettings) -> dg.AssetSpec:
+    upstream = OFFSITE_COPY if settings.offsite.is_enabled else LOGICAL_BACKUP
+    return dg.AssetSpec(
+        target_key(name, BACKUP_INVENTORY),
         deps=[target_key(name, upstream)],
         partitions_def=database_partitions(name),
-        **asset_attributes(name, "python"),
         description=_description(name, settings),
-        check_specs=[
-            dg.AssetCheckSpec(
-                CLOCK_CHECK,
-                asset=key,
-                description="Fails when this host's clock cannot be trusted against the "
-                "backups' recorded times: a backup dated in the future (the clock went back, or "
-                "the backup was taken while it was fast; it is never used as the newest backup) "
-                "or a newest backup older than 3x max_age (the clock jumped forward, or backups "
-                "stopped). Retention then deletes nothing until the times agree again.",
-            )
-        ],
+        **asset_attributes(name, "python"),
+    )
+
+
+def take_inventory(
+    context: dg.AssetExecutionContext,
+    name: str,
+    database: str | None,
+    backup_engine: BackupEngineResource,
+    offsite_s3: S3Resource,
+) -> dg.MaterializeResult:
+    """Apply retention to one target (one database of a server target) and describe what is
+    kept: the materialization of ``<name>/backup_inventory`` with its ``clock_plausible``."""
+    key = target_key(name, BACKUP_INVENTORY)
+    try:
+        project = backup_engine.project()
+        target = project.target(name, database)
+        storage = None
+        if target.settings.offsite.is_enabled:
+            storage = offsite_storage(target, client=offsite_s3.get_client())
+        report = prune_target(target, timezone=project.timezone, storage=storage, log=context.log)
+    except BackupPipelinesError as exc:
+        raise user_error(exc) from None
+    for error in report.errors:
+        context.log.warning(f"{name}: {error}")
+    if report.plan.held:
+        context.log.warning(f"{name}: retention on hold: {report.plan.hold_reason}")
+    for item in report.unreadable:
+        context.log.warning(f"{name}: left alone (not trusted): {item.path.name}: {item.reason}")
+    pruned = report.pruned
+    for entry in pruned:
+        context.log.info(
+            f"{name}: pruned {entry.name} ({'+'.join(entry.deleted_from) or 'nothing'})"
+        )
+    return dg.MaterializeResult(
+        asset_key=key,
+        metadata={
+            "backups": inventory_table(report),
+            "backup_count": dg.MetadataValue.int(
+                sum(1 for e in report.entries if e.decision and e.decision.keep)
+            ),
+            "local_count": dg.MetadataValue.int(
+                sum(1 for e in report.entries if e.local and e.decision and e.decision.keep)
+            ),
+            "s3_count": dg.MetadataValue.int(
+                sum(1 for e in report.entries if e.remote and e.decision and e.decision.keep)
+            ),
+            "pruned": dg.MetadataValue.json([e.name for e in pruned]),
+            "pruned_count": dg.MetadataValue.int(len(pruned)),
+            "retention_held": dg.MetadataValue.bool(report.plan.held),
+            "hold_reason": dg.MetadataValue.text(report.plan.hold_reason or ""),
+            "clock_problem": dg.MetadataValue.text(report.plan.clock_problem or ""),
+            "unreadable": dg.MetadataValue.json(
+                {item.path.name: item.reason for item in report.unreadable}
+            ),
+            "leftovers_removed": dg.MetadataValue.json(report.leftovers_removed),
+            "errors": dg.MetadataValue.json(report.errors),
+            "policy": dg.MetadataValue.text(
+                f"daily {target.settings.retention.daily}, weekly "
+                f"{target.settings.retention.weekly}, monthly "
+                f"{target.settings.retention.monthly} ({project.timezone})"
+            ),
+        },
+        check_results=[clock_check_result(report)._replace(asset_key=key)],
+    )
+
+
+def build_backup_inventory(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+    """The inventory of a server target (``databases: all``): partitioned by database."""
+    spec = _inventory_spec(name, settings)
+
+    @dg.multi_asset(
+        name=f"{name}__backup_inventory",
+        specs=[spec],
+        check_specs=[_clock_check_spec(spec.key)],
     )
     def backup_inventory(
         context: dg.AssetExecutionContext,
         backup_engine: BackupEngineResource,
         offsite_s3: S3Resource,
     ) -> dg.MaterializeResult:
-        try:
-            project = backup_engine.project()
-            target = project.target(name, partition_database(context))
-            storage = None
-            if target.settings.offsite.is_enabled:
-                storage = offsite_storage(target, client=offsite_s3.get_client())
-            report = prune_target(
-                target, timezone=project.timezone, storage=storage, log=context.log
+        return take_inventory(context, name, partition_database(context), backup_engine, offsite_s3)
+
+    return backup_inventory
+
+
+def build_backup_inventories(targets: dict[str, TargetSettings]) -> dg.AssetsDefinition:
+    """The inventories of every single-database target, as one op that materializes whichever
+    of them a run selects (loading a thousand targets costs one definition, not a thousand).
+    A target whose retention fails does not stop the others; the step fails at the end."""
+    specs = [_inventory_spec(name, settings) for name, settings in targets.items()]
+
+    @dg.multi_asset(
+        name=BACKUP_INVENTORY,
+        specs=specs,
+        check_specs=[_clock_check_spec(spec.key) for spec in specs],
+        can_subset=True,
+    )
+    def backup_inventory(
+        context: dg.AssetExecutionContext,
+        backup_engine: BackupEngineResource,
+        offsite_s3: S3Resource,
+    ) -> Iterator[dg.MaterializeResult]:
+        failed: list[tuple[str, str]] = []
+        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+            name = key.path[0]
+            try:
+                yield take_inventory(context, name, None, backup_engine, offsite_s3)
+            except dg.Failure as exc:
+                context.log.error(f"{name}: {exc.description}")
+                failed.append((name, exc.description or "failed"))
+            except Exception as exc:  # a bug must not stop the other targets' retention
+                context.log.exception(f"{name}: retention failed")
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
+        if failed:
+            raise dg.Failure(
+                description=f"retention failed for {len(failed)} of "
+                f"{len(context.selected_asset_keys)} targets (the others were inventoried): "
+                + "; ".join(f"{name}: {reason}" for name, reason in failed),
+                allow_retries=False,
             )
-        except BackupPipelinesError as exc:
-            raise user_error(exc) from None
-        for error in report.errors:
-            context.log.warning(error)
-        if report.plan.held:
-            context.log.warning(f"Retention on hold: {report.plan.hold_reason}")
-        for item in report.unreadable:
-            context.log.warning(f"Left alone (not trusted): {item.path.name}: {item.reason}")
-        pruned = report.pruned
-        for entry in pruned:
-            context.log.info(f"Pruned {entry.name} ({'+'.join(entry.deleted_from) or 'nothing'})")
-        return dg.MaterializeResult(
-            metadata={
-                "backups": inventory_table(report),
-                "backup_count": dg.MetadataValue.int(
-                    sum(1 for e in report.entries if e.decision and e.decision.keep)
-                ),
-                "local_count": dg.MetadataValue.int(
-                    sum(1 for e in report.entries if e.local and e.decision and e.decision.keep)
-                ),
-                "s3_count": dg.MetadataValue.int(
-                    sum(1 for e in report.entries if e.remote and e.decision and e.decision.keep)
-                ),
-                "pruned": dg.MetadataValue.json([e.name for e in pruned]),
-                "pruned_count": dg.MetadataValue.int(len(pruned)),
-                "retention_held": dg.MetadataValue.bool(report.plan.held),
-                "hold_reason": dg.MetadataValue.text(report.plan.hold_reason or ""),
-                "clock_problem": dg.MetadataValue.text(report.plan.clock_problem or ""),
-                "unreadable": dg.MetadataValue.json(
-                    {item.path.name: item.reason for item in report.unreadable}
-                ),
-                "leftovers_removed": dg.MetadataValue.json(report.leftovers_removed),
-                "errors": dg.MetadataValue.json(report.errors),
-                "policy": dg.MetadataValue.text(
-                    f"daily {target.settings.retention.daily}, weekly "
-                    f"{target.settings.retention.weekly}, monthly "
-                    f"{target.settings.retention.monthly} ({project.timezone})"
-                ),
-            },
-            check_results=[clock_check_result(report)],
-        )
 
     return backup_inventory
 
 
 @dg.definitions
 def inventory_assets() -> dg.Definitions:
+    targets = project_config().targets
+    single = {name: settings for name, settings in targets.items() if not settings.is_server}
     return dg.Definitions(
         # The offsite_s3 resource comes from defs/offsite/assets.py.
-        assets=[build_backup_inventory(n, s) for n, s in project_config().targets.items()],
+        assets=[
+            *([build_backup_inventories(single)] if single else []),
+            *(build_backup_inventory(n, s) for n, s in targets.items() if s.is_server),
+        ],
     )

@@ -75,3 +75,59 @@ def test_inventory_applies_calendar_retention_and_lists_every_backup(
     assert len(kept) <= 3 + 2 + 2 + 1
     assert (folder / "shop_crashed.sql.gz.partial").exists()  # young leftover: left alone
     assert metadata["retention_held"].value is False
+
+
+@pytest.mark.slow
+def test_one_targets_failing_retention_does_not_stop_the_others(make_project, monkeypatch) -> None:
+    """Every single-database target's inventory is one op: a run that takes several of them
+    inventories each one, and a failure in one is reported by name after the others ran."""
+    monkeypatch.delenv("S3_BACKUP_BUCKET", raising=False)
+    names = ["alpha", "beta", "gamma"]
+    config = make_project(
+        {
+            name: {
+                "dsn_env": "DATABASE_URL_X",
+                "retention": {"daily": 1, "weekly": 0, "monthly": 0},
+            }
+            for name in names
+        },
+        env={"DATABASE_URL_X": "postgresql://unused@127.0.0.1:1/x"},
+    )
+    now = datetime.now(UTC)
+    for name in names:
+        for days in (1, 2):
+            fake_backup(
+                config.target(name).backup_dir,
+                name,
+                started_at=now - timedelta(days=days),
+                target=name,
+            )
+
+    from backup_pipelines.definitions import defs
+    from backup_pipelines.defs.inventory import assets as inventory
+    from backup_pipelines.engine.errors import BackupPipelinesError
+
+    real_prune = inventory.prune_target
+
+    def prune(target, **kwargs):
+        if target.name == "beta":
+            raise BackupPipelinesError("the backup folder is on fire")
+        return real_prune(target, **kwargs)
+
+    monkeypatch.setattr(inventory, "prune_target", prune)
+    keys = [dg.AssetKey([name, "backup_inventory"]) for name in names]
+    job = defs().resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance, asset_selection=keys, raise_on_error=False
+        )
+    assert not result.success
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert materialized == {keys[0], keys[2]}
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert "retention failed for 1 of 3 targets" in description
+    assert "beta: the backup folder is on fire" in description
+    for name in ("alpha", "gamma"):  # retention really ran there: daily 1 keeps one backup
+        assert len(list_artifacts(config.target(name).backup_dir)) == 1
+    assert len(list_artifacts(config.target("beta").backup_dir)) == 2
