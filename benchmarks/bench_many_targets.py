@@ -16,7 +16,13 @@ on a throwaway cluster, as in production). Then times:
               name contains ``offsite_and_retention``, summed (one per target before this
               change, one for all targets after it)
 
-Goals: load <= 10 s, each sensor tick <= 20 s (Dagster's sensor timeout is 60 s).
+  ui          dagster-webserver on the same instance: seconds until it serves the asset list
+              (its code server loads the definitions), the GraphQL asset list the catalog page
+              asks for, and headless Chromium opening the asset catalog and one target's
+              backup asset until their content shows (`--no-ui` skips this)
+
+Goals: load <= 10 s, each sensor tick <= 20 s (Dagster's sensor timeout is 60 s), the UI's
+asset list usable.
 """
 
 from __future__ import annotations
@@ -120,6 +126,55 @@ def record_history(instance: dg.DagsterInstance, names: list[str]) -> None:
             )
 
 
+CATALOG_QUERY = """
+{ assetsOrError { ... on AssetConnection { nodes { key { path }
+  definition { groupName description kinds owners { ... on TeamAssetOwner { team } }
+               assetChecksOrError { ... on AssetChecks { checks { name } } } } } } } }
+"""
+
+
+def time_ui(work: Path, sample: str) -> dict[str, float]:
+    """How long the UI takes with this many targets: webserver start, the asset list over
+    GraphQL, and the catalog and one asset page in headless Chromium."""
+    from backup_pipelines.devtools.webserver import graphql, start_webserver, stop_process_group
+
+    results: dict[str, float] = {}
+    started = time.perf_counter()
+    proc, url = start_webserver(dict(os.environ), work / "webserver.log", cwd=REPO, timeout=600)
+    results["ui: webserver up"] = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        answer = graphql(url, CATALOG_QUERY, timeout=300)
+        results["ui: asset list (GraphQL)"] = time.perf_counter() - started
+        nodes = answer["data"]["assetsOrError"]["nodes"]
+        print(f"GraphQL asset list: {len(nodes)} assets", flush=True)
+        chromium = shutil.which("chromium")
+        if chromium is None:
+            return results
+        from playwright.sync_api import sync_playwright
+
+        graphql(url, "mutation { setNuxSeen }")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=chromium, args=["--no-sandbox", "--disable-gpu"], headless=True
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                for label, path, text in [
+                    ("ui: asset catalog page", "/assets", "db0000"),
+                    ("ui: one backup asset page", f"/assets/{sample}/logical_backup", "size_bytes"),
+                ]:
+                    started = time.perf_counter()
+                    page.goto(url + path, wait_until="domcontentloaded")
+                    page.get_by_text(text).first.wait_for(timeout=300_000)
+                    results[label] = time.perf_counter() - started
+            finally:
+                browser.close()
+    finally:
+        stop_process_group(proc)
+    return results
+
+
 def timed_tick(
     defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None = None
 ) -> tuple[float, Any]:
@@ -149,6 +204,7 @@ def main() -> int:
     parser.add_argument("--with-backups", type=int, default=300)
     parser.add_argument("--s3-every", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--no-ui", action="store_true", help="skip the webserver and browser")
     args = parser.parse_args()
 
     moto, s3_url = start_s3_server()
@@ -241,6 +297,10 @@ def main() -> int:
                     f"{requests} run requests",
                     flush=True,
                 )
+            if not args.no_ui:
+                for label, seconds in time_ui(work, names[0] if names else "db0000").items():
+                    results[label] = seconds
+                    print(f"{label}: {seconds:.2f}s", flush=True)
             results["assets"] = load["assets"]
             results["load cpu"] = load["cpu"]
             results.update({f"{k} cpu": v for k, v in CPU.items()})

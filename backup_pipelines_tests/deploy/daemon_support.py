@@ -3,10 +3,8 @@ webserver) as child processes: what the deploy tests start."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +16,7 @@ from typing import TypeVar
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.devtools.webserver import stop_process_group
 from backup_pipelines_tests.conftest import DB_PASSWORD, REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -47,18 +46,8 @@ def wait_for(
     raise AssertionError(f"timed out waiting for {what}\n{detail}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    # The code server it started (`dagster api grpc`, same process group) outlives SIGTERM and
-    # would linger for hours: nothing of the group may survive the test.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+# The one way to stop a child process group (the daemon, the webserver and their code servers).
+stop = stop_process_group
 
 
 @contextmanager

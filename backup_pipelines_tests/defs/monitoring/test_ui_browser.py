@@ -7,21 +7,17 @@ to the test artifacts folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from backup_pipelines.definitions import defs as load_defs
-from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
-from backup_pipelines_tests.conftest import REPO_ROOT, VENV_BIN
-from backup_pipelines_tests.deploy.daemon_support import stop
+from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.devtools.webserver import graphql, start_webserver, stop_process_group
+from backup_pipelines_tests.conftest import REPO_ROOT
 
 APP = dg.AssetKey(["app", "logical_backup"])
 BROWSER_ARGS = [
@@ -31,50 +27,6 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def _graphql(url: str, query: str) -> dict:
-    request = urllib.request.Request(
-        f"{url}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def _start_webserver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as handle:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "dagster-webserver"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-m",
-                "backup_pipelines.definitions",
-            ],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-        )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            nodes = _graphql(url, "{ assetNodes { assetKey { path } } }")
-            if nodes.get("data", {}).get("assetNodes"):
-                return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise AssertionError("dagster-webserver did not come up:\n" + log.read_text()[-4000:])
-        time.sleep(0.25)
 
 
 @pytest.mark.daemon
@@ -115,9 +67,9 @@ def test_ui_shows_backup_metadata_and_the_failed_checksum_check(
         )
         assert not result.success
 
-    proc, url = _start_webserver(dict(os.environ), tmp_path / "webserver.log")
+    proc, url = start_webserver(dict(os.environ), tmp_path / "webserver.log", cwd=REPO_ROOT)
     try:
-        _graphql(url, "mutation { setNuxSeen }")
+        graphql(url, "mutation { setNuxSeen }")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=chromium, args=BROWSER_ARGS, headless=True
@@ -150,5 +102,5 @@ def test_ui_shows_backup_metadata_and_the_failed_checksum_check(
             finally:
                 browser.close()
     finally:
-        stop(proc)
+        stop_process_group(proc)
     assert (artifacts_dir / "ui_failed_checksum_check.png").stat().st_size > 10_000
