@@ -94,12 +94,10 @@ _FILE_CHECKS: dict[str, Callable[[BackupArtifact], CheckOutcome]] = {
 SIZE_CHECK = "size_not_anomalous"
 
 
-def build_backup_checks(name: str, settings: TargetSettings) -> dg.AssetChecksDefinition:
-    """The integrity checks of ``<name>/logical_backup``, as one op (one step in a run, one
-    definition to load: a thousand targets load in seconds), any subset of them runnable alone
-    ("Execute checks" in the UI)."""
+def backup_check_specs(name: str, settings: TargetSettings) -> list[dg.AssetCheckSpec]:
+    """The integrity checks of ``<name>/logical_backup``."""
     key = target_key(name, LOGICAL_BACKUP)
-    specs = [
+    return [
         dg.AssetCheckSpec(
             "checksum_matches",
             asset=key,
@@ -133,39 +131,82 @@ def build_backup_checks(name: str, settings: TargetSettings) -> dg.AssetChecksDe
         ),
     ]
 
+
+def _check_one_target(
+    context: dg.AssetCheckExecutionContext,
+    backup_engine: BackupEngineResource,
+    key: dg.AssetKey,
+    selected: set[str],
+) -> Iterator[dg.AssetCheckResult]:
+    name = key.path[0]
+    artifact = _latest_artifact(context, key)
+    for check_name in [*_FILE_CHECKS, SIZE_CHECK]:
+        if check_name not in selected:
+            continue
+        if isinstance(artifact, dg.AssetCheckResult):
+            result = artifact
+        elif check_name == SIZE_CHECK:
+            # The backup's own folder: for a server target, that of its database.
+            ratio = backup_engine.target(name).settings.size_drop_warn_ratio
+            result = _size_not_anomalous(artifact, ratio)
+        else:
+            outcome = _FILE_CHECKS[check_name](artifact)
+            result = _result(artifact, outcome, dg.AssetCheckSeverity.ERROR)
+        yield result._replace(asset_key=key, check_name=check_name)
+
+
+def build_backup_checks(
+    op_name: str, targets: dict[str, TargetSettings]
+) -> dg.AssetChecksDefinition:
+    """The integrity checks of the given targets' ``logical_backup`` as one op: one step per run
+    whatever checks it takes, one definition to load (a thousand targets load in seconds), any
+    subset runnable alone ("Execute checks" in the UI). Each check's verdict is its own; a
+    check that cannot run (no backup yet, a file that cannot be opened) fails by itself."""
+    specs = [
+        spec for name, settings in targets.items() for spec in backup_check_specs(name, settings)
+    ]
+
     @dg.multi_asset_check(
-        name=f"{name}__logical_backup_checks",
+        name=op_name,
         specs=specs,
         can_subset=True,
-        description=f"Integrity checks of the newest backup of {name}.",
+        description="Integrity checks of the newest backup of "
+        + (next(iter(targets)) if len(targets) == 1 else "each single-database target"),
     )
     def logical_backup_checks(
         context: dg.AssetCheckExecutionContext, backup_engine: BackupEngineResource
     ) -> Iterator[dg.AssetCheckResult]:
-        selected = {check.name for check in context.selected_asset_check_keys}
-        artifact = _latest_artifact(context, key)
-        for check_name in [*_FILE_CHECKS, SIZE_CHECK]:
-            if check_name not in selected:
-                continue
-            if isinstance(artifact, dg.AssetCheckResult):
-                result = artifact
-            elif check_name == SIZE_CHECK:
-                # The backup's own folder: for a server target, that of its database.
-                ratio = backup_engine.target(name).settings.size_drop_warn_ratio
-                result = _size_not_anomalous(artifact, ratio)
-            else:
-                outcome = _FILE_CHECKS[check_name](artifact)
-                result = _result(artifact, outcome, dg.AssetCheckSeverity.ERROR)
-            yield result._replace(asset_key=key, check_name=check_name)
+        selected: dict[dg.AssetKey, set[str]] = {}
+        for check in context.selected_asset_check_keys:
+            selected.setdefault(check.asset_key, set()).add(check.name)
+        for key in sorted(selected, key=lambda k: k.to_user_string()):
+            done: set[str] = set()
+            try:
+                for result in _check_one_target(context, backup_engine, key, selected[key]):
+                    done.add(str(result.check_name))
+                    yield result
+            except Exception as exc:  # one target's broken check must not silence the others'
+                context.log.exception(f"checking the backup of {key.path[0]} failed")
+                for check_name in sorted(selected[key] - done):
+                    yield failure(f"the check could not run: {type(exc).__name__}: {exc}")._replace(
+                        asset_key=key, check_name=check_name
+                    )
 
     return logical_backup_checks
 
 
 @dg.definitions
 def backup_checks() -> dg.Definitions:
+    targets = project_config().targets
+    single = {name: settings for name, settings in targets.items() if not settings.is_server}
     return dg.Definitions(
         asset_checks=[
-            build_backup_checks(name, settings)
-            for name, settings in project_config().targets.items()
+            # Server targets' backups are partitioned by database: each keeps its own op.
+            *(
+                build_backup_checks(f"{name}__logical_backup_checks", {name: settings})
+                for name, settings in targets.items()
+                if settings.is_server
+            ),
+            *([build_backup_checks("logical_backup_checks", single)] if single else []),
         ]
     )
