@@ -246,6 +246,8 @@ def build_backup_inventories(targets: dict[str, TargetSettings]) -> dg.AssetsDef
             try:
                 yield take_inventory(context, name, None, backup_engine, offsite_s3)
             except dg.Failure as exc:
+                if len(context.selected_asset_keys) == 1:
+                    raise  # a run for one target: its own failure, with its metadata
                 context.log.error(f"{name}: {exc.description}")
                 failed.append((name, exc.description or "failed"))
             except Exception as exc:  # a bug must not stop the other targets' retention

@@ -1,5 +1,6 @@
 """``<target>/offsite_copy``: the newest backup (and any the last runs missed) copied to S3."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -68,63 +69,131 @@ def _metadata(outcome: UploadOutcome, uploaded: list[str], skipped: list[str]) -
     }
 
 
-def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=target_key(name, OFFSITE_COPY),
+def _offsite_spec(name: str, settings: TargetSettings) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        target_key(name, OFFSITE_COPY),
         deps=[target_key(name, LOGICAL_BACKUP)],
         partitions_def=database_partitions(name),
-        **asset_attributes(name, "s3"),
         description=_description(name, settings),
+        **asset_attributes(name, "s3"),
     )
+
+
+def copy_offsite(
+    context: dg.AssetExecutionContext,
+    name: str,
+    database: str | None,
+    backup_engine: BackupEngineResource,
+    offsite_s3: S3Resource,
+) -> dg.MaterializeResult:
+    """Copy one target's newest backup (and any earlier runs missed) to S3: the materialization
+    of ``<name>/offsite_copy``. Raises dg.Failure, keeping the local backups, when S3 fails."""
+    try:
+        target = backup_engine.project().target(name, database)
+        storage = offsite_storage(target, client=offsite_s3.get_client())
+        newest = _latest_local(context, name)
+        report = sync_offsite(target, storage, first=newest, log=context.log)
+    except BackupPipelinesError as exc:
+        raise user_error(exc) from None
+    if report.error is not None:
+        kept = ", ".join(report.pending) or "(none)"
+        raise dg.Failure(
+            description=(
+                f"offsite copy of '{name}' failed: {report.error}\n"
+                f"The local backups are kept in {target.backup_dir} and the next run uploads "
+                f"what is missing: {kept}"
+            ),
+            metadata={
+                "pending_uploads": dg.MetadataValue.json(report.pending),
+                "uploaded_before_the_error": dg.MetadataValue.json(
+                    [o.url for o in report.uploaded]
+                ),
+                "local_backup_dir": dg.MetadataValue.path(str(target.backup_dir)),
+            },
+            allow_retries=False,
+        )
+    if not report.outcomes:
+        raise user_error(
+            BackupPipelinesError(
+                f"{target.label} has no usable local backup to copy offsite",
+                hint="materialize the logical_backup asset first",
+            )
+        )
+    main = report.outcomes[0]
+    caught_up = [o.url for o in report.outcomes[1:] if o.uploaded]
+    if caught_up:
+        context.log.info(f"Caught up {len(caught_up)} backup(s) missing offsite: {caught_up}")
+    return dg.MaterializeResult(
+        asset_key=target_key(name, OFFSITE_COPY),
+        metadata=_metadata(main, caught_up, report.skipped_failed),
+    )
+
+
+def build_offsite_copy(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+    """The offsite copy of a server target (``databases: all``): partitioned by database."""
+
+    @dg.multi_asset(name=f"{name}__offsite_copy", specs=[_offsite_spec(name, settings)])
     def offsite_copy(
         context: dg.AssetExecutionContext,
         backup_engine: BackupEngineResource,
         offsite_s3: S3Resource,
     ) -> dg.MaterializeResult:
-        try:
-            target = backup_engine.project().target(name, partition_database(context))
-            storage = offsite_storage(target, client=offsite_s3.get_client())
-            newest = _latest_local(context, name)
-            report = sync_offsite(target, storage, first=newest, log=context.log)
-        except BackupPipelinesError as exc:
-            raise user_error(exc) from None
-        if report.error is not None:
-            kept = ", ".join(report.pending) or "(none)"
-            raise dg.Failure(
-                description=(
-                    f"offsite copy of '{name}' failed: {report.error}\n"
-                    f"The local backups are kept in {target.backup_dir} and the next run uploads "
-                    f"what is missing: {kept}"
-                ),
-                metadata={
-                    "pending_uploads": dg.MetadataValue.json(report.pending),
-                    "uploaded_before_the_error": dg.MetadataValue.json(
-                        [o.url for o in report.uploaded]
-                    ),
-                    "local_backup_dir": dg.MetadataValue.path(str(target.backup_dir)),
-                },
-                allow_retries=False,
-            )
-        if not report.outcomes:
-            raise user_error(
-                BackupPipelinesError(
-                    f"{target.label} has no usable local backup to copy offsite",
-                    hint="materialize the logical_backup asset first",
-                )
-            )
-        main = report.outcomes[0]
-        caught_up = [o.url for o in report.outcomes[1:] if o.uploaded]
-        if caught_up:
-            context.log.info(f"Caught up {len(caught_up)} backup(s) missing offsite: {caught_up}")
-        return dg.MaterializeResult(metadata=_metadata(main, caught_up, report.skipped_failed))
+        return copy_offsite(context, name, partition_database(context), backup_engine, offsite_s3)
 
     return offsite_copy
+
+
+def build_offsite_copies(targets: dict[str, TargetSettings]) -> dg.AssetsDefinition:
+    """The offsite copies of every single-database target with copies, as one op that makes
+    whichever of them a run selects (one definition to load for a thousand targets). A target
+    whose upload fails does not stop the others; the step fails at the end, naming it."""
+
+    @dg.multi_asset(
+        name=OFFSITE_COPY,
+        specs=[_offsite_spec(name, settings) for name, settings in targets.items()],
+        can_subset=True,
+    )
+    def offsite_copy(
+        context: dg.AssetExecutionContext,
+        backup_engine: BackupEngineResource,
+        offsite_s3: S3Resource,
+    ) -> Iterator[dg.MaterializeResult]:
+        failed: list[tuple[str, str]] = []
+        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+            name = key.path[0]
+            try:
+                yield copy_offsite(context, name, None, backup_engine, offsite_s3)
+            except dg.Failure as exc:
+                if len(context.selected_asset_keys) == 1:
+                    raise  # a run for one target: its own failure, with its metadata
+                context.log.error(f"{name}: {exc.description}")
+                failed.append((name, exc.description or "failed"))
+            except Exception as exc:  # a bug must not stop the other targets' copies
+                context.log.exception(f"{name}: offsite copy failed")
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
+        if failed:
+            raise dg.Failure(
+                description=f"offsite copy failed for {len(failed)} of "
+                f"{len(context.selected_asset_keys)} targets (the others were copied): "
+                + "; ".join(f"{name}: {reason}" for name, reason in failed),
+                allow_retries=False,
+            )
+
+    return offsite_copy
+
+
+def _offsite_assets(targets: dict[str, TargetSettings]) -> list[dg.AssetsDefinition]:
+    single = {name: settings for name, settings in targets.items() if not settings.is_server}
+    return [
+        *([build_offsite_copies(single)] if single else []),
+        *(build_offsite_copy(n, s) for n, s in targets.items() if s.is_server),
+    ]
 
 
 @dg.definitions
 def offsite_assets() -> dg.Definitions:
     return dg.Definitions(
-        assets=[build_offsite_copy(n, s) for n, s in offsite_enabled_targets().items()],
+        assets=_offsite_assets(offsite_enabled_targets()),
         # Always defined: backup_inventory uses it too. Credentials, region and endpoint come from
         # the standard AWS_* environment (AWS_ENDPOINT_URL_S3 for S3-compatible stores).
         # The engine's one retry policy (engine/storage/retry.py): botocore retries each

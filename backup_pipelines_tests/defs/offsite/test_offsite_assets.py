@@ -150,3 +150,50 @@ def test_each_new_backup_is_followed_by_offsite_copy_and_retention(project) -> N
             instance=instance, definitions=definitions, cursor=context.cursor
         )
         assert sensor.evaluate_tick(context).run_requests == []
+
+
+def test_one_targets_failing_upload_does_not_stop_the_others(make_project, bucket: str) -> None:
+    """The offsite copies of all single-database targets are one op: in a run that copies
+    several, a target whose bucket is missing fails by name after the others were copied, and
+    its local backup stays where it is."""
+    from datetime import UTC, datetime
+
+    from backup_pipelines_tests.engine.storage_helpers import fake_backup
+
+    config = make_project(
+        {
+            "alpha": {"dsn_env": "DATABASE_URL_X", "offsite": {"bucket": bucket}},
+            "beta": {"dsn_env": "DATABASE_URL_X", "offsite": {"bucket": f"{bucket}-missing"}},
+            "gamma": {"dsn_env": "DATABASE_URL_X", "offsite": {"bucket": bucket}},
+        },
+        env={"DATABASE_URL_X": "postgresql://unused@127.0.0.1:1/x"},
+    )
+    names = ["alpha", "beta", "gamma"]
+    backups = {
+        name: fake_backup(
+            config.target(name).backup_dir, name, started_at=datetime.now(UTC), target=name
+        )
+        for name in names
+    }
+    keys = [dg.AssetKey([name, "offsite_copy"]) for name in names]
+    with dg.instance_for_test() as instance:
+        for name in names:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key=[name, "logical_backup"],
+                    metadata={"path": dg.MetadataValue.path(str(backups[name].path))},
+                )
+            )
+        result = run_assets(instance, *keys)
+    assert not result.success
+    copied = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert copied == {keys[0], keys[2]}
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    description = failure.step_failure_data.user_failure_data.description
+    assert "offsite copy failed for 1 of 3 targets" in description
+    assert "beta: offsite copy of 'beta' failed" in description
+    listed = default_s3_client().list_objects_v2(Bucket=bucket)
+    stored = {item["Key"] for item in listed.get("Contents", [])}
+    for name in ("alpha", "gamma"):
+        assert f"{name}/{backups[name].path.name}" in stored
+    assert backups["beta"].path.exists()
