@@ -26,8 +26,12 @@ if ! command -v uv >/dev/null 2>&1; then
   echo "bootstrap: installing uv"
   "$PYTHON" -m pip install -q uv
 fi
-# The lock file pins every package: a fresh machine gets exactly the tested set.
-uv sync --frozen --all-extras --python "$PYTHON" -q
+# The lock file pins every package: a fresh machine gets exactly the tested set. Bytecode is
+# compiled now, once: with PYTHONDONTWRITEBYTECODE set (common in containers and CI images)
+# Python would otherwise recompile Dagster, pydantic and psycopg from source in every process,
+# which costs seconds per CLI call, Dagster step and definitions load.
+uv sync --frozen --all-extras --compile-bytecode --python "$PYTHON" -q
+.venv/bin/python -m compileall -q -j 0 backup_pipelines
 # drizzle-orm's own migrator, so the rollback tests can prove compatibility with the real thing.
 if command -v npm >/dev/null 2>&1 && [ ! -d examples/drizzle/node_modules/drizzle-orm ]; then
   (cd examples/drizzle && npm ci --no-audit --no-fund --loglevel=error >/dev/null 2>&1) \
