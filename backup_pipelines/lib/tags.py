@@ -15,6 +15,7 @@ run config.
 
 import os
 import re
+from collections.abc import Iterable
 from typing import TypedDict
 from urllib.parse import urlsplit
 
@@ -78,6 +79,21 @@ def db_host(target: str, config: ProjectConfig | None = None) -> str:
 def host_pool(target: str, config: ProjectConfig | None = None) -> str:
     """Dagster pool for work that loads a target's database server (limit set in dagster.yaml)."""
     return "pg_host_" + re.sub(r"[^A-Za-z0-9_.:-]", "_", db_host(target, config))
+
+
+def unique_op_names(prefix: str, pools: Iterable[str]) -> dict[str, str]:
+    """An op name for each pool (``<prefix>_<pool as an identifier>``), distinct even when two
+    pools differ only in characters an op name cannot hold (``.`` and ``:`` become ``_``)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for pool in sorted(pools):
+        base = f"{prefix}_" + re.sub(r"[^A-Za-z0-9_]", "_", pool.removeprefix("pg_host_"))
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        names[pool] = name
+    return names
 
 
 def target_run_tags(target: str, config: ProjectConfig | None = None) -> dict[str, str]:

@@ -285,6 +285,26 @@ def _failed_check_steps(instance: dg.DagsterInstance, run_id: str) -> set[str]:
     return steps
 
 
+def _assets_of_steps(
+    instance: dg.DagsterInstance, run: dg.DagsterRun
+) -> dict[str, list[dg.AssetKey]]:
+    """The assets each step of the run materializes (from its execution plan), among those the
+    run selected: one op can hold many targets' assets, so the step name alone says little."""
+    selected = set(run.asset_selection or set())
+    found: dict[str, list[dg.AssetKey]] = {}
+    snapshot = (
+        instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        if run.execution_plan_snapshot_id
+        else None
+    )
+    for step in snapshot.steps if snapshot is not None else []:
+        for output in step.outputs:
+            key = output.properties.asset_key if output.properties is not None else None
+            if key is not None and key in selected:
+                found.setdefault(step.key, []).append(key)
+    return found
+
+
 def _failure_reason(event: dg.DagsterEvent) -> str:
     data = event.step_failure_data
     if data is None:
@@ -300,7 +320,7 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, config: ProjectConfi
     run = context.dagster_run
     link = run_url(config, run.run_id)
     reported_by_checks = _failed_check_steps(context.instance, run.run_id)
-    step_to_asset = {"__".join(key.path): key for key in (run.asset_selection or set())}
+    step_assets = _assets_of_steps(context.instance, run)
     failures = [
         e for e in context.get_step_failure_events() if e.step_key not in reported_by_checks
     ]
@@ -322,11 +342,13 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, config: ProjectConfi
         ]
     by_target: dict[str | None, list[tuple[str, str]]] = {}
     for event in failures:
-        key = step_to_asset.get(event.step_key or "")
-        target = key.path[0] if key is not None and len(key.path) > 1 else run_target
+        keys = [k for k in step_assets.get(event.step_key or "", []) if len(k.path) > 1]
+        targets = {k.path[0] for k in keys}
+        # A step of several targets' assets (one op for many targets) names them in its reason.
+        target = targets.pop() if len(targets) == 1 else run_target
         what = (
-            "/".join(key.path[1:])
-            if key is not None and len(key.path) > 1
+            ", ".join(dict.fromkeys("/".join(k.path[1:]) for k in keys))
+            if keys
             else (event.step_key or run.job_name)
         )
         by_target.setdefault(target, []).append((what, _failure_reason(event)))

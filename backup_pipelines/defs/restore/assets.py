@@ -6,6 +6,8 @@ measured RTO and the backup's age (RPO), and drops the scratch database. Its two
 evaluated by the same step, from the same drill.
 """
 
+from collections.abc import Iterator
+
 import dagster as dg
 
 from backup_pipelines.defs.resources import BackupEngineResource
@@ -22,7 +24,7 @@ from backup_pipelines.lib.names import (
 from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
 from backup_pipelines.lib.results import user_error
-from backup_pipelines.lib.tags import asset_attributes, host_pool
+from backup_pipelines.lib.tags import asset_attributes, host_pool, unique_op_names
 
 
 def drill_metadata(result: DrillResult, rto_target_seconds: float) -> dict[str, dg.MetadataValue]:
@@ -171,52 +173,126 @@ def _description(name: str, settings: TargetSettings) -> str:
     )
 
 
-def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+def _drill_specs(
+    name: str, settings: TargetSettings
+) -> tuple[dg.AssetSpec, list[dg.AssetCheckSpec]]:
     key = target_key(name, RESTORE_DRILL)
-
-    @dg.asset(
-        key=key,
-        **asset_attributes(name, "postgres"),
+    spec = dg.AssetSpec(
+        key,
         deps=[target_key(name, LOGICAL_BACKUP)],
         partitions_def=database_partitions(name),
-        pool=host_pool(name),
         description=_description(name, settings),
-        check_specs=[
-            dg.AssetCheckSpec(
-                DRILL_PASSED_CHECK,
-                asset=key,
-                blocking=True,
-                description="The newest backup restored, every table's row count matches its "
-                ".meta and amcheck found no broken btree index. On failure: the step and the reason.",
-            ),
-            dg.AssetCheckSpec(
-                RTO_CHECK,
-                asset=key,
-                description="The measured restore time is within restore.rto_target_seconds "
-                "for this target (warning only).",
-            ),
+        **asset_attributes(name, "postgres"),
+    )
+    checks = [
+        dg.AssetCheckSpec(
+            DRILL_PASSED_CHECK,
+            asset=key,
+            blocking=True,
+            description="The newest backup restored, every table's row count matches its "
+            ".meta and amcheck found no broken btree index. On failure: the step and the reason.",
+        ),
+        dg.AssetCheckSpec(
+            RTO_CHECK,
+            asset=key,
+            description="The measured restore time is within restore.rto_target_seconds "
+            "for this target (warning only).",
+        ),
+    ]
+    return spec, checks
+
+
+def drill_one(
+    context: dg.AssetExecutionContext,
+    name: str,
+    database: str | None,
+    backup_engine: BackupEngineResource,
+) -> dg.MaterializeResult:
+    """Drill one target (in a partition run: one database of a server target)."""
+    key = target_key(name, RESTORE_DRILL)
+    try:
+        project = backup_engine.project()
+        rto_target = project.target(name).settings.restore.rto_target_seconds
+        result = run_drill(project, name, log=context.log, database=database)
+    except BackupPipelinesError as exc:  # the targets file itself is broken
+        raise user_error(exc) from None
+    return dg.MaterializeResult(
+        asset_key=key,
+        metadata=drill_metadata(result, rto_target),
+        check_results=[
+            check._replace(asset_key=key) for check in drill_check_results(result, rto_target)
         ],
+    )
+
+
+def build_restore_drill(name: str, settings: TargetSettings) -> dg.AssetsDefinition:
+    """The drill of a server target (``databases: all``): partitioned by database."""
+    spec, checks = _drill_specs(name, settings)
+
+    @dg.multi_asset(
+        name=f"{name}__restore_drill", specs=[spec], check_specs=checks, pool=host_pool(name)
     )
     def restore_drill(
         context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
     ) -> dg.MaterializeResult:
-        try:
-            project = backup_engine.project()
-            rto_target = project.target(name).settings.restore.rto_target_seconds
-            result = run_drill(project, name, log=context.log, database=partition_database(context))
-        except BackupPipelinesError as exc:  # the targets file itself is broken
-            raise user_error(exc) from None
-        return dg.MaterializeResult(
-            metadata=drill_metadata(result, rto_target),
-            check_results=drill_check_results(result, rto_target),
-        )
+        return drill_one(context, name, partition_database(context), backup_engine)
 
     return restore_drill
 
 
+def build_restore_drills(
+    op_name: str, pool: str, targets: dict[str, TargetSettings]
+) -> dg.AssetsDefinition:
+    """The drills of the single-database targets on one database server, as one op in that
+    server's pool (the same limit as one op per target, one definition to load instead of
+    one per target). A run drills whichever of them it selects, one after the other; a failed
+    drill is its own target's red check, and the step fails at the end."""
+    specs = [_drill_specs(name, settings) for name, settings in targets.items()]
+
+    @dg.multi_asset(
+        name=op_name,
+        specs=[spec for spec, _ in specs],
+        check_specs=[check for _, checks in specs for check in checks],
+        can_subset=True,
+        pool=pool,
+    )
+    def restore_drills(
+        context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
+    ) -> Iterator[dg.MaterializeResult]:
+        failed: list[tuple[str, str]] = []
+        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+            name = key.path[0]
+            try:
+                yield drill_one(context, name, None, backup_engine)
+            except dg.Failure as exc:
+                if len(context.selected_asset_keys) == 1:
+                    raise
+                context.log.error(f"{name}: {exc.description}")
+                failed.append((name, exc.description or "failed"))
+            except Exception as exc:  # a bug must not stop the other targets' drills
+                context.log.exception(f"{name}: restore drill failed")
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
+        if failed:
+            raise dg.Failure(
+                description=f"restore drill could not run for {len(failed)} of "
+                f"{len(context.selected_asset_keys)} targets (the others were drilled): "
+                + "; ".join(f"{name}: {reason}" for name, reason in failed),
+                allow_retries=False,
+            )
+
+    return restore_drills
+
+
 def restore_drill_assets() -> list[dg.AssetsDefinition]:
+    targets = project_config().targets
+    by_pool: dict[str, dict[str, TargetSettings]] = {}
+    for name, settings in targets.items():
+        if not settings.is_server:
+            by_pool.setdefault(host_pool(name), {})[name] = settings
+    op_names = unique_op_names("restore_drills", by_pool)
     return [
-        build_restore_drill(name, settings) for name, settings in project_config().targets.items()
+        *(build_restore_drill(n, s) for n, s in targets.items() if s.is_server),
+        *(build_restore_drills(op_names[pool], pool, group) for pool, group in by_pool.items()),
     ]
 
 

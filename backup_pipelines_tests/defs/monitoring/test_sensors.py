@@ -349,3 +349,20 @@ def test_periodic_failed_evaluations_alert_once_per_incident(setup: Setup) -> No
     evaluate(False)
     setup.tick("failed_check_alert_sensor", cursor)
     assert len(setup.smtp.wait_for(2)) == 2
+
+
+def test_failure_alerts_name_the_assets_of_a_step_shared_by_targets(setup: Setup) -> None:
+    """One op holds many targets' inventories: an alert on its step names the target and the
+    asset from the run's plan, not the op's name."""
+    from backup_pipelines.defs.monitoring.sensors import _assets_of_steps
+
+    keys = [dg.AssetKey([name, "backup_inventory"]) for name in ("app", "broken")]
+    job = setup.defs.resolve_implicit_global_asset_job_def()
+    both = job.execute_in_process(instance=setup.instance, asset_selection=keys)
+    one = job.execute_in_process(instance=setup.instance, asset_selection=keys[:1])
+    run_both = setup.instance.get_run_by_id(both.run_id)
+    run_one = setup.instance.get_run_by_id(one.run_id)
+    assert run_both is not None and run_one is not None
+    mapped = _assets_of_steps(setup.instance, run_both)
+    assert {step: set(found) for step, found in mapped.items()} == {"backup_inventory": set(keys)}
+    assert _assets_of_steps(setup.instance, run_one) == {"backup_inventory": keys[:1]}

@@ -308,3 +308,41 @@ def test_definitions_load_with_restore_job_and_drills(make_project) -> None:
     config_fields = fields["restore_from_backup"].config_type.fields["config"].config_type.fields
     assert {"backup", "target", "confirm"} <= set(config_fields)
     assert config_fields["backup"].is_required and not config_fields["confirm"].is_required
+
+
+def test_drills_of_targets_on_one_server_run_in_one_step_each_with_its_own_verdict(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    """Single-database targets on the same server share one drill op (in that server's pool):
+    a run drilling several restores each one, and a broken backup fails only its own target's
+    check, after the others were drilled."""
+    config = make_project(
+        {"good": {"dsn_env": "DB_PROD"}, "broken": {"dsn_env": "DB_PROD"}},
+        env={"DB_PROD": pg.dsn(sample_db)},
+    )
+    run_backup(config.target("good"), log=log)
+    broken = run_backup(config.target("broken"), log=log)
+    forge_plain_backup(
+        broken, inject_before_first(b"CREATE TABLE scheduling.shift", b"SELECT 1/0; -- broken\n")
+    )
+    definitions = load_defs()
+    keys = [dg.AssetKey([name, "restore_drill"]) for name in ("broken", "good")]
+    assert len({definitions.get_assets_def(key).op.name for key in keys}) == 1
+    with dg.instance_for_test() as instance:
+        result = definitions.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, asset_selection=keys, raise_on_error=False
+        )
+    drilled = {
+        e.asset_key.path[0]: e.materialization for e in result.get_asset_materialization_events()
+    }
+    verdicts = {
+        e.asset_key.path[0]: e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "restore_drill_passed"
+    }
+    assert set(drilled) == {"good", "broken"}
+    assert verdicts["good"].passed and drilled["good"].metadata["passed"].value is True
+    assert drilled["good"].metadata["rows"].value > 0
+    assert not verdicts["broken"].passed
+    assert "division by zero" in verdicts["broken"].metadata["reason"].value
+    assert not result.success  # the blocking check of `broken` fails the step after both ran
