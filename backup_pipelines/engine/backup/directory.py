@@ -1,0 +1,424 @@
+"""The directory format (``pg_dump -Fd -j N``) as one backup artifact, and reading it back.
+
+pg_dump's parallel workers write a folder: ``toc.dat`` (the table of contents, the custom
+archive's layout) and one data file per table (``<dump id>.dat``, ``.dat.gz`` when pg_dump
+compresses), plus large objects (``blobs.toc``, ``blob_<oid>.dat``). The backup writes that folder
+into a private work folder, then streams a tar of it (``toc.dat`` first, files at top level)
+through the same stages as every other backup (compression, encryption, SHA-256, ``.partial``,
+rename): a partly written folder is never published. While tarring, each data file is read once
+more to count its rows exactly (its COPY lines), mapped to tables through ``toc.dat``.
+
+Verification and restore read the artifact as a tar stream: verification decodes every member
+(every data file fully), restore extracts it safely and runs ``pg_restore -j`` on the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from backup_pipelines.engine.backup.counting import CustomArchiveCounter, _Malformed, _NeedMore
+from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
+from backup_pipelines.engine.errors import IntegrityError
+from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
+from backup_pipelines.engine.progress import ProgressReporter
+
+__all__ = [
+    "TOC_NAME",
+    "DirectoryRowCounter",
+    "DirectoryToc",
+    "DumpDirectoryReport",
+    "folder_size",
+    "read_dump_directory",
+    "remove_stale_work_folders",
+    "wait_for_dump_folder",
+    "work_folder",
+    "write_directory_tar",
+]
+
+TOC_NAME = "toc.dat"
+WORK_SUBDIR = ".work"
+_WORK_SUFFIX = ".d"
+_ARCH_DIRECTORY = 3  # the format byte of a directory dump's toc.dat, as pg_dump writes it
+_GZIP_WBITS = 31
+# pg_dump ends every table's COPY data with "\\.\n" and two blank lines: three newlines no row.
+_COPY_END = b"\\.\n\n\n"
+# The data files pg_dump's directory format writes (with gzip: the same names plus ``.gz``).
+_DATA_FILE = re.compile(r"^(?:\d+|blob_\d+)\.dat(?:\.gz)?$")
+# The lists of large objects ("<oid> blob_<oid>.dat" per line): one, or one per TOC entry.
+_BLOBS_TOC = re.compile(r"^blobs(?:_\d+)?\.toc$")
+
+
+def work_folder(backup_dir: Path, final: Path) -> Path:
+    """The private folder pg_dump writes into for the backup that will be named ``final``:
+    ``<backup_dir>/.work/<final name>.d`` (listings, retention and offsite copies look only at
+    data file names in ``backup_dir``, so nothing in it is ever taken for a backup)."""
+    parent = ensure_private_dir(backup_dir / WORK_SUBDIR, what="backup work folder")
+    return parent / (final.name + _WORK_SUFFIX)
+
+
+def remove_stale_work_folders(backup_dir: Path, *, log: Any = None) -> list[Path]:
+    """Remove the pg_dump folders of backups that were killed. Only called under the target's
+    backup lock, so no running backup of this target owns one."""
+    parent = backup_dir / WORK_SUBDIR
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        if entry.name.endswith(_WORK_SUFFIX) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            if log is not None:
+                log.warning(f"Removed {entry}: the dump folder of an interrupted backup")
+    return removed
+
+
+def folder_size(folder: Path) -> int:
+    with os.scandir(folder) as entries:
+        return sum(entry.stat(follow_symlinks=False).st_size for entry in entries)
+
+
+def wait_for_dump_folder(
+    proc: subprocess.Popen[bytes], folder: Path, progress: ProgressReporter, jobs: int
+) -> int:
+    """Wait for pg_dump -j, reporting the bytes its folder holds so far."""
+    with progress.start(f"pg_dump -j {jobs}") as meter:
+        while True:
+            try:
+                return proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    meter.update(folder_size(folder))
+
+
+class DirectoryToc(CustomArchiveCounter):
+    """The table of contents of a directory-format dump (``toc.dat``): the custom archive's
+    header and TOC layout with the format byte of a directory and, per entry, the name of its
+    data file instead of an offset. Parsed by the custom archive reader's own code."""
+
+    _ARCHIVE_FORMAT = _ARCH_DIRECTORY
+    _COMPRESSED_DATA_OK = True
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(encoding)
+        self.files: dict[int, str] = {}
+
+    def _read_extra_toc(self, buf: bytes, pos: int, dump_id: int) -> int:
+        name, pos = self._str(buf, pos)
+        if name:
+            self.files[dump_id] = name
+        return pos
+
+    @classmethod
+    def parse(cls, data: bytes, encoding: str) -> DirectoryToc:
+        """Parse a whole ``toc.dat``; raises IntegrityError when it is not one."""
+        toc = cls(encoding)
+        try:
+            pos = toc._read_head(data)
+            toc._read_toc(data, pos)
+        except (_NeedMore, _Malformed):
+            raise IntegrityError(
+                "toc.dat is not a complete table of contents of a directory-format dump"
+            ) from None
+        return toc
+
+    @property
+    def table_files(self) -> dict[str, str]:
+        """Data file name (as listed, without ``.gz``) -> ``schema.table`` of TABLE DATA."""
+        return {self.files[i]: table for i, table in self._tables.items() if i in self.files}
+
+    @property
+    def data_files(self) -> set[str]:
+        """Every file the TOC names (table data, ``blobs.toc``), as listed."""
+        return set(self.files.values())
+
+
+class _DataFileReader:
+    """Decodes one data file pushed in chunks (gunzip when it ends in ``.gz``), counting its
+    newlines and keeping its last bytes: its rows are the newlines less the end marker's three."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._decoder = zlib.decompressobj(_GZIP_WBITS) if name.endswith(".gz") else None
+        self.newlines = 0
+        self.size = 0
+        self._tail = b""
+
+    def _take(self, data: bytes) -> None:
+        if data:
+            self.newlines += data.count(b"\n")
+            self.size += len(data)
+            self._tail = (self._tail + data[-5:])[-5:]
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is None:
+            self._take(chunk)
+            return
+        try:
+            while chunk:
+                # Bounded output per call: a highly compressible table must not balloon memory.
+                self._take(self._decoder.decompress(chunk, CHUNK_SIZE))
+                if self._decoder.eof:
+                    chunk = self._decoder.unused_data
+                    if chunk:
+                        self._decoder = zlib.decompressobj(_GZIP_WBITS)
+                else:
+                    chunk = self._decoder.unconsumed_tail
+        except zlib.error as exc:
+            raise IntegrityError(f"data file {self.name} is corrupt: {exc}") from None
+
+    def finish(self) -> None:
+        if self._decoder is not None:
+            self._take(self._decoder.flush())
+            if not self._decoder.eof:
+                raise IntegrityError(f"data file {self.name} is truncated (gzip ends early)")
+
+    @property
+    def rows(self) -> int | None:
+        """The COPY rows, or None when the data does not end as pg_dump ends table data."""
+        return self.newlines - 3 if self._tail == _COPY_END else None
+
+
+class DirectoryRowCounter:
+    """Rows per table from the data files as they are tarred (each read once, in chunks)."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        self._toc: DirectoryToc | None = None
+        self._rows: dict[str, int] = {}  # listed file name -> rows
+        self._broken = False
+
+    def read_toc(self, data: bytes) -> None:
+        try:
+            self._toc = DirectoryToc.parse(data, self._encoding)
+        except IntegrityError:
+            self._broken = True
+
+    def reader(self, name: str) -> _DataFileReader | None:
+        if self._broken or self._toc is None:
+            return None
+        listed = name.removesuffix(".gz")
+        return _DataFileReader(name) if listed in self._toc.table_files else None
+
+    def done(self, reader: _DataFileReader) -> None:
+        reader.finish()
+        rows = reader.rows
+        if rows is None:
+            self._broken = True
+            return
+        self._rows[reader.name.removesuffix(".gz")] = rows
+
+    def result(self) -> dict[str, int] | None:
+        """Rows per ``schema.table``; None when the folder was not what this reader knows."""
+        if self._broken or self._toc is None:
+            return None
+        files = self._toc.table_files
+        if set(files) != set(self._rows):
+            return None
+        return {files[name]: rows for name, rows in self._rows.items()}
+
+
+class _PushWriter(io.RawIOBase):
+    """The file tarfile's stream mode writes to: every block goes to ``write``."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        block = bytes(data)
+        self._write(block)
+        self.size += len(block)
+        return len(block)
+
+
+class _ObservedFile:
+    """A file read by tarfile while its chunks go to an observer (the row counter)."""
+
+    def __init__(self, handle: BinaryIO, observe: Callable[[bytes], None] | None) -> None:
+        self._handle = handle
+        self._observe = observe
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        if self._observe is not None and data:
+            self._observe(data)
+        return data
+
+
+def _members(folder: Path) -> list[Path]:
+    files = []
+    for entry in folder.iterdir():
+        mode = entry.lstat().st_mode
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(f"pg_dump's folder holds {entry.name}, which is not a file")
+        files.append(entry)
+    # toc.dat first: a reader knows the tables before it meets their data.
+    return sorted(files, key=lambda path: (path.name != TOC_NAME, path.name))
+
+
+def write_directory_tar(
+    folder: Path,
+    write: Callable[[bytes], None],
+    counter: DirectoryRowCounter | None,
+    advance: Callable[[int], None] | None = None,
+) -> int:
+    """Stream a tar of pg_dump's ``folder`` (files at top level, ``toc.dat`` first) to
+    ``write`` in 1 MiB blocks; feed each table's data file to ``counter`` as it passes.
+    Returns the tar's size in bytes."""
+    sink = _PushWriter(write)
+    names = _members(folder)
+    if not names or names[0].name != TOC_NAME:
+        raise IntegrityError(f"pg_dump wrote no {TOC_NAME} in {folder}")
+    with tarfile.open(
+        fileobj=sink,
+        mode="w|",
+        bufsize=CHUNK_SIZE,
+        format=tarfile.PAX_FORMAT,
+        copybufsize=CHUNK_SIZE,
+    ) as archive:
+        for path in names:
+            info = archive.gettarinfo(str(path), arcname=path.name)
+            info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
+            with path.open("rb") as handle:
+                if path.name == TOC_NAME:
+                    data = handle.read()  # the TOC is small (one entry per object)
+                    if counter is not None:
+                        counter.read_toc(data)
+                    archive.addfile(info, io.BytesIO(data))
+                else:
+                    reader = counter.reader(path.name) if counter is not None else None
+                    archive.addfile(
+                        info, _ObservedFile(handle, reader.feed if reader is not None else None)
+                    )
+                    if reader is not None and counter is not None:
+                        counter.done(reader)
+            if advance is not None:
+                advance(info.size)
+    return sink.size
+
+
+@dataclass
+class DumpDirectoryReport:
+    """What reading a directory-format artifact found."""
+
+    tar_bytes: int = 0
+    members: list[str] = field(default_factory=list)
+    data_bytes: int = 0  # decompressed bytes of every data file
+    row_counts: dict[str, int] | None = None
+    toc_entries: int = 0
+
+
+def _tar_reader(chunks: Iterator[bytes]) -> tuple[io.BufferedReader, Callable[[], int]]:
+    # base_reader imports verify, which reads this module: imported when used.
+    from backup_pipelines.engine.backup.base_reader import _ChunkStream
+
+    size = [0]
+
+    def counted() -> Iterator[bytes]:
+        for chunk in chunks:
+            size[0] += len(chunk)
+            yield chunk
+
+    return io.BufferedReader(_ChunkStream(counted()), CHUNK_SIZE), lambda: size[0]
+
+
+def _member_chunks(handle: BinaryIO, out: BinaryIO | None) -> Iterator[bytes]:
+    for chunk in read_chunks(handle):
+        if out is not None:
+            out.write(chunk)
+        yield chunk
+
+
+def read_dump_directory(
+    chunks: Iterator[bytes], *, name: str, encoding: str, extract_to: Path | None = None
+) -> DumpDirectoryReport:
+    """Walk the tar of a directory-format dump (the decoded artifact): decode every data file
+    fully, count each table's rows, check that every file ``toc.dat`` (and ``blobs.toc``)
+    names is there. With ``extract_to`` (an existing, empty folder) the members are written
+    into it as they pass; only plain files at the top level are accepted, so nothing can land
+    outside it. Raises IntegrityError on anything missing, truncated or corrupt."""
+    report = DumpDirectoryReport()
+    counter = DirectoryRowCounter(encoding)
+    toc: DirectoryToc | None = None
+    listed_blobs: set[str] = set()
+    stream, tar_size = _tar_reader(chunks)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                    raise IntegrityError(
+                        f"{name} holds {member.name!r}, which is not a file of a dump folder"
+                    )
+                report.members.append(member.name)
+                handle = archive.extractfile(member)
+                assert handle is not None
+                with contextlib.ExitStack() as stack:
+                    out = None
+                    if extract_to is not None:
+                        out = stack.enter_context(open_private(extract_to / member.name))
+                    pieces = _member_chunks(handle, out)
+                    if member.name == TOC_NAME:
+                        data = b"".join(pieces)  # small: one entry per object
+                        toc = DirectoryToc.parse(data, encoding)
+                        counter.read_toc(data)
+                        report.toc_entries = len(toc.files)
+                    elif _BLOBS_TOC.match(member.name):
+                        listed_blobs |= _blob_files(b"".join(pieces), name, member.name)
+                    elif _DATA_FILE.match(member.name):
+                        table_data = counter.reader(member.name)
+                        reader = table_data or _DataFileReader(member.name)
+                        for chunk in pieces:
+                            reader.feed(chunk)
+                        if table_data is not None:
+                            counter.done(reader)
+                        else:
+                            reader.finish()
+                        report.data_bytes += reader.size
+                    else:
+                        for _ in pieces:
+                            pass
+            while stream.read(CHUNK_SIZE):  # the end-of-archive blocks
+                pass
+    except tarfile.TarError as exc:
+        raise IntegrityError(f"{name} is not a readable tar of a dump folder: {exc}") from None
+    if toc is None or report.members[:1] != [TOC_NAME]:
+        raise IntegrityError(f"{name} does not start with the dump's {TOC_NAME}")
+    present = set(report.members)
+    missing = sorted(
+        listed
+        for listed in toc.data_files | listed_blobs
+        if listed not in present and listed + ".gz" not in present
+    )
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise IntegrityError(
+            f"{name} lacks data files its table of contents lists: {', '.join(missing[:5])}{more}"
+        )
+    report.tar_bytes = tar_size()
+    report.row_counts = counter.result()
+    return report
+
+
+def _blob_files(data: bytes, name: str, member: str) -> set[str]:
+    files = set()
+    for line in data.decode("ascii", "replace").splitlines():
+        fields = line.split(" ")
+        if len(fields) != 2 or not fields[0].isdigit():
+            raise IntegrityError(f"{name}: {member} is not a list of large objects")
+        files.add(fields[1])
+    return files
