@@ -207,3 +207,18 @@ def test_failed_backup_publishes_nothing_and_stale_folders_go(
     assert not list_artifacts(target.backup_dir) and not list_partials(target.backup_dir)
     assert [p.name for p in target.backup_dir.iterdir() if not p.name.startswith(".")] == []
     assert not any((target.backup_dir / ".work").iterdir())
+
+
+def test_restore_cleanup_removes_dump_folders_of_killed_backups(
+    pg: LocalCluster, sample_db: str, make_project
+) -> None:
+    from backup_pipelines.engine.restore.cleanup import restore_cleanup
+
+    target = _project(make_project, pg, sample_db).target("prod")
+    stale = target.backup_dir / ".work" / f"{sample_db}_20260101_000000.dir.tar.d"
+    stale.mkdir(parents=True)
+    (stale / "3803.dat").write_bytes(b"half a table")
+
+    report = restore_cleanup(target, log=log)
+
+    assert not stale.exists() and stale in report.work_dirs_removed

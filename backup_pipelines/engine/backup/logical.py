@@ -203,6 +203,14 @@ def _pg_dump_failure(
 
 
 def _pg_dump_hint(stderr_text: str) -> str:
+    if "could not obtain lock on relation" in stderr_text:
+        # pg_dump -j's workers lock each table again without waiting (a queued exclusive
+        # lock would otherwise deadlock them against the leader).
+        return (
+            "another session asked for an exclusive lock on a table (e.g. a migration's ALTER "
+            "TABLE) while the parallel dump ran; run the backup again when it is done, or set "
+            "jobs: 1 for a dump that waits for locks"
+        )
     if "row-level security" in stderr_text:
         return (
             "a row-level security policy would hide rows from the backup role, and a backup "
