@@ -345,13 +345,20 @@ def _member_chunks(handle: BinaryIO, out: BinaryIO | None) -> Iterator[bytes]:
 
 
 def read_dump_directory(
-    chunks: Iterator[bytes], *, name: str, encoding: str, extract_to: Path | None = None
+    chunks: Iterator[bytes],
+    *,
+    name: str,
+    encoding: str,
+    extract_to: Path | None = None,
+    decode_data: bool = True,
 ) -> DumpDirectoryReport:
     """Walk the tar of a directory-format dump (the decoded artifact): decode every data file
     fully, count each table's rows, check that every file ``toc.dat`` (and ``blobs.toc``)
     names is there. With ``extract_to`` (an existing, empty folder) the members are written
     into it as they pass; only plain files at the top level are accepted, so nothing can land
-    outside it. Raises IntegrityError on anything missing, truncated or corrupt."""
+    outside it. ``decode_data=False`` (a restore, whose pg_restore decodes them anyway, after
+    verification did) copies the data files without decompressing them. Raises
+    IntegrityError on anything missing, truncated or corrupt."""
     report = DumpDirectoryReport()
     counter = DirectoryRowCounter(encoding)
     toc: DirectoryToc | None = None
@@ -379,7 +386,7 @@ def read_dump_directory(
                         report.toc_entries = len(toc.files)
                     elif _BLOBS_TOC.match(member.name):
                         listed_blobs |= _blob_files(b"".join(pieces), name, member.name)
-                    elif _DATA_FILE.match(member.name):
+                    elif decode_data and _DATA_FILE.match(member.name):
                         table_data = counter.reader(member.name)
                         reader = table_data or _DataFileReader(member.name)
                         for chunk in pieces:

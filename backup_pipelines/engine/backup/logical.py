@@ -172,10 +172,12 @@ def _pg_dump_argv(
     elif settings.format == "directory":
         # gzip: pg_dump's workers compress each data file; zstd: the tar is compressed whole.
         assert folder is not None
+        # --no-sync: the folder is scratch; the backup file made from it is what gets fsynced.
         argv += [
             "--format=directory",
             f"--jobs={settings.dump_jobs}",
             f"--compress={_pg_dump_compression(target)}",
+            "--no-sync",
             f"--file={folder}",
         ]
     else:

@@ -72,6 +72,7 @@ def _dump_file_for_pg_restore(
                     name=artifact.path.name,
                     encoding=python_encoding(artifact.meta.database_encoding or "UTF8") or "utf-8",
                     extract_to=folder,
+                    decode_data=False,
                 )
             yield folder
             return
