@@ -173,9 +173,9 @@ def test_verify_decodes_every_data_file(pg: LocalCluster, sample_db: str, make_p
     outcome = check_readable(_forge(artifact, missing))
     assert not outcome.passed and gz.removesuffix(".gz") in outcome.message
 
-    escaping = {**members, "../evil.dat": b"x"}
-    outcome = check_readable(_forge(artifact, escaping))
-    assert not outcome.passed and "../evil.dat" in outcome.message
+    for evil in ("../evil.dat", "/etc/evil.dat", "sub/3803.dat", ".hidden"):
+        outcome = check_readable(_forge(artifact, {**members, evil: b"x"}))
+        assert not outcome.passed and repr(evil) in outcome.message, evil
 
 
 def test_failed_backup_publishes_nothing_and_stale_folders_go(

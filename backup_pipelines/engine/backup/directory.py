@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
 import re
 import shutil
 import stat
 import subprocess
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,6 +60,8 @@ _COPY_END = b"\\.\n\n\n"
 _DATA_FILE = re.compile(r"^(?:\d+|blob_\d+)\.dat(?:\.gz)?$")
 # The lists of large objects ("<oid> blob_<oid>.dat" per line): one, or one per TOC entry.
 _BLOBS_TOC = re.compile(r"^blobs(?:_\d+)?\.toc$")
+# What a member of our tar may be called: a plain name, no folder, no leading dot.
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9]+)*$")
 
 
 def work_folder(backup_dir: Path, final: Path) -> Path:
@@ -229,37 +233,6 @@ class DirectoryRowCounter:
         return {files[name]: rows for name, rows in self._rows.items()}
 
 
-class _PushWriter(io.RawIOBase):
-    """The file tarfile's stream mode writes to: every block goes to ``write``."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        block = bytes(data)
-        self._write(block)
-        self.size += len(block)
-        return len(block)
-
-
-class _ObservedFile:
-    """A file read by tarfile while its chunks go to an observer (the row counter)."""
-
-    def __init__(self, handle: BinaryIO, observe: Callable[[bytes], None] | None) -> None:
-        self._handle = handle
-        self._observe = observe
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._handle.read(size)
-        if self._observe is not None and data:
-            self._observe(data)
-        return data
-
-
 def _members(folder: Path) -> list[Path]:
     files = []
     for entry in folder.iterdir():
@@ -279,37 +252,115 @@ def write_directory_tar(
 ) -> int:
     """Stream a tar of pg_dump's ``folder`` (files at top level, ``toc.dat`` first) to
     ``write`` in 1 MiB blocks; feed each table's data file to ``counter`` as it passes.
-    Returns the tar's size in bytes."""
-    sink = _PushWriter(write)
+    Returns the tar's size in bytes. ``write`` runs in a thread of its own (see
+    :class:`_WriterThread`); it has been called for every block when this returns."""
     names = _members(folder)
     if not names or names[0].name != TOC_NAME:
         raise IntegrityError(f"pg_dump wrote no {TOC_NAME} in {folder}")
-    with tarfile.open(
-        fileobj=sink,
-        mode="w|",
-        bufsize=CHUNK_SIZE,
-        format=tarfile.PAX_FORMAT,
-        copybufsize=CHUNK_SIZE,
-    ) as archive:
-        for path in names:
-            info = archive.gettarinfo(str(path), arcname=path.name)
-            info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
-            with path.open("rb") as handle:
-                if path.name == TOC_NAME:
-                    data = handle.read()  # the TOC is small (one entry per object)
-                    if counter is not None:
-                        counter.read_toc(data)
-                    archive.addfile(info, io.BytesIO(data))
-                else:
-                    reader = counter.reader(path.name) if counter is not None else None
-                    archive.addfile(
-                        info, _ObservedFile(handle, reader.feed if reader is not None else None)
-                    )
-                    if reader is not None and counter is not None:
-                        counter.done(reader)
-            if advance is not None:
-                advance(info.size)
-    return sink.size
+    writer = _WriterThread(write)
+    try:
+        size = _write_tar(names, writer.put, counter, advance)
+    except BaseException:
+        writer.cancel()
+        raise
+    writer.close()
+    return size
+
+
+class _WriterThread:
+    """Hands tar blocks to ``write`` (compression, encryption, SHA-256, the file: all release
+    the GIL) in a thread of its own, so that they overlap with reading and counting the next
+    blocks. At most ``_QUEUED`` blocks wait (memory stays flat); a failure of ``write`` is
+    raised to the producer at its next block or at ``close``."""
+
+    _QUEUED = 8
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUED)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="tar-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            if self._error is not None or self._cancelled:
+                continue  # drain: the producer learns of the failure at its next block
+            try:
+                self._write(block)
+            except BaseException as exc:  # raised in the producer's thread
+                self._error = exc
+
+    def put(self, block: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._blocks.put(block)
+
+    def close(self) -> None:
+        """Wait until every block is written; raise what writing raised."""
+        self._blocks.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Stop writing (the producer failed) and wait for the thread, so the stages can be
+        aborted safely."""
+        self._cancelled = True
+        self._blocks.put(None)
+        self._thread.join()
+
+
+def _write_tar(
+    names: list[Path],
+    put: Callable[[bytes], None],
+    counter: DirectoryRowCounter | None,
+    advance: Callable[[int], None] | None,
+) -> int:
+    """The tar itself: each member's header from tarfile (``TarInfo.tobuf``, PAX), its data in
+    1 MiB reads handed on as they are (tarfile's stream writer copies every block several
+    times, which made it the slowest step), padding to 512 bytes, and the end of the archive
+    as tarfile writes it (two zero blocks, padded to a whole record)."""
+    size = 0
+
+    def emit(block: bytes) -> None:
+        nonlocal size
+        put(block)
+        size += len(block)
+
+    for path in names:
+        with path.open("rb", buffering=0) as handle:
+            status = os.fstat(handle.fileno())
+            info = tarfile.TarInfo(path.name)
+            info.size, info.mtime, info.mode = status.st_size, int(status.st_mtime), 0o600
+            emit(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            if path.name == TOC_NAME:
+                data = handle.read()  # the TOC is small (one entry per object)
+                if len(data) != info.size:
+                    raise IntegrityError(f"{path} changed while it was being stored")
+                if counter is not None:
+                    counter.read_toc(data)
+                emit(data)
+            else:
+                reader = counter.reader(path.name) if counter is not None else None
+                left = info.size
+                while left:
+                    chunk = handle.read(min(CHUNK_SIZE, left))
+                    if not chunk:
+                        raise IntegrityError(f"{path} shrank while it was being stored")
+                    if reader is not None:
+                        reader.feed(chunk)
+                    emit(chunk)
+                    left -= len(chunk)
+                if reader is not None and counter is not None:
+                    counter.done(reader)
+            emit(bytes(-info.size % tarfile.BLOCKSIZE))
+        if advance is not None:
+            advance(info.size)
+    emit(bytes(2 * tarfile.BLOCKSIZE))
+    emit(bytes(-size % tarfile.RECORDSIZE))
+    return size
 
 
 @dataclass
@@ -363,14 +414,18 @@ def read_dump_directory(
     counter = DirectoryRowCounter(encoding)
     toc: DirectoryToc | None = None
     listed_blobs: set[str] = set()
+    seen: set[str] = set()
     stream, tar_size = _tar_reader(chunks)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
-                if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                if not member.isfile() or not _MEMBER_NAME.match(member.name):
                     raise IntegrityError(
                         f"{name} holds {member.name!r}, which is not a file of a dump folder"
                     )
+                if member.name in seen:
+                    raise IntegrityError(f"{name} holds {member.name!r} twice")
+                seen.add(member.name)
                 report.members.append(member.name)
                 handle = archive.extractfile(member)
                 assert handle is not None
