@@ -90,14 +90,16 @@ def test_directory_backup_round_trip_counts_and_verify(
     assert not any((tmp_path / "work").iterdir())  # the extracted folder is removed
 
 
-def test_jobs_above_one_need_the_directory_format(make_project, pg: LocalCluster) -> None:
+def test_jobs_above_one_need_the_directory_format(make_project) -> None:
     from backup_pipelines.engine.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="jobs: 4 needs format: directory"):
-        make_project(
-            {"prod": {"dsn_env": "DB_PROD", "format": "custom", "jobs": 4}},
-            env={"DB_PROD": pg.dsn()},
-        )
+    for dump_format in ("custom", "plain"):
+        with pytest.raises(ConfigError, match="jobs: 4 needs format: directory"):
+            make_project({"prod": {"dsn_env": "DB_PROD", "format": dump_format, "jobs": 4}})
+    one = make_project({"prod": {"dsn_env": "DB_PROD", "format": "custom", "jobs": 1}})
+    assert one.target("prod").settings.dump_jobs == 1
+    default = make_project({"prod": {"dsn_env": "DB_PROD", "format": "directory"}})
+    assert default.target("prod").settings.dump_jobs == 2
 
 
 def test_drill_and_encrypted_restore(

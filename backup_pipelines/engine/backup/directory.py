@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from backup_pipelines.engine.backup.counting import CustomArchiveCounter, _Malformed, _NeedMore
 from backup_pipelines.engine.compression import CHUNK_SIZE, read_chunks
@@ -388,7 +388,7 @@ def _tar_reader(chunks: Iterator[bytes]) -> tuple[io.BufferedReader, Callable[[]
     return io.BufferedReader(_ChunkStream(counted()), CHUNK_SIZE), lambda: size[0]
 
 
-def _member_chunks(handle: BinaryIO, out: BinaryIO | None) -> Iterator[bytes]:
+def _member_chunks(handle: IO[bytes], out: BinaryIO | None) -> Iterator[bytes]:
     for chunk in read_chunks(handle):
         if out is not None:
             out.write(chunk)
