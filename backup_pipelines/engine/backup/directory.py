@@ -342,6 +342,8 @@ def _write_tar(
                 if counter is not None:
                     counter.read_toc(data)
                 emit(data)
+                if advance is not None:
+                    advance(len(data))
             else:
                 reader = counter.reader(path.name) if counter is not None else None
                 left = info.size
@@ -353,11 +355,11 @@ def _write_tar(
                         reader.feed(chunk)
                     emit(chunk)
                     left -= len(chunk)
+                    if advance is not None:
+                        advance(len(chunk))
                 if reader is not None and counter is not None:
                     counter.done(reader)
             emit(bytes(-info.size % tarfile.BLOCKSIZE))
-        if advance is not None:
-            advance(info.size)
     emit(bytes(2 * tarfile.BLOCKSIZE))
     emit(bytes(-size % tarfile.RECORDSIZE))
     return size
