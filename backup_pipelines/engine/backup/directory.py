@@ -94,16 +94,101 @@ def folder_size(folder: Path) -> int:
 
 
 def wait_for_dump_folder(
-    proc: subprocess.Popen[bytes], folder: Path, progress: ProgressReporter, jobs: int
+    proc: subprocess.Popen[bytes],
+    folder: Path,
+    progress: ProgressReporter,
+    jobs: int,
+    counter: DirectoryRowCounter | None = None,
 ) -> int:
-    """Wait for pg_dump -j, reporting the bytes its folder holds so far."""
-    with progress.start(f"pg_dump -j {jobs}") as meter:
-        while True:
+    """Wait for pg_dump -j, reporting the bytes its folder holds so far. Meanwhile the rows of
+    its table data files are counted as they are written (``counter`` takes them over when
+    pg_dump succeeded), so that the counting overlaps with the dump instead of following it."""
+    follower = _FolderFollower(folder) if counter is not None else None
+    try:
+        if follower is not None:
+            follower.start()
+        with progress.start(f"pg_dump -j {jobs}") as meter:
+            while True:
+                try:
+                    returncode = proc.wait(timeout=1)
+                    break
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(OSError):
+                        meter.update(folder_size(folder))
+        if returncode == 0 and follower is not None and counter is not None:
+            counter.adopt(follower.finish())
+        return returncode
+    finally:
+        if follower is not None:
+            follower.close()
+
+
+# The files holding a table's (or a sequence's...) COPY data; large objects are not followed.
+_TABLE_DATA_FILE = re.compile(r"^\d+\.dat(?:\.gz)?$")
+
+
+class _FolderFollower:
+    """Reads pg_dump's data files while its workers write them (they only ever append), in a
+    thread of its own, feeding one :class:`_DataFileReader` per file. A file it cannot read is
+    left to the tar pass, which counts what it did not."""
+
+    _IDLE = 0.05
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._files: dict[str, tuple[BinaryIO, _DataFileReader]] = {}
+        self._failed: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="row-counts", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._poll():
+                self._stop.wait(self._IDLE)
+
+    def _poll(self) -> bool:
+        try:
+            names = os.listdir(self._folder)
+        except OSError:
+            return False  # pg_dump has not made its folder yet
+        progressed = False
+        for name in names:
+            if name in self._failed or not _TABLE_DATA_FILE.match(name):
+                continue
             try:
-                return proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    meter.update(folder_size(folder))
+                if name not in self._files:
+                    opened = open(self._folder / name, "rb", buffering=0)  # noqa: SIM115
+                    self._files[name] = (opened, _DataFileReader(name))
+                source, reader = self._files[name]
+                while chunk := source.read(CHUNK_SIZE):
+                    reader.feed(chunk)
+                    progressed = True
+            except (OSError, IntegrityError):
+                self._failed.add(name)
+                entry = self._files.pop(name, None)
+                if entry is not None:
+                    entry[0].close()
+        return progressed
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self) -> dict[str, _DataFileReader]:
+        """Once pg_dump has exited: read what is left, and hand over the readers."""
+        self._halt()
+        self._poll()
+        return {name: reader for name, (_, reader) in self._files.items()}
+
+    def close(self) -> None:
+        self._halt()
+        for handle, _ in self._files.values():
+            handle.close()
+        self._files.clear()
 
 
 class DirectoryToc(CustomArchiveCounter):
@@ -202,6 +287,7 @@ class DirectoryRowCounter:
         self._toc: DirectoryToc | None = None
         self._rows: dict[str, int] = {}  # listed file name -> rows
         self._broken = False
+        self._early: dict[str, _DataFileReader] = {}  # read while pg_dump wrote them
 
     def read_toc(self, data: bytes) -> None:
         try:
@@ -209,11 +295,22 @@ class DirectoryRowCounter:
         except IntegrityError:
             self._broken = True
 
+    def adopt(self, readers: dict[str, _DataFileReader]) -> None:
+        """Files read to their end while pg_dump wrote them: not counted again."""
+        self._early = dict(readers)
+
     def reader(self, name: str) -> _DataFileReader | None:
+        """The reader to feed ``name``'s bytes to, or None: not table data, or counted."""
         if self._broken or self._toc is None:
             return None
         listed = name.removesuffix(".gz")
-        return _DataFileReader(name) if listed in self._toc.table_files else None
+        if listed not in self._toc.table_files:
+            return None
+        early = self._early.pop(name, None)
+        if early is not None:
+            self.done(early)
+            return None
+        return _DataFileReader(name)
 
     def done(self, reader: _DataFileReader) -> None:
         reader.finish()

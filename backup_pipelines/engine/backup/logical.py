@@ -464,7 +464,9 @@ def _dump_to_file(
                 env=source.info.child_env(),
                 stdout=subprocess.DEVNULL,
             )
-            returncode = wait_for_dump_folder(proc, folder, progress, settings.dump_jobs)
+            returncode = wait_for_dump_folder(
+                proc, folder, progress, settings.dump_jobs, directory_counter
+            )
             if returncode != 0:
                 raise _pg_dump_failure(target, source, returncode, stderr.text())
         else:
