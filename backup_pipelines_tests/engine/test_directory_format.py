@@ -227,3 +227,42 @@ def test_restore_cleanup_removes_dump_folders_of_killed_backups(
     report = restore_cleanup(target, log=log)
 
     assert not stale.exists() and stale in report.work_dirs_removed
+
+
+def test_rows_are_counted_while_the_files_grow(tmp_path: Path) -> None:
+    """The follower reads data files as pg_dump's workers append to them (here: written in
+    small pieces by a thread, gzip and plain), and counts exactly what they end up holding."""
+    import gzip
+    import time
+
+    from backup_pipelines.engine.backup.directory import _FolderFollower
+
+    rows = [
+        f"{i}\tvalue with \\n escaped newline and \\\\. backslash-dot {i}\n" for i in range(5000)
+    ]
+    data = ("".join(rows) + "\\.\n\n\n").encode()
+    packed = gzip.compress(data)
+    follower = _FolderFollower(tmp_path)
+    follower.start()
+
+    def write(name: str, payload: bytes) -> None:
+        with open(tmp_path / name, "wb", buffering=0) as handle:
+            for start in range(0, len(payload), 4096):
+                handle.write(payload[start : start + 4096])
+                time.sleep(0.001)
+
+    writers = [
+        threading.Thread(target=write, args=("3001.dat.gz", packed)),
+        threading.Thread(target=write, args=("3002.dat", data)),
+    ]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    readers = follower.finish()
+    follower.close()
+
+    assert set(readers) == {"3001.dat.gz", "3002.dat"}
+    for reader in readers.values():
+        reader.finish()
+        assert reader.complete and reader.rows == 5000

@@ -129,14 +129,18 @@ _TABLE_DATA_FILE = re.compile(r"^\d+\.dat(?:\.gz)?$")
 
 class _FolderFollower:
     """Reads pg_dump's data files while its workers write them (they only ever append), in a
-    thread of its own, feeding one :class:`_DataFileReader` per file. A file it cannot read is
-    left to the tar pass, which counts what it did not."""
+    thread of its own, feeding one :class:`_DataFileReader` per file. Each poll opens only the
+    files not yet complete and reads from where it stopped, so however many tables there are,
+    few files are open at a time. A file it cannot read is left to the tar pass, which counts
+    what it did not."""
 
     _IDLE = 0.05
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
-        self._files: dict[str, tuple[BinaryIO, _DataFileReader]] = {}
+        self._files: dict[str, _DataFileReader] = {}
+        self._offsets: dict[str, int] = {}
+        self._complete: set[str] = set()
         self._failed: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="row-counts", daemon=True)
@@ -156,21 +160,24 @@ class _FolderFollower:
             return False  # pg_dump has not made its folder yet
         progressed = False
         for name in names:
-            if name in self._failed or not _TABLE_DATA_FILE.match(name):
+            if name in self._complete or name in self._failed:
                 continue
+            if not _TABLE_DATA_FILE.match(name):
+                continue
+            reader = self._files.setdefault(name, _DataFileReader(name))
             try:
-                if name not in self._files:
-                    opened = open(self._folder / name, "rb", buffering=0)  # noqa: SIM115
-                    self._files[name] = (opened, _DataFileReader(name))
-                source, reader = self._files[name]
-                while chunk := source.read(CHUNK_SIZE):
-                    reader.feed(chunk)
-                    progressed = True
+                with open(self._folder / name, "rb", buffering=0) as source:
+                    source.seek(self._offsets.get(name, 0))
+                    while chunk := source.read(CHUNK_SIZE):
+                        reader.feed(chunk)
+                        self._offsets[name] = self._offsets.get(name, 0) + len(chunk)
+                        progressed = True
             except (OSError, IntegrityError):
                 self._failed.add(name)
-                entry = self._files.pop(name, None)
-                if entry is not None:
-                    entry[0].close()
+                del self._files[name]
+                continue
+            if reader.complete:
+                self._complete.add(name)
         return progressed
 
     def _halt(self) -> None:
@@ -179,16 +186,15 @@ class _FolderFollower:
             self._thread.join()
 
     def finish(self) -> dict[str, _DataFileReader]:
-        """Once pg_dump has exited: read what is left, and hand over the readers."""
+        """Once pg_dump has exited: read what is left (of every file, the complete ones too:
+        nothing may be missed), and hand over the readers."""
         self._halt()
+        self._complete.clear()
         self._poll()
-        return {name: reader for name, (_, reader) in self._files.items()}
+        return dict(self._files)
 
     def close(self) -> None:
         self._halt()
-        for handle, _ in self._files.values():
-            handle.close()
-        self._files.clear()
 
 
 class DirectoryToc(CustomArchiveCounter):
@@ -272,6 +278,14 @@ class _DataFileReader:
             self._take(self._decoder.flush())
             if not self._decoder.eof:
                 raise IntegrityError(f"data file {self.name} is truncated (gzip ends early)")
+
+    @property
+    def complete(self) -> bool:
+        """The file's end has been read: gzip's end marker, or the end of the COPY data (a
+        line holding only ``\\.`` appears nowhere else: COPY escapes a backslash in data)."""
+        if self._decoder is not None:
+            return self._decoder.eof
+        return self._tail == _COPY_END
 
     @property
     def rows(self) -> int | None:
