@@ -73,9 +73,7 @@ def build_backup_checks(name: str, settings: TargetSettings) -> list[dg.AssetChe
         asset=key,
         name="archive_readable",
         description="Decompresses (and decrypts) the whole backup: a plain dump must end with pg_dump's "
-        "'dump complete' trailer, a custom archive must list and decode every data block, a "
-        "directory dump must hold every file its table of contents lists, each data file "
-        "decoding in full to the row counts its .meta records.",
+        "'dump complete' trailer, a custom archive must list and decode every data block.",
     )
     def archive_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         artifact = _latest_artifact(context, key)
