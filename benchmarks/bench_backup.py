@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -95,6 +96,31 @@ PAIRS = [
 ]
 
 
+def pgbench_env(cluster: Any) -> dict[str, str]:
+    """The environment for the shell tools (psql, pg_dump, pgbench) against ``cluster``."""
+    return {
+        **os.environ,
+        "PGPASSWORD": "bench-password",
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(cluster.port),
+        "PGUSER": "postgres",
+    }
+
+
+def build_pgbench(cluster: Any, scale: int, env: dict[str, str]) -> str:
+    """Create ``bench_<scale>`` filled by ``pgbench -i``; returns its name."""
+    name = f"bench_{scale}"
+    cluster.psql(f"CREATE DATABASE {name}")
+    print(f"building pgbench scale {scale} ...", flush=True)
+    subprocess.run(
+        [str(cluster.bin_dir / "pgbench"), "-i", "-q", "-s", str(scale), name],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    return name
+
+
 def _ours(args: list[str], env: dict[str, str]) -> float:
     return timed_backup(args, env)[0]
 
@@ -111,23 +137,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bp-bench-"))
     try:
         with throwaway_cluster(password="bench-password") as cluster:
-            pgbench = cluster.bin_dir / "pgbench"
-            env = {
-                **os.environ,
-                "PGPASSWORD": "bench-password",
-                "PGHOST": "127.0.0.1",
-                "PGPORT": str(cluster.port),
-                "PGUSER": "postgres",
-            }
+            env = pgbench_env(cluster)
             for scale in (args.small_scale, args.scale):
-                cluster.psql(f"CREATE DATABASE bench_{scale}")
-                print(f"building pgbench scale {scale} ...", flush=True)
-                subprocess.run(
-                    [str(pgbench), "-i", "-q", "-s", str(scale), f"bench_{scale}"],
-                    check=True,
-                    env=env,
-                    capture_output=True,
-                )
+                build_pgbench(cluster, scale, env)
             size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('bench_{args.scale}'))")
             config = work / "targets.yaml"
             lines = [f"backup_root: {work}/backups", "targets:"]

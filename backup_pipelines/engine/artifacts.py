@@ -45,6 +45,11 @@ _EXTENSIONS = {
     ("custom", "gzip"): ".dump",
     ("custom", "zstd"): ".dump.zst",
     ("custom", "none"): ".dump",
+    # Directory format: pg_dump's folder as one tar. gzip compresses each data file inside it
+    # (pg_dump's workers); zstd is applied around the tar of uncompressed files.
+    ("directory", "gzip"): ".dir.tar",
+    ("directory", "zstd"): ".dir.tar.zst",
+    ("directory", "none"): ".dir.tar",
 }
 
 

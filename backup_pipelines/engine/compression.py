@@ -28,12 +28,15 @@ class _Identity:
         return b""
 
 
-def compressor(codec: str, level: int) -> Compressor:
+def compressor(codec: str, level: int, *, threads: int = 1) -> Compressor:
+    """A streaming compressor; zstd uses ``threads`` worker threads when more than one."""
     if codec == "gzip":
         return zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
     if codec == "zstd":
         # The frame checksum makes zstd detect corruption on its own, as gzip does with its CRC.
-        return zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        return zstandard.ZstdCompressor(
+            level=level, write_checksum=True, threads=threads if threads > 1 else 0
+        ).compressobj()
     if codec == "none":
         return _Identity()
     raise ValueError(f"unknown compression {codec!r}")

@@ -10,7 +10,9 @@ from backup_pipelines.engine.encryption import decrypt_chunks
 
 
 def outer_codec(dump_format: str, compression: str) -> str:
-    """The compression applied around pg_dump's output (custom+gzip compresses inside pg_dump)."""
+    """The compression applied around pg_dump's output (custom+gzip compresses inside pg_dump;
+    for the directory format the output is the tar of pg_dump's folder, whose data files
+    pg_dump compresses itself with gzip)."""
     if compression == "zstd":
         return "zstd"
     if compression == "gzip" and dump_format == "plain":

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.counting import python_encoding
+from backup_pipelines.engine.backup.directory import read_dump_directory
 from backup_pipelines.engine.backup.globals import GLOBALS_TRAILER, globals_sql_chunks
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError
 from backup_pipelines.engine.postgres import find_tools
@@ -66,10 +68,13 @@ def check_checksum(artifact: BackupArtifact) -> CheckOutcome:
 
 
 def check_readable(artifact: BackupArtifact) -> CheckOutcome:
-    """Decode the whole backup; plain dumps must end with pg_dump's trailer, custom ones must list."""
+    """Decode the whole backup; plain dumps must end with pg_dump's trailer, custom ones must
+    list, directory ones must hold every file their TOC lists, each decoding in full."""
     try:
         if artifact.meta.format == "custom":
             return _check_custom(artifact)
+        if artifact.meta.format == "directory":
+            return _check_directory(artifact)
         size = 0
         tail = b""
         for chunk in dump_chunks(artifact):
@@ -122,6 +127,43 @@ def _check_custom(artifact: BackupArtifact) -> CheckOutcome:
         True,
         f"custom archive lists {entries} entries and all data blocks decode",
         {"toc_entries": entries, "dump_bytes": size},
+    )
+
+
+def _check_directory(artifact: BackupArtifact) -> CheckOutcome:
+    meta = artifact.meta
+    encoding = python_encoding(meta.database_encoding or "UTF8") or "utf-8"
+    report = read_dump_directory(dump_chunks(artifact), name=artifact.path.name, encoding=encoding)
+    details: dict[str, Any] = {
+        "dump_bytes": report.tar_bytes,
+        "data_bytes": report.data_bytes,
+        "members": len(report.members),
+        "toc_entries": report.toc_entries,
+    }
+    if report.tar_bytes != meta.dump_bytes:
+        return CheckOutcome(
+            "readable",
+            False,
+            f"decoded {report.tar_bytes} bytes of tar, .meta records {meta.dump_bytes}",
+            details,
+        )
+    # The rows in the data files must be the rows .meta promises (what a restore checks).
+    counted = report.row_counts or {}
+    differ = sorted(t for t, rows in meta.row_counts.items() if counted.get(t) != rows)
+    if report.row_counts is None or differ:
+        return CheckOutcome(
+            "readable",
+            False,
+            f"{artifact.path.name}: the data files hold other row counts than .meta records"
+            + (f" ({', '.join(differ[:5])})" if differ else " (not readable as COPY data)"),
+            details,
+        )
+    return CheckOutcome(
+        "readable",
+        True,
+        f"directory dump: toc.dat and all {len(report.members) - 1} files it lists are present, "
+        f"every data file decodes ({report.data_bytes} bytes) with the rows .meta records",
+        details,
     )
 
 

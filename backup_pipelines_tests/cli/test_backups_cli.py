@@ -148,3 +148,32 @@ def test_password_never_appears_in_argv_logs_or_files(
     for path in config.target("production").backup_dir.iterdir():
         if not path.name.endswith(".gz"):
             assert DB_PASSWORD not in path.read_text(errors="replace"), path
+
+
+def test_directory_format_backup_test_list_json_and_bad_jobs(
+    pg: LocalCluster, sample_db: str, make_project, cli, tmp_path: Path
+) -> None:
+    config = make_project(
+        {"production": {"dsn_env": "DB", "format": "directory", "jobs": 2, "compression": "zstd"}},
+        env={"DB": pg.dsn(sample_db)},
+    )
+    result = cli("backup", "production", "--test")
+    assert result.returncode == 0, result.stderr
+    assert "restore test passed" in result.stdout and "readable: ok" in result.stdout
+    (backup,) = config.target("production").backup_dir.glob("*.dir.tar.zst")
+
+    listing = cli("list", "production", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (entry,) = json.loads(listing.stdout)
+    assert entry["name"] == backup.name and entry["status"] == "verified", entry
+    verify = cli("verify", str(backup))
+    assert verify.returncode == 0 and verify.stdout.strip().endswith("OK")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "backup_root: b\ntargets:\n  production:\n    dsn_env: DB\n    format: custom\n    jobs: 4\n"
+    )
+    refused = cli("--config", str(bad), "backup", "production")
+    assert refused.returncode == 2
+    assert "jobs: 4 needs format: directory" in refused.stderr
+    assert "Traceback" not in refused.stderr

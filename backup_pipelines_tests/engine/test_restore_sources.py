@@ -45,6 +45,8 @@ def _settings(dump_format: str, compression: str, encrypted: bool, bucket: str |
         ("plain", "zstd", False, "s3"),
         ("custom", "gzip", True, "s3"),
         ("custom", "zstd", True, "latest-s3"),
+        ("directory", "gzip", False, "s3"),
+        ("directory", "zstd", True, "latest-s3"),
     ],
 )
 def test_restore_encrypted_and_offsite_round_trips(

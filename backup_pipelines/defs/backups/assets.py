@@ -67,13 +67,22 @@ def _globals_metadata(artifact: BackupArtifact) -> dict[str, dg.MetadataValue | 
     return metadata
 
 
+def _dump_phrase(settings: TargetSettings) -> str:
+    if settings.format == "directory":
+        return (
+            f"pg_dump -j {settings.dump_jobs} (directory format: tables dumped in parallel in one "
+            "snapshot, the folder stored as one tar)"
+        )
+    return f"pg_dump ({settings.format} format)"
+
+
 def _description(name: str, settings: TargetSettings) -> str:
     if settings.is_server:
         return _server_description(name, settings)
     return (
         f"Nightly logical backup of the **{name}** database (connection from "
         f"`${settings.dsn_env}`).\n\n"
-        f"pg_dump ({settings.format} format) streams through {settings.compression} compression and "
+        f"{_dump_phrase(settings)} streams through {settings.compression} compression and "
         "SHA-256 hashing into `<backup_root>/"
         f"{name}/<database>_<YYYYmmdd_HHMMSS>` with a `.sha256` and a `.meta` beside it. Row counts are "
         "taken in the dump's own snapshot, so a restore can be checked exactly.\n\n"
@@ -96,7 +105,7 @@ def _server_description(name: str, settings: TargetSettings) -> str:
         "database (backed up by the next scheduled run) and removes the one of a dropped "
         "database, whose backups are kept (retention still applies) and which is announced once "
         f"through the notifiers. Templates are never backed up; excluded patterns: {excluded}.\n\n"
-        f"Each database: pg_dump ({settings.format} format) through {settings.compression} "
+        f"Each database: {_dump_phrase(settings)} through {settings.compression} "
         f"compression and SHA-256 hashing into `<backup_root>/{name}/<database>/` with a "
         "`.sha256` and a `.meta` beside it. A database that fails (no CONNECT privilege, a "
         "lock) fails its own partition only.\n\n"

@@ -4,6 +4,8 @@
   file, in one streaming pass): ``run_backup``.
 - ``globals``: the server's globals (``pg_dumpall --globals-only``) and the database's own
   owner, privileges and settings, stored with every logical backup; reading them back.
+- ``directory``: the directory format (``pg_dump -Fd -j N``): its folder streamed as one tar
+  artifact with row counts from the data files, and read back (verify, restore).
 - ``counting``: exact per-table row counts read from the dump stream in that same pass (plain
   COPY blocks, custom-format data blocks), so the source is scanned once.
 - ``base``: physical base backups for point-in-time recovery (pg_basebackup), and listing them.

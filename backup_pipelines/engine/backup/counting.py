@@ -186,6 +186,11 @@ class CustomArchiveCounter:
     with a zero oid).
     """
 
+    # The archive format byte of the header (pg_backup.h: archCustom) and whether the data
+    # may be compressed by pg_dump (a subclass reading only the TOC does not mind).
+    _ARCHIVE_FORMAT = _FORMAT_CUSTOM
+    _COMPRESSED_DATA_OK = False
+
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
         self._head = bytearray()  # the header and TOC until they are complete
@@ -267,7 +272,7 @@ class CustomArchiveCounter:
             raise _Malformed
         struct_code, self._array_code = _INT_CODES[self._int_size]
         self._unpack = struct.Struct("<B" + struct_code).unpack_from
-        if not _OLDEST <= self._version <= _NEWEST or archive_format != _FORMAT_CUSTOM:
+        if not _OLDEST <= self._version <= _NEWEST or archive_format != self._ARCHIVE_FORMAT:
             raise _Malformed
         pos = 11
         if self._version >= (1, 15, 0):
@@ -278,7 +283,7 @@ class CustomArchiveCounter:
         else:
             level, pos = self._int(buf, pos)
             compressed = level != 0
-        if compressed:
+        if compressed and not self._COMPRESSED_DATA_OK:
             raise _Malformed  # pg_dump compressed the data: nothing to count from the stream
         for _ in range(7):  # creation time
             _, pos = self._int(buf, pos)
@@ -311,14 +316,20 @@ class CustomArchiveCounter:
                 dependency, pos = self._str(buf, pos)
                 if dependency is None:
                     break
-            pos += 1 + self._off_size  # the data block's offset (unknown when streaming)
-            if pos > len(buf):
-                raise _NeedMore
+            pos = self._read_extra_toc(buf, pos, dump_id)
             if desc == "TABLE DATA":
                 if namespace is None or tag is None:
                     raise _Malformed
                 tables[dump_id] = f"{namespace}.{tag}"
         self._tables = tables
+        return pos
+
+    def _read_extra_toc(self, buf: bytes, pos: int, dump_id: int) -> int:
+        """The format's own part of a TOC entry; custom: the data block's offset (unknown
+        when streaming)."""
+        pos += 1 + self._off_size
+        if pos > len(buf):
+            raise _NeedMore
         return pos
 
     # -- data blocks (the bulk of the archive: a tight loop over chunk headers) --

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -35,7 +36,19 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
-from backup_pipelines.engine.backup.counting import reconcile_counts, stream_counter
+from backup_pipelines.engine.backup.counting import (
+    python_encoding,
+    reconcile_counts,
+    stream_counter,
+)
+from backup_pipelines.engine.backup.directory import (
+    DirectoryRowCounter,
+    folder_size,
+    remove_stale_work_folders,
+    wait_for_dump_folder,
+    work_folder,
+    write_directory_tar,
+)
 from backup_pipelines.engine.backup.files import (
     HashingSink,
     discard_failed_backup,
@@ -146,7 +159,9 @@ def _pg_dump_compression(target: Target) -> int:
     return settings.effective_compression_level if settings.compression == "gzip" else 0
 
 
-def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
+def _pg_dump_argv(
+    tools: PgTools, target: Target, snapshot: str, folder: Path | None = None
+) -> list[str]:
     settings = target.settings
     argv = [tools.path("pg_dump"), "--no-password", f"--snapshot={snapshot}"]
     lock_wait = _lock_wait_ms(target)
@@ -154,6 +169,17 @@ def _pg_dump_argv(tools: PgTools, target: Target, snapshot: str) -> list[str]:
         argv.append(f"--lock-wait-timeout={lock_wait}")
     if settings.format == "custom":
         argv += ["--format=custom", f"--compress={_pg_dump_compression(target)}"]
+    elif settings.format == "directory":
+        # gzip: pg_dump's workers compress each data file; zstd: the tar is compressed whole.
+        assert folder is not None
+        # --no-sync: the folder is scratch; the backup file made from it is what gets fsynced.
+        argv += [
+            "--format=directory",
+            f"--jobs={settings.dump_jobs}",
+            f"--compress={_pg_dump_compression(target)}",
+            "--no-sync",
+            f"--file={folder}",
+        ]
     else:
         argv += ["--format=plain"]
     return argv
@@ -166,7 +192,27 @@ _PG_DUMP_LOCK_TIMEOUT = re.compile(
 )
 
 
+def _pg_dump_failure(
+    target: Target, source: DumpSource, returncode: int, text: str
+) -> BackupFailedError:
+    if _PG_DUMP_LOCK_TIMEOUT.search(text):
+        return lock_wait_failure(target, source.info)
+    detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
+    return BackupFailedError(
+        f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
+        hint=_pg_dump_hint(text),
+    )
+
+
 def _pg_dump_hint(stderr_text: str) -> str:
+    if "could not obtain lock on relation" in stderr_text:
+        # pg_dump -j's workers lock each table again without waiting (a queued exclusive
+        # lock would otherwise deadlock them against the leader).
+        return (
+            "another session asked for an exclusive lock on a table (e.g. a migration's ALTER "
+            "TABLE) while the parallel dump ran; run the backup again when it is done, or set "
+            "jobs: 1 for a dump that waits for locks"
+        )
     if "row-level security" in stderr_text:
         return (
             "a row-level security policy would hide rows from the backup role, and a backup "
@@ -304,6 +350,7 @@ def run_backup(
     info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")
     ensure_target_dirs(target, log=log)
     with target_lock(target.backup_dir), connect(info) as conn:
+        remove_stale_work_folders(target.backup_dir, log=log)
         started = datetime.now(UTC)
         clock = time.monotonic()
         with conn.cursor() as cur:
@@ -329,8 +376,13 @@ def run_backup(
         # The server's globals join the set; they are removed again if the dump fails.
         captured = capture_globals(target, info, tools, final, stage_factory=stage_factory, log=log)
 
-        plain_stream = settings.format == "plain" or _pg_dump_compression(target) == 0
-        counter = stream_counter(settings.format, not plain_stream, encoding)
+        counter: Any
+        if settings.format == "directory":
+            python = python_encoding(encoding)
+            counter = DirectoryRowCounter(python) if python is not None else None
+        else:
+            plain_stream = settings.format == "plain" or _pg_dump_compression(target) == 0
+            counter = stream_counter(settings.format, not plain_stream, encoding)
         if counter is None:
             # pg_dump compressed its data: the rows cannot be seen in the stream, so they are
             # counted in the dump's snapshot beside it (a second scan of the source).
@@ -363,9 +415,12 @@ def run_backup(
                 log,
                 reporter_for(progress, log),
                 stage_factory,
-                counter.feed if counter is not None else None,
+                None
+                if counter is None or isinstance(counter, DirectoryRowCounter)
+                else counter.feed,
                 row_counts,
                 captured,
+                counter if isinstance(counter, DirectoryRowCounter) else None,
             )
         except BaseException:
             captured.discard()
@@ -391,6 +446,7 @@ def _dump_to_file(
     observe: Callable[[bytes], None] | None,
     row_counts: Callable[[], dict[str, int]],
     globals_set: CapturedGlobals | None = None,
+    directory_counter: DirectoryRowCounter | None = None,
 ) -> BackupArtifact:
     settings = target.settings
     tmp = partial_path(final)
@@ -398,16 +454,31 @@ def _dump_to_file(
     proc: subprocess.Popen[bytes] | None = None
     abort_stored: Any = None
     writing = "the data file"
+    folder = work_folder(target.backup_dir, final) if settings.format == "directory" else None
     try:
-        # pg_dump starts first: its connection and catalog reads overlap with setting up the
-        # file and the encryption/compression stages (its output waits in the pipe meanwhile).
-        proc, stderr = spawn(
-            _pg_dump_argv(source.tools, target, source.snapshot),
-            env=source.info.child_env(),
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        _grow_pipe(proc.stdout)
+        if folder is not None:
+            # pg_dump -j writes its folder first (its workers each write their own files);
+            # only a complete folder is then streamed as a tar into the backup file.
+            proc, stderr = spawn(
+                _pg_dump_argv(source.tools, target, source.snapshot, folder),
+                env=source.info.child_env(),
+                stdout=subprocess.DEVNULL,
+            )
+            returncode = wait_for_dump_folder(
+                proc, folder, progress, settings.dump_jobs, directory_counter
+            )
+            if returncode != 0:
+                raise _pg_dump_failure(target, source, returncode, stderr.text())
+        else:
+            # pg_dump starts first: its connection and catalog reads overlap with setting up
+            # the file and the encryption/compression stages (its output waits in the pipe).
+            proc, stderr = spawn(
+                _pg_dump_argv(source.tools, target, source.snapshot),
+                env=source.info.child_env(),
+                stdout=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            _grow_pipe(proc.stdout)
         handle = open_private(tmp)
         with handle:
             sink = HashingSink(handle)
@@ -421,26 +492,32 @@ def _dump_to_file(
                     {"mode": "none"},
                 )
             outer = outer_codec(settings.format, settings.compression)
-            codec = compressor(outer, settings.effective_compression_level)
+            codec = compressor(
+                outer, settings.effective_compression_level, threads=settings.dump_jobs
+            )
             dump_bytes = 0
             compress = codec.compress
-            with progress.start("pg_dump") as meter:
-                for chunk in prefetched_chunks(proc.stdout, observe):
-                    dump_bytes += len(chunk)
-                    write_stored(compress(chunk))
-                    meter.advance(len(chunk))
-                write_stored(codec.flush())
-                returncode = proc.wait()
-                if returncode != 0:
-                    text = stderr.text()
-                    if _PG_DUMP_LOCK_TIMEOUT.search(text):
-                        raise lock_wait_failure(target, source.info)
-                    detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
-                    raise BackupFailedError(
-                        f"pg_dump failed for target '{target.name}' "
-                        f"({source.info.describe()}): {detail}",
-                        hint=_pg_dump_hint(text),
+            if folder is not None:
+
+                def write_tar(block: bytes) -> None:
+                    write_stored(compress(block))
+
+                with progress.start("tar", folder_size(folder)) as meter:
+                    dump_bytes = write_directory_tar(
+                        folder, write_tar, directory_counter, meter.advance
                     )
+                    write_stored(codec.flush())
+            else:
+                assert proc.stdout is not None
+                with progress.start("pg_dump") as meter:
+                    for chunk in prefetched_chunks(proc.stdout, observe):
+                        dump_bytes += len(chunk)
+                        write_stored(compress(chunk))
+                        meter.advance(len(chunk))
+                    write_stored(codec.flush())
+                    returncode = proc.wait()
+                    if returncode != 0:
+                        raise _pg_dump_failure(target, source, returncode, stderr.text())
             warnings = stderr.text()
             if warnings:
                 log.warning(f"pg_dump said: {source.info.redact(warnings)}")
@@ -503,3 +580,6 @@ def _dump_to_file(
             aborts=[abort_stored] if abort_stored is not None else [],
             leftovers=[tmp, *sidecars],
         ) from None
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

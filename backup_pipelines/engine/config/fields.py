@@ -46,7 +46,7 @@ DatabasePattern = Annotated[str, AfterValidator(_valid_database_pattern)]
 # The databases of a server target: ``all`` (every connectable, non-template database).
 ServerDatabases = Literal["all"]
 
-DumpFormat = Literal["plain", "custom"]
+DumpFormat = Literal["plain", "custom", "directory"]
 Compression = Literal["gzip", "zstd", "none"]
 
 DEFAULT_COMPRESSION_LEVEL: dict[str, int] = {"gzip": 6, "zstd": 3, "none": 0}

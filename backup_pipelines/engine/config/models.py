@@ -52,6 +52,7 @@ TARGET_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 DEFAULT_LOCK_WAIT_TIMEOUT = timedelta(minutes=5)
+DEFAULT_DIRECTORY_JOBS = 2
 MIN_LOCK_WAIT_TIMEOUT = timedelta(seconds=1)
 MAX_LOCK_WAIT_TIMEOUT = timedelta(hours=24)
 
@@ -70,8 +71,15 @@ class TargetSettings(StrictModel):
         default=None,
         description="Folder with pg_dump/psql/pg_restore; default: the newest installed version.",
     )
+    jobs: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="pg_dump -j: tables dumped in parallel, in one snapshot (directory format "
+        "only; default 2 for it).",
+    )
     restore_jobs: int = Field(
-        default=2, ge=1, le=64, description="pg_restore -j for custom format."
+        default=2, ge=1, le=64, description="pg_restore -j for custom and directory format."
     )
     size_drop_warn_ratio: float = Field(
         default=0.5,
@@ -208,6 +216,22 @@ class TargetSettings(StrictModel):
                     f"{self.compression} ({low}..{high})"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _jobs_need_directory(self) -> TargetSettings:
+        if self.jobs is not None and self.jobs > 1 and self.format != "directory":
+            raise ValueError(
+                f"jobs: {self.jobs} needs format: directory (pg_dump dumps tables in parallel "
+                f"only into a directory); set format: directory or remove jobs"
+            )
+        return self
+
+    @property
+    def dump_jobs(self) -> int:
+        """pg_dump's parallel jobs: ``jobs``, or 2 for the directory format, 1 for the others."""
+        if self.jobs is not None:
+            return self.jobs
+        return DEFAULT_DIRECTORY_JOBS if self.format == "directory" else 1
 
     @property
     def effective_compression_level(self) -> int:

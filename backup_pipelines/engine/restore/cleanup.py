@@ -20,8 +20,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from backup_pipelines.engine.backup.files import ensure_target_dirs
+from backup_pipelines.engine.backup.directory import remove_stale_work_folders
+from backup_pipelines.engine.backup.files import ensure_target_dirs, target_lock
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.errors import TargetBusyError
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock
 from backup_pipelines.engine.postgres import ConnectionInfo, connect
 from backup_pipelines.engine.processes import pid_alive
@@ -237,12 +239,22 @@ def restore_cleanup(
     ):
         interrupted = drop_interrupted_restores(admin, target, live, log=log)
         work_dirs = remove_abandoned_work_dirs(work_dir_for(target), log=log)
+        work_dirs += _remove_stale_dump_folders(target, log)
         expired = drop_expired_previous_copies(target, log=log, now=now)
         with connect(admin, autocommit=True) as conn:
             kept = previous_copies(conn, target)
     return RestoreCleanupReport(
         interrupted, expired, kept, target.settings.restore.drop_previous_after_hours, work_dirs
     )
+
+
+def _remove_stale_dump_folders(target: Target, log: Any) -> list[Path]:
+    """pg_dump folders of killed directory-format backups; left alone while a backup runs."""
+    try:
+        with target_lock(target.backup_dir):
+            return remove_stale_work_folders(target.backup_dir, log=log)
+    except TargetBusyError:
+        return []
 
 
 def previous_copies(conn: psycopg.Connection, target: Target) -> list[tuple[str, datetime]]:

@@ -1,5 +1,5 @@
 """Loading a backup into an empty database: ``psql --single-transaction`` for plain SQL,
-``pg_restore --exit-on-error -j`` for custom archives; and checking the row counts it holds."""
+``pg_restore --exit-on-error -j`` for custom archives and directory-format dumps; and checking the row counts it holds."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from backup_pipelines.engine.artifacts import BackupArtifact
+from backup_pipelines.engine.backup.counting import python_encoding
+from backup_pipelines.engine.backup.directory import read_dump_directory
 from backup_pipelines.engine.errors import RestoreFailedError
-from backup_pipelines.engine.fsutil import open_private
+from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
 from backup_pipelines.engine.postgres import ConnectionInfo, PgTools
 from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.progress import Progress, ProgressReporter, reporter_for
@@ -55,12 +57,25 @@ def _is_bare_local_file(artifact: BackupArtifact) -> bool:
 def _dump_file_for_pg_restore(
     artifact: BackupArtifact, work_dir: Path, progress: ProgressReporter
 ) -> Iterator[Path]:
-    """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom archive."""
-    if _is_bare_local_file(artifact):
+    """pg_restore -j needs a seekable file: use the backup itself when it is a bare custom
+    archive; a directory-format backup is extracted (checked, safely) into a folder."""
+    if artifact.meta.format != "directory" and _is_bare_local_file(artifact):
         yield artifact.path
         return
     tmp_dir = work_tmp_dir(work_dir, "restore")
     try:
+        if artifact.meta.format == "directory":
+            folder = ensure_private_dir(tmp_dir / "dump")
+            with progress.start("Extracting dump folder", artifact.meta.dump_bytes) as meter:
+                read_dump_directory(
+                    _metered(dump_chunks(artifact), meter),
+                    name=artifact.path.name,
+                    encoding=python_encoding(artifact.meta.database_encoding or "UTF8") or "utf-8",
+                    extract_to=folder,
+                    decode_data=False,
+                )
+            yield folder
+            return
         path = tmp_dir / "archive.dump"
         with (
             progress.start("Decoding archive", artifact.meta.dump_bytes) as meter,
@@ -72,6 +87,12 @@ def _dump_file_for_pg_restore(
         yield path
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _metered(chunks: Iterator[bytes], meter: Progress) -> Iterator[bytes]:
+    for chunk in chunks:
+        meter.advance(len(chunk))
+        yield chunk
 
 
 # pg_restore --verbose chatter: counted for progress, kept out of error messages.
@@ -152,7 +173,7 @@ def restore_into(
     progress = reporter_for(progress, log)
     env = database.child_env()
     name = Path(artifact.location).name
-    if artifact.meta.format == "custom":
+    if artifact.meta.format in ("custom", "directory"):
         with _dump_file_for_pg_restore(artifact, work_dir, progress) as archive:
             argv = [
                 tools.path("pg_restore"),
