@@ -111,7 +111,8 @@ def backup_check_specs(name: str, settings: TargetSettings) -> list[dg.AssetChec
             asset=key,
             description="Decompresses (and decrypts) the whole backup: a plain dump must end with "
             "pg_dump's 'dump complete' trailer, a custom archive must list and decode every data "
-            "block.",
+            "block, a directory dump must hold every file its table of contents lists, each data "
+            "file decoding in full to the row counts its .meta records.",
         ),
         dg.AssetCheckSpec(
             "globals_readable",
