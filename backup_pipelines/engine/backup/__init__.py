@@ -2,6 +2,8 @@
 
 - ``logical``: the logical backup of one database (pg_dump -> compress -> encrypt -> hash ->
   file, in one streaming pass): ``run_backup``.
+- ``pg_dump``: talking to pg_dump and the source: the dump's snapshot, pg_dump's arguments,
+  what its failures mean, and ``count(*)`` in the snapshot where the stream cannot count.
 - ``globals``: the server's globals (``pg_dumpall --globals-only``) and the database's own
   owner, privileges and settings, stored with every logical backup; reading them back.
 - ``directory``: the directory format (``pg_dump -Fd -j N``): its folder streamed as one tar

@@ -14,19 +14,15 @@ import fcntl
 import logging
 import os
 import queue
-import re
 import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
-
-import psycopg
-from psycopg import sql
 
 from backup_pipelines.engine.artifacts import (
     BackupArtifact,
@@ -56,22 +52,26 @@ from backup_pipelines.engine.backup.files import (
     target_lock,
 )
 from backup_pipelines.engine.backup.globals import CapturedGlobals, capture_globals
+from backup_pipelines.engine.backup.pg_dump import (
+    DumpSource,
+    SnapshotScan,
+    pg_dump_argv,
+    pg_dump_compression,
+    pg_dump_failure,
+)
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
-from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError, RefusedError
+from backup_pipelines.engine.errors import RefusedError
 from backup_pipelines.engine.fsutil import fsync_dir, open_private, partial_path, write_atomic
 from backup_pipelines.engine.postgres import (
     ConnectionInfo,
-    PgTools,
     connect,
     find_tools,
-    lock_blockers,
     server_major,
-    table_row_counts,
     tables_with_data,
 )
-from backup_pipelines.engine.processes import one_line, spawn
+from backup_pipelines.engine.processes import spawn
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import outer_codec
 from backup_pipelines.engine.version import TOOL_VERSION
@@ -131,181 +131,6 @@ def _grow_pipe(stream: IO[bytes]) -> None:
     # A 1 MiB pipe lets pg_dump keep writing through short pauses of the consumer (Linux only).
     with contextlib.suppress(AttributeError, OSError):
         fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-
-
-@dataclass(frozen=True)
-class DumpSource:
-    """A consistent view of one database: a connection holding an exported snapshot."""
-
-    info: ConnectionInfo
-    tools: PgTools
-    server_version: str
-    server_version_num: int
-    snapshot: str
-    encoding: str
-    collate: str
-    ctype: str
-
-
-def _lock_wait_ms(target: Target) -> int | None:
-    timeout = target.settings.lock_wait_timeout
-    return None if timeout is None else max(1, int(timeout.total_seconds() * 1000))
-
-
-def _pg_dump_compression(target: Target) -> int:
-    # custom+gzip lets pg_dump compress (pg_restore needs that archive as is); otherwise we
-    # compress the stream ourselves and pg_dump writes its data uncompressed.
-    settings = target.settings
-    return settings.effective_compression_level if settings.compression == "gzip" else 0
-
-
-def _pg_dump_argv(
-    tools: PgTools, target: Target, snapshot: str, folder: Path | None = None
-) -> list[str]:
-    settings = target.settings
-    argv = [tools.path("pg_dump"), "--no-password", f"--snapshot={snapshot}"]
-    lock_wait = _lock_wait_ms(target)
-    if lock_wait is not None:
-        argv.append(f"--lock-wait-timeout={lock_wait}")
-    if settings.format == "custom":
-        argv += ["--format=custom", f"--compress={_pg_dump_compression(target)}"]
-    elif settings.format == "directory":
-        # gzip: pg_dump's workers compress each data file; zstd: the tar is compressed whole.
-        assert folder is not None
-        # --no-sync: the folder is scratch; the backup file made from it is what gets fsynced.
-        argv += [
-            "--format=directory",
-            f"--jobs={settings.dump_jobs}",
-            f"--compress={_pg_dump_compression(target)}",
-            "--no-sync",
-            f"--file={folder}",
-        ]
-    else:
-        argv += ["--format=plain"]
-    return argv
-
-
-# pg_dump --lock-wait-timeout cancels its LOCK TABLE with a statement timeout (PG 15) or a
-# lock timeout.
-_PG_DUMP_LOCK_TIMEOUT = re.compile(
-    r"canceling statement due to (statement|lock) timeout.*\n.*LOCK TABLE", re.DOTALL
-)
-
-
-def _pg_dump_failure(
-    target: Target, source: DumpSource, returncode: int, text: str
-) -> BackupFailedError:
-    if _PG_DUMP_LOCK_TIMEOUT.search(text):
-        return lock_wait_failure(target, source.info)
-    detail = one_line(source.info.redact(text)) or f"exit status {returncode}"
-    return BackupFailedError(
-        f"pg_dump failed for target '{target.name}' ({source.info.describe()}): {detail}",
-        hint=_pg_dump_hint(text),
-    )
-
-
-def _pg_dump_hint(stderr_text: str) -> str:
-    if "could not obtain lock on relation" in stderr_text:
-        # pg_dump -j's workers lock each table again without waiting (a queued exclusive
-        # lock would otherwise deadlock them against the leader).
-        return (
-            "another session asked for an exclusive lock on a table (e.g. a migration's ALTER "
-            "TABLE) while the parallel dump ran; run the backup again when it is done, or set "
-            "jobs: 1 for a dump that waits for locks"
-        )
-    if "row-level security" in stderr_text:
-        return (
-            "a row-level security policy would hide rows from the backup role, and a backup "
-            "must hold every row: give the role BYPASSRLS (ALTER ROLE ... BYPASSRLS) or back up "
-            "as a superuser"
-        )
-    return (
-        "read the pg_dump error above; common causes are missing privileges "
-        "(the backup role needs SELECT on every table) or a dropped connection"
-    )
-
-
-_BLOCKERS_SHOWN = 5
-
-
-def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError:
-    """The error for a backup that waited ``lock_wait_timeout`` for a table lock: names the
-    sessions holding (or queueing for) the blocking locks, looked up on a new connection."""
-    timeout = target.settings.lock_wait_timeout
-    waited = f"{timeout.total_seconds():g}s" if timeout is not None else "too long"
-    end_them = "SELECT pg_terminate_backend(PID)"
-    try:
-        with connect(info, autocommit=True) as conn:
-            blockers = lock_blockers(conn)
-        if blockers:
-            shown = [line for _, line in blockers[:_BLOCKERS_SHOWN]]
-            if len(blockers) > _BLOCKERS_SHOWN:
-                shown.append(f"and {len(blockers) - _BLOCKERS_SHOWN} more")
-            culprit = "blocked by " + "; ".join(shown)
-            pids = [str(pid) for pid, _ in blockers if pid is not None]
-            if pids:
-                end_them = f"SELECT pg_terminate_backend({pids[0]})"
-        else:
-            culprit = "the session that held it had released it by the time we looked"
-    except (BackupPipelinesError, psycopg.Error) as exc:
-        reason = exc.message if isinstance(exc, BackupPipelinesError) else str(exc).strip()
-        culprit = f"the blocking session could not be looked up ({info.redact(reason)})"
-    return BackupFailedError(
-        f"backup of target '{target.name}' ({info.describe()}) gave up after waiting {waited} "
-        f"(lock_wait_timeout) for a table lock: {culprit}",
-        hint=f"let that session finish or end it ({end_them}), then run the backup again; "
-        "if such long locks are expected, raise lock_wait_timeout for the target",
-    )
-
-
-class _SnapshotScan:
-    """Exact row counts by ``count(*)`` in the dump's snapshot, on a connection of its own (an
-    error here must not abort the exporting transaction pg_dump depends on). Run beside pg_dump
-    (``start``) when the rows cannot be counted from the stream, or after it (``run``) when the
-    stream could not be read as expected."""
-
-    def __init__(self, target: Target, info: ConnectionInfo, snapshot: str) -> None:
-        self._target = target
-        self._info = info
-        self._snapshot = snapshot
-        self._counts: dict[str, int] = {}
-        self._errors: list[BaseException] = []
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="row-counts", daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-
-    def run(self) -> None:
-        try:
-            with connect(self._info) as counting:
-                counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                # Counting runs beside pg_dump: parallel workers would only steal its CPU.
-                counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-                lock_wait = _lock_wait_ms(self._target)
-                if lock_wait is not None:
-                    counting.execute(
-                        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_wait}ms"))
-                    )
-                counting.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot))
-                )
-                self._counts.update(table_row_counts(counting, lock_first=True))
-        except BaseException as exc:  # reported by result(), after pg_dump finishes
-            self._errors.append(exc)
-
-    def result(self) -> dict[str, int]:
-        self.join()
-        if self._errors and isinstance(self._errors[0], psycopg.errors.LockNotAvailable):
-            raise lock_wait_failure(self._target, self._info)
-        if self._errors:
-            reason = self._info.redact(str(self._errors[0]))
-            raise BackupFailedError(f"counting rows in the dump's snapshot failed: {reason}")
-        return self._counts
 
 
 def _final_path(backup_dir: Path, database: str, started: datetime, extension: str) -> Path:
@@ -373,20 +198,26 @@ def run_backup(
         )
         final = _final_path(target.backup_dir, info.dbname, started, extension)
         log.info(f"Backing up {info.describe()} (PostgreSQL {server_version}) to {final}")
-        # The server's globals join the set; they are removed again if the dump fails.
-        captured = capture_globals(target, info, tools, final, stage_factory=stage_factory, log=log)
+        # The server's globals are captured beside the dump (a connection and pg_dumpall of
+        # their own, on another core, instead of before pg_dump starts). They join the set when
+        # it is committed and are removed if anything fails; so is pg_dump's version looked up.
+        background = ThreadPoolExecutor(1, thread_name_prefix="beside-pg_dump")
+        pending_globals = background.submit(
+            capture_globals, target, info, tools, final, stage_factory=stage_factory, log=log
+        )
+        background.submit(tools.version_string, "pg_dump")
 
         counter: Any
         if settings.format == "directory":
             python = python_encoding(encoding)
             counter = DirectoryRowCounter(python) if python is not None else None
         else:
-            plain_stream = settings.format == "plain" or _pg_dump_compression(target) == 0
+            plain_stream = settings.format == "plain" or pg_dump_compression(target) == 0
             counter = stream_counter(settings.format, not plain_stream, encoding)
         if counter is None:
             # pg_dump compressed its data: the rows cannot be seen in the stream, so they are
             # counted in the dump's snapshot beside it (a second scan of the source).
-            scan = _SnapshotScan(target, info, snapshot)
+            scan = SnapshotScan(target, info, snapshot)
             scan.start()
             row_counts = scan.result
         else:
@@ -400,7 +231,7 @@ def run_backup(
                     "the row counts could not be read from the dump stream; counting the rows "
                     "in the dump's snapshot instead"
                 )
-                scan = _SnapshotScan(target, info, snapshot)
+                scan = SnapshotScan(target, info, snapshot)
                 scan.run()
                 return scan.result()
 
@@ -419,13 +250,15 @@ def run_backup(
                 if counter is None or isinstance(counter, DirectoryRowCounter)
                 else counter.feed,
                 row_counts,
-                captured,
+                pending_globals,
                 counter if isinstance(counter, DirectoryRowCounter) else None,
             )
         except BaseException:
-            captured.discard()
+            with contextlib.suppress(BaseException):  # a failed capture removed its own files
+                pending_globals.result().discard()
             raise
         finally:
+            background.shutdown(wait=True)
             if counter is None:
                 scan.join()
             with contextlib.suppress(Exception):
@@ -445,7 +278,7 @@ def _dump_to_file(
     stage_factory: Any,
     observe: Callable[[bytes], None] | None,
     row_counts: Callable[[], dict[str, int]],
-    globals_set: CapturedGlobals | None = None,
+    pending_globals: Future[CapturedGlobals] | None = None,
     directory_counter: DirectoryRowCounter | None = None,
 ) -> BackupArtifact:
     settings = target.settings
@@ -460,7 +293,7 @@ def _dump_to_file(
             # pg_dump -j writes its folder first (its workers each write their own files);
             # only a complete folder is then streamed as a tar into the backup file.
             proc, stderr = spawn(
-                _pg_dump_argv(source.tools, target, source.snapshot, folder),
+                pg_dump_argv(source.tools, target, source.snapshot, folder),
                 env=source.info.child_env(),
                 stdout=subprocess.DEVNULL,
             )
@@ -468,12 +301,12 @@ def _dump_to_file(
                 proc, folder, progress, settings.dump_jobs, directory_counter
             )
             if returncode != 0:
-                raise _pg_dump_failure(target, source, returncode, stderr.text())
+                raise pg_dump_failure(target, source, returncode, stderr.text())
         else:
             # pg_dump starts first: its connection and catalog reads overlap with setting up
             # the file and the encryption/compression stages (its output waits in the pipe).
             proc, stderr = spawn(
-                _pg_dump_argv(source.tools, target, source.snapshot),
+                pg_dump_argv(source.tools, target, source.snapshot),
                 env=source.info.child_env(),
                 stdout=subprocess.PIPE,
             )
@@ -517,7 +350,7 @@ def _dump_to_file(
                     write_stored(codec.flush())
                     returncode = proc.wait()
                     if returncode != 0:
-                        raise _pg_dump_failure(target, source, returncode, stderr.text())
+                        raise pg_dump_failure(target, source, returncode, stderr.text())
             warnings = stderr.text()
             if warnings:
                 log.warning(f"pg_dump said: {source.info.redact(warnings)}")
@@ -526,6 +359,9 @@ def _dump_to_file(
             os.fsync(handle.fileno())
 
         counts = row_counts()
+        writing = "the globals file"
+        globals_set = pending_globals.result() if pending_globals is not None else None
+        writing = "the .meta file"
         finished = datetime.now(UTC)
         meta = BackupMeta(
             tool_version=TOOL_VERSION,
