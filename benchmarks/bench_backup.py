@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import resource
 import shutil
@@ -185,11 +186,16 @@ def main() -> int:
             # Interleaved repetitions, median of each: a noisy moment hits every variant alike.
             samples: dict[str, list[float]] = {name: [] for name in variants}
             cpu: dict[str, list[float]] = {name: [] for name in variants}
+            # The backup itself, from its .meta: the snapshot to the fsynced file, without the
+            # command's start-up (interpreter, imports, targets file) and exit.
+            body: dict[str, list[float]] = {name: [] for name in variants}
             for round_ in range(args.repeat):
                 for name, run in variants.items():
                     before = _children_cpu()
                     samples[name].append(run())
                     cpu[name].append(_children_cpu() - before)
+                    for meta in (work / "backups").glob("*/*.meta"):
+                        body[name].append(json.loads(meta.read_text())["duration_seconds"])
                     for leftover in (work / "backups").glob("*/*.*"):
                         leftover.unlink()
                 print(f"round {round_ + 1}/{args.repeat} done", flush=True)
@@ -204,8 +210,9 @@ def main() -> int:
                 f"{os.getloadavg()[0]:.1f}",
                 "wall seconds (shell, ours, ratio), then CPU seconds of the client processes "
                 "(pg_dump, compressor, our process; the server's are the same for both)",
+                "and the backup alone (ours without start-up and exit: .meta duration_seconds)",
                 f"{'pair':<15} {'shell s':>8} {'ours s':>8}  {'ratio':>6}  "
-                f"{'shell cpu':>9} {'ours cpu':>9}  {'ratio':>6}",
+                f"{'shell cpu':>9} {'ours cpu':>9}  {'ratio':>6}  {'body s':>7} {'ratio':>6}",
                 f"{'floor':<15} {results['floor']:8.2f} {'':>8}  {'':>6}  {cpu_used['floor']:9.2f}",
             ]
             for dump_format, compression in [*PAIRS, ("plain", "gzip+v")]:
@@ -214,9 +221,11 @@ def main() -> int:
                 theirs = results[f"shell {pair.removesuffix('+v')}"]
                 ours_cpu = cpu_used[f"ours {pair}"]
                 theirs_cpu = cpu_used[f"shell {pair.removesuffix('+v')}"]
+                alone = statistics.median(body[f"ours {pair}"])
                 report.append(
                     f"{pair:<15} {theirs:8.2f} {ours:8.2f}  {ours / theirs:5.2f}x  "
-                    f"{theirs_cpu:9.2f} {ours_cpu:9.2f}  {ours_cpu / theirs_cpu:5.2f}x"
+                    f"{theirs_cpu:9.2f} {ours_cpu:9.2f}  {ours_cpu / theirs_cpu:5.2f}x  "
+                    f"{alone:7.2f} {alone / theirs:5.2f}x"
                 )
             report.append(
                 f"peak RSS of the backup process: scale {args.small_scale}: "
