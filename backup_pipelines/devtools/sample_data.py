@@ -386,7 +386,10 @@ def create_sample_roles(admin_dsn: str) -> None:
         f"GRANT {_quote_ident(role)} TO {_quote_ident(member)}"
         for role, member in SAMPLE_MEMBERSHIPS
     ]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn, conn.transaction():
+        # One caller at a time: two concurrent ALTER ROLE ... SET of a new setting collide on
+        # pg_db_role_setting's unique index, which no exception handler here can retry.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('backup_pipelines sample roles'))")
         for statement in statements:
             conn.execute(
                 "DO $$ BEGIN EXECUTE " + _literal(statement) + "; "
