@@ -1,6 +1,7 @@
 """What assets and checks hand back to Dagster: failures with the engine's message, and the
 backup file a materialization recorded."""
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -45,3 +46,34 @@ def user_error(
 ) -> dg.Failure:
     """A run failure whose description is the engine's actionable message (no stack trace)."""
     return dg.Failure(description=str(exc), metadata=metadata, allow_retries=False)
+
+
+def each_selected_target(
+    context: dg.AssetExecutionContext,
+    work: Callable[[str], dg.MaterializeResult],
+    what: str,
+) -> Iterator[dg.MaterializeResult]:
+    """Run ``work`` for the target of each asset the run selected from an op shared by many
+    targets, in name order. One target's failure does not stop the others': it is logged, and
+    the step fails at the end naming every failed target. A run for a single target raises that
+    target's own failure, metadata included."""
+    selected = sorted(context.selected_asset_keys, key=lambda k: k.to_user_string())
+    failed: list[tuple[str, str]] = []
+    for key in selected:
+        name = key.path[0]
+        try:
+            yield work(name)
+        except dg.Failure as exc:
+            if len(selected) == 1:
+                raise
+            context.log.error(f"{name}: {exc.description}")
+            failed.append((name, exc.description or "failed"))
+        except Exception as exc:  # a bug must not stop the other targets' work
+            context.log.exception(f"{name}: {what} failed")
+            failed.append((name, f"{type(exc).__name__}: {exc}"))
+    if failed:
+        raise dg.Failure(
+            description=f"{what} failed for {len(failed)} of {len(selected)} targets (the "
+            "others were done): " + "; ".join(f"{name}: {reason}" for name, reason in failed),
+            allow_retries=False,
+        )

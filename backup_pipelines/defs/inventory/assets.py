@@ -14,7 +14,7 @@ from backup_pipelines.engine.retention import RetentionReport, prune_target
 from backup_pipelines.lib.names import BACKUP_INVENTORY, LOGICAL_BACKUP, OFFSITE_COPY, target_key
 from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
-from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.results import each_selected_target, user_error
 from backup_pipelines.lib.tags import asset_attributes
 
 INVENTORY_COLUMNS = [
@@ -240,26 +240,11 @@ def build_backup_inventories(targets: dict[str, TargetSettings]) -> dg.AssetsDef
         backup_engine: BackupEngineResource,
         offsite_s3: S3Resource,
     ) -> Iterator[dg.MaterializeResult]:
-        failed: list[tuple[str, str]] = []
-        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-            name = key.path[0]
-            try:
-                yield take_inventory(context, name, None, backup_engine, offsite_s3)
-            except dg.Failure as exc:
-                if len(context.selected_asset_keys) == 1:
-                    raise  # a run for one target: its own failure, with its metadata
-                context.log.error(f"{name}: {exc.description}")
-                failed.append((name, exc.description or "failed"))
-            except Exception as exc:  # a bug must not stop the other targets' retention
-                context.log.exception(f"{name}: retention failed")
-                failed.append((name, f"{type(exc).__name__}: {exc}"))
-        if failed:
-            raise dg.Failure(
-                description=f"retention failed for {len(failed)} of "
-                f"{len(context.selected_asset_keys)} targets (the others were inventoried): "
-                + "; ".join(f"{name}: {reason}" for name, reason in failed),
-                allow_retries=False,
-            )
+        yield from each_selected_target(
+            context,
+            lambda name: take_inventory(context, name, None, backup_engine, offsite_s3),
+            "retention",
+        )
 
     return backup_inventory
 

@@ -15,7 +15,7 @@ from backup_pipelines.engine.storage import S3_RETRIES
 from backup_pipelines.lib.names import LOGICAL_BACKUP, OFFSITE_COPY, OFFSITE_S3, target_key
 from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import offsite_enabled_targets
-from backup_pipelines.lib.results import latest_materialized_path, user_error
+from backup_pipelines.lib.results import each_selected_target, latest_materialized_path, user_error
 from backup_pipelines.lib.tags import asset_attributes
 
 
@@ -158,26 +158,11 @@ def build_offsite_copies(targets: dict[str, TargetSettings]) -> dg.AssetsDefinit
         backup_engine: BackupEngineResource,
         offsite_s3: S3Resource,
     ) -> Iterator[dg.MaterializeResult]:
-        failed: list[tuple[str, str]] = []
-        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-            name = key.path[0]
-            try:
-                yield copy_offsite(context, name, None, backup_engine, offsite_s3)
-            except dg.Failure as exc:
-                if len(context.selected_asset_keys) == 1:
-                    raise  # a run for one target: its own failure, with its metadata
-                context.log.error(f"{name}: {exc.description}")
-                failed.append((name, exc.description or "failed"))
-            except Exception as exc:  # a bug must not stop the other targets' copies
-                context.log.exception(f"{name}: offsite copy failed")
-                failed.append((name, f"{type(exc).__name__}: {exc}"))
-        if failed:
-            raise dg.Failure(
-                description=f"offsite copy failed for {len(failed)} of "
-                f"{len(context.selected_asset_keys)} targets (the others were copied): "
-                + "; ".join(f"{name}: {reason}" for name, reason in failed),
-                allow_retries=False,
-            )
+        yield from each_selected_target(
+            context,
+            lambda name: copy_offsite(context, name, None, backup_engine, offsite_s3),
+            "offsite copy",
+        )
 
     return offsite_copy
 

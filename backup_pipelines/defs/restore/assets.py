@@ -23,7 +23,7 @@ from backup_pipelines.lib.names import (
 )
 from backup_pipelines.lib.partitions import database_partitions, partition_database
 from backup_pipelines.lib.project import project_config
-from backup_pipelines.lib.results import user_error
+from backup_pipelines.lib.results import each_selected_target, user_error
 from backup_pipelines.lib.tags import asset_attributes, host_pool, unique_op_names
 
 
@@ -259,26 +259,9 @@ def build_restore_drills(
     def restore_drills(
         context: dg.AssetExecutionContext, backup_engine: BackupEngineResource
     ) -> Iterator[dg.MaterializeResult]:
-        failed: list[tuple[str, str]] = []
-        for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
-            name = key.path[0]
-            try:
-                yield drill_one(context, name, None, backup_engine)
-            except dg.Failure as exc:
-                if len(context.selected_asset_keys) == 1:
-                    raise
-                context.log.error(f"{name}: {exc.description}")
-                failed.append((name, exc.description or "failed"))
-            except Exception as exc:  # a bug must not stop the other targets' drills
-                context.log.exception(f"{name}: restore drill failed")
-                failed.append((name, f"{type(exc).__name__}: {exc}"))
-        if failed:
-            raise dg.Failure(
-                description=f"restore drill could not run for {len(failed)} of "
-                f"{len(context.selected_asset_keys)} targets (the others were drilled): "
-                + "; ".join(f"{name}: {reason}" for name, reason in failed),
-                allow_retries=False,
-            )
+        yield from each_selected_target(
+            context, lambda name: drill_one(context, name, None, backup_engine), "restore drill"
+        )
 
     return restore_drills
 
