@@ -117,6 +117,8 @@ def configure_logging(verbose: bool, log_file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        _start_as_program()
     try:
         return _main(argv)
     except BrokenPipeError:
@@ -127,6 +129,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --help), after which we cannot tell whether the command finished.
         silence_stdout()
         return 1
+    finally:
+        if argv is None:
+            _skip_exit_collection()
+
+
+def _start_as_program() -> None:
+    # Start-up allocates hundreds of thousands of long-lived objects (imports); collecting
+    # them every 700 allocations costs ~0.05 s before pg_dump can start, and finds nothing.
+    import gc
+
+    gc.set_threshold(50_000, 20, 100)
+
+
+def _skip_exit_collection() -> None:
+    # The interpreter's last garbage collection walks every object the imports made (pydantic
+    # schemas, psycopg): 0.15-0.2 s after the work is done, a tenth of a small backup. Frozen
+    # objects are skipped; files are closed and flushed by then, and the process ends anyway.
+    # Only when run as a program (argv from sys.argv): a test calling main() keeps its GC.
+    import gc
+
+    gc.freeze()
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -44,6 +44,21 @@ def test_plain_copy_blocks_are_counted_across_any_chunk_boundaries(size: int) ->
     assert _fed(PlainCopyCounter("utf-8"), PLAIN, size) == PLAIN_COUNTS
 
 
+# Rows thick with escapes (NULLs, an escaped backslash before a dot, a tab escape): more
+# backslashes per buffer than the terminator search probes one by one before it changes method.
+ESCAPED_ROWS = b"".join(b"%d\t\\N\t\\N\t\\\\.\t\\.x\t\\t\n" % row for row in range(500))
+ESCAPED = (
+    b"COPY public.nulls (a, b, c, d, e, f) FROM stdin;\n" + ESCAPED_ROWS + b"\\.\n\n"
+    b"COPY public.after (a) FROM stdin;\n\\N\n\\.\n\n"
+)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 97, 4096, 1 << 20])
+def test_escape_heavy_rows_are_counted_whichever_way_the_end_is_searched_for(size: int) -> None:
+    counts = _fed(PlainCopyCounter("utf-8"), ESCAPED, size)
+    assert counts == {"public.nulls": 500, "public.after": 1}
+
+
 def test_a_plain_stream_the_counter_does_not_understand_yields_no_counts() -> None:
     # Cut inside a COPY block, a table twice, a COPY line that is not pg_dump's.
     assert _fed(PlainCopyCounter("utf-8"), PLAIN[:80], 1 << 20) is None

