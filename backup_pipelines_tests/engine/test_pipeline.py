@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -259,6 +261,48 @@ def test_full_disk_fails_cleanly(
         assert leftovers == []
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_disk_error_met_while_writing_back_early_fails_the_backup(
+    pg: LocalCluster, sample_db: str, make_project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data is pushed to the disk in the background while the dump runs; the kernel reports
+    a write error to one sync only, so an error met there must still fail the backup."""
+    from backup_pipelines.engine.backup import files
+
+    synced: list[int] = []
+
+    def failing_fdatasync(fd: int) -> None:
+        synced.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "WRITEBACK_EVERY", 64 << 10)
+    monkeypatch.setattr(files.os, "fdatasync", failing_fdatasync)
+    config = make_project(
+        {"prod": {"dsn_env": "DB_PROD", "compression": "none"}}, env={"DB_PROD": pg.dsn(sample_db)}
+    )
+    with pytest.raises(BackupFailedError) as info:
+        run_backup(config.target("prod"), log=log)
+    assert synced, "the dump is larger than the writeback step, so a background sync ran"
+    assert "Input/output error" in str(info.value)
+    backup_dir = config.target("prod").backup_dir
+    assert [p.name for p in backup_dir.iterdir() if p.name != ".lock"] == []
+
+
+def test_early_writeback_keeps_every_byte_and_the_hash(
+    pg: LocalCluster, sample_db: str, make_project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backup_pipelines.engine.backup import files
+
+    monkeypatch.setattr(files, "WRITEBACK_EVERY", 16 << 10)
+    config = make_project(
+        {"prod": {"dsn_env": "DB_PROD", "compression": "none"}}, env={"DB_PROD": pg.dsn(sample_db)}
+    )
+    artifact = run_backup(config.target("prod"), log=log)
+    data = artifact.path.read_bytes()
+    assert len(data) == artifact.meta.size_bytes > 16 << 10
+    assert hashlib.sha256(data).hexdigest() == artifact.meta.sha256
+    assert b"-- PostgreSQL database dump complete" in data[-512:]
 
 
 def test_killed_backup_leaves_nothing_that_looks_complete(

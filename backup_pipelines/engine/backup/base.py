@@ -231,8 +231,7 @@ def run_base_backup(
                     write_stored(compress.flush())
                 if finish_stored is not None:
                     finish_stored()
-                handle.flush()
-                os.fsync(handle.fileno())
+                sink.commit()
             start = _START_RE.search(messages)
             end = _END_RE.search(messages)
             if not start or not end:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,20 +19,63 @@ from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesErr
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock
 from backup_pipelines.engine.processes import stop
 
+# Ask the disk for the bytes written so far each time this many more have been written.
+WRITEBACK_EVERY = 32 << 20
+
 
 class HashingSink:
-    """The last stage: counts and hashes exactly the bytes that are stored."""
+    """The last stage: counts and hashes exactly the bytes that are stored, and gets them onto
+    the disk while the backup is still running.
+
+    Linux holds written data in memory until 10% of RAM is dirty or it is 30 s old, so without
+    help the fsync that commits a backup would write the whole file at the end (0.9 s for
+    456 MiB here, after the dump). A background ``fdatasync`` every ``WRITEBACK_EVERY`` bytes
+    writes it beside the dump instead; :meth:`commit` then only waits for the last part. An
+    error the background sync meets is kept and raised by :meth:`commit`: the kernel reports a
+    write error to one fsync only, and it must fail the backup, not vanish in a thread.
+    """
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
         self.digest = hashlib.sha256()
         self.size = 0
+        self._writeback_every = WRITEBACK_EVERY
+        self._unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, data: bytes) -> None:
         if data:
             self.digest.update(data)
             self.handle.write(data)
             self.size += len(data)
+            self._unsynced += len(data)
+            if self._unsynced >= self._writeback_every:
+                self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        if self._syncer is not None and self._syncer.is_alive():
+            return  # the disk is still busy with the last request; the next write asks again
+        self._unsynced = 0
+        self._syncer = threading.Thread(
+            target=self._writeback, args=(self.handle.fileno(),), name="writeback", daemon=True
+        )
+        self._syncer.start()
+
+    def _writeback(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._sync_error = self._sync_error or exc
+
+    def commit(self) -> None:
+        """Flush and fsync everything written; raises the first error any sync met."""
+        self.handle.flush()
+        if self._syncer is not None:
+            self._syncer.join()
+        os.fsync(self.handle.fileno())
+        if self._sync_error is not None:
+            raise self._sync_error
 
 
 def ensure_target_dirs(target: Target, *, log: Any = None) -> Path:

@@ -305,8 +305,7 @@ def _write_globals(
                     "'dump complete' trailer; nothing of this backup was kept"
                 )
             finish()
-            handle.flush()
-            os.fsync(handle.fileno())
+            sink.commit()
     except BaseException:
         if proc is not None:
             stop(proc)

@@ -355,8 +355,7 @@ def _dump_to_file(
             if warnings:
                 log.warning(f"pg_dump said: {source.info.redact(warnings)}")
             finish_stored()
-            handle.flush()
-            os.fsync(handle.fileno())
+            sink.commit()
 
         counts = row_counts()
         writing = "the globals file"
