@@ -17,11 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any
-
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from typing import TYPE_CHECKING, Any
 
 from backup_pipelines.engine.errors import ConfigError, DatabaseUnreachableError, ToolError
 
@@ -49,6 +45,13 @@ _PARAM_TO_ENV = {
     "channel_binding": "PGCHANNELBINDING",
     "krbsrvname": "PGKRBSRVNAME",
 }
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+
+# psycopg is imported where a connection is made, not with this module: it costs a quarter of
+# a second, and a backup starts pg_dump before it needs one (see engine/backup/pg_dump.py).
+
 _SECRET_PARAMS = {"password", "sslpassword"}
 DEFAULT_CONNECT_TIMEOUT = "10"
 
@@ -78,14 +81,13 @@ class ConnectionInfo:
 
     @classmethod
     def parse(cls, dsn: str, *, source: str = "connection URL") -> ConnectionInfo:
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError:
-            # psycopg's message can echo the URL, password included: say only what is wrong.
+        params = _libpq_parse(dsn)
+        if params is None:
+            # libpq's message can echo the URL, password included: say only what is wrong.
             raise ConfigError(
                 f"{source} is not a valid libpq connection string",
                 hint="use the form postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME",
-            ) from None
+            )
         for port in str(params.get("port") or "").split(","):
             if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
                 raise ConfigError(
@@ -127,7 +129,7 @@ class ConnectionInfo:
         """A libpq keyword string for psycopg (in-process only, never for argv)."""
         params = dict(self.params)
         params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
-        return psycopg.conninfo.make_conninfo(**params)
+        return " ".join(f"{key}={_quoted(value)}" for key, value in params.items())
 
     def dbname_option(self) -> str:
         """``--dbname=...`` for psql/pg_restore naming exactly this database.
@@ -137,7 +139,7 @@ class ConnectionInfo:
         as ``dbname='...'`` every name stays a name. Host, user and password come from
         :meth:`child_env` as usual.
         """
-        return "--dbname=" + psycopg.conninfo.make_conninfo(dbname=self.dbname)
+        return "--dbname=dbname=" + _quoted(self.dbname)
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for pg_dump/psql/pg_restore: every parameter as a PG* variable."""
@@ -172,9 +174,78 @@ class ConnectionInfo:
     __str__ = describe
 
 
+def _quoted(value: str) -> str:
+    """A libpq keyword value, quoted as libpq reads it back: any name or password stays one."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _libpq_parse(dsn: str) -> dict[str, str] | None:
+    """libpq's own parse of a connection string (PQconninfoParse), or None if it refuses it."""
+    libpq = _libpq()
+    if libpq is None:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parsed = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            return None
+        return {key: str(value) for key, value in parsed.items() if value is not None}
+    import ctypes
+
+    error = ctypes.c_char_p()
+    options = libpq.PQconninfoParse(dsn.encode(), ctypes.byref(error))
+    if not options:
+        if error:
+            libpq.PQfreemem(error)
+        return None
+    try:
+        params: dict[str, str] = {}
+        for option in options:
+            if option.keyword is None:
+                return params
+            if option.val is not None:
+                params[option.keyword.decode()] = option.val.decode()
+    finally:
+        libpq.PQconninfoFree(options)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@functools.cache
+def _libpq() -> Any:
+    """The system's libpq through ctypes (loaded in milliseconds, where psycopg takes a
+    quarter second), or None where it cannot be loaded: then psycopg's copy does the parse."""
+    import ctypes
+
+    class Option(ctypes.Structure):
+        _fields_ = [  # PQconninfoOption (libpq-fe.h)
+            ("keyword", ctypes.c_char_p),
+            ("envvar", ctypes.c_char_p),
+            ("compiled", ctypes.c_char_p),
+            ("val", ctypes.c_char_p),
+            ("label", ctypes.c_char_p),
+            ("dispchar", ctypes.c_char_p),
+            ("dispsize", ctypes.c_int),
+        ]
+
+    for name in ("libpq.so.5", "libpq.5.dylib"):
+        try:
+            libpq = ctypes.CDLL(name)
+        except OSError:
+            continue
+        libpq.PQconninfoParse.restype = ctypes.POINTER(Option)
+        libpq.PQconninfoParse.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)]
+        libpq.PQconninfoFree.argtypes = [ctypes.POINTER(Option)]
+        libpq.PQfreemem.argtypes = [ctypes.c_void_p]
+        return libpq
+    return None
+
+
 @contextmanager
 def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
     """Open a connection, turning libpq failures into an actionable error."""
+    import psycopg
+
     try:
         conn = psycopg.connect(info.conninfo(), autocommit=autocommit)
     except psycopg.OperationalError as exc:
@@ -418,6 +489,8 @@ def tables_with_data(conn: psycopg.Connection) -> list[tuple[str, str]]:
 
 
 def _table(schema: str, table: str) -> sql.Composed:
+    from psycopg import sql
+
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
 
 
@@ -437,6 +510,8 @@ def table_row_counts(
     so a schema change arriving mid-backup waits for the backup instead of changing a table
     under the count; how long the lock may be waited for is the session's ``lock_timeout``.
     """
+    from psycopg import sql
+
     counts: dict[str, int] = {}
     tables = tables_with_data(conn)
     with conn.cursor() as cur:
@@ -470,6 +545,8 @@ def content_fingerprint(conn: psycopg.Connection) -> dict[str, str]:
     """An md5 of every table's own rows, in a stable order, and of the large objects (content,
     owner, privileges, comment): equal fingerprints, equal data. For tests and checks on
     modest databases: each table's rows are sorted on the server."""
+    from psycopg import sql
+
     result: dict[str, str] = {}
     tables = tables_with_data(conn)
     with conn.cursor() as cur:

@@ -24,10 +24,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING, Any
 
 from backup_pipelines.engine.artifacts import (
     GLOBALS_MARKER,
@@ -52,6 +49,11 @@ from backup_pipelines.engine.errors import BackupFailedError, IntegrityError
 from backup_pipelines.engine.fsutil import open_private, partial_path, write_atomic
 from backup_pipelines.engine.postgres import ConnectionInfo, PgTools, connect
 from backup_pipelines.engine.processes import one_line, spawn, stop
+
+if TYPE_CHECKING:
+    import psycopg
+
+# psycopg is imported when a connection is made: this module is loaded before pg_dump starts.
 
 # pg_dumpall's last line: a globals file without it was cut short.
 GLOBALS_TRAILER = b"-- PostgreSQL database cluster dump complete"
@@ -109,6 +111,8 @@ def apply_database_properties(
     conn: psycopg.Connection, database: str, properties: DatabaseProperties
 ) -> None:
     """Give ``database`` the owner, privileges and settings of ``properties``."""
+    from psycopg import sql
+
     ident = sql.Identifier(database)
     conn.execute(
         sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(properties.owner))
@@ -227,6 +231,8 @@ def capture_globals(
             }
         )
     except BaseException as exc:
+        import psycopg
+
         if isinstance(exc, psycopg.Error):
             exc = BackupFailedError(
                 f"capturing the server's globals for target '{target.name}' failed: "

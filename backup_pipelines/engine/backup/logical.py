@@ -55,22 +55,18 @@ from backup_pipelines.engine.backup.globals import CapturedGlobals, capture_glob
 from backup_pipelines.engine.backup.pg_dump import (
     DumpSource,
     SnapshotScan,
+    exported_snapshot,
     pg_dump_argv,
     pg_dump_compression,
     pg_dump_failure,
+    tables_in_snapshot,
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.encryption import encryption_stage_factory
 from backup_pipelines.engine.errors import RefusedError
 from backup_pipelines.engine.fsutil import fsync_dir, open_private, partial_path, write_atomic
-from backup_pipelines.engine.postgres import (
-    ConnectionInfo,
-    connect,
-    find_tools,
-    server_major,
-    tables_with_data,
-)
+from backup_pipelines.engine.postgres import ConnectionInfo, find_tools, server_major
 from backup_pipelines.engine.processes import spawn
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import outer_codec
@@ -174,66 +170,72 @@ def run_backup(
         stage_factory = encryption_stage_factory(settings.encryption)
     info = ConnectionInfo.parse(target.dsn(), source=f"target '{target.name}' ({settings.dsn_env})")
     ensure_target_dirs(target, log=log)
-    with target_lock(target.backup_dir), connect(info) as conn:
+    psql = find_tools(None, settings.pg_bin_dir).path("psql")
+    with target_lock(target.backup_dir), exported_snapshot(info, psql) as exported:
         remove_stale_work_folders(target.backup_dir, log=log)
         started = datetime.now(UTC)
         clock = time.monotonic()
-        with conn.cursor() as cur:
-            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute(
-                "SELECT pg_export_snapshot(), current_setting('server_version'), "
-                "pg_encoding_to_char(d.encoding), d.datcollate, d.datctype "
-                "FROM pg_database d WHERE d.datname = current_database()"
-            )
-            row = cur.fetchone()
-            assert row is not None
-        snapshot, server_version, encoding, collate, ctype = row
-        version_num = conn.info.server_version
-        tools = find_tools(server_major(version_num), settings.pg_bin_dir)
+        tools = find_tools(server_major(exported.server_version_num), settings.pg_bin_dir)
         source = DumpSource(
-            info, tools, server_version, version_num, snapshot, encoding, collate, ctype
+            info,
+            tools,
+            exported.server_version,
+            exported.server_version_num,
+            exported.snapshot,
+            exported.encoding,
+            exported.collate,
+            exported.ctype,
         )
         extension = backup_extension(
             settings.format, settings.compression, encrypted=stage_factory is not None
         )
         final = _final_path(target.backup_dir, info.dbname, started, extension)
-        log.info(f"Backing up {info.describe()} (PostgreSQL {server_version}) to {final}")
-        # The server's globals are captured beside the dump (a connection and pg_dumpall of
-        # their own, on another core, instead of before pg_dump starts). They join the set when
-        # it is committed and are removed if anything fails; so is pg_dump's version looked up.
-        background = ThreadPoolExecutor(1, thread_name_prefix="beside-pg_dump")
-        pending_globals = background.submit(
-            capture_globals, target, info, tools, final, stage_factory=stage_factory, log=log
-        )
-        background.submit(tools.version_string, "pg_dump")
-
+        log.info(f"Backing up {info.describe()} (PostgreSQL {exported.server_version}) to {final}")
         counter: Any
         if settings.format == "directory":
-            python = python_encoding(encoding)
+            python = python_encoding(exported.encoding)
             counter = DirectoryRowCounter(python) if python is not None else None
         else:
             plain_stream = settings.format == "plain" or pg_dump_compression(target) == 0
-            counter = stream_counter(settings.format, not plain_stream, encoding)
+            counter = stream_counter(settings.format, not plain_stream, exported.encoding)
+        # Beside the dump, once pg_dump has started (it needs none of it): the server's globals
+        # (a connection and pg_dumpall of their own, on another core), the tables the dump
+        # holds, read in its snapshot, and pg_dump's version. The globals join the set when it
+        # is committed and are removed if anything fails.
+        background = ThreadPoolExecutor(2, thread_name_prefix="beside-pg_dump")
+        beside: dict[str, Future[Any]] = {}
+
+        def beside_pg_dump() -> None:
+            beside["globals"] = background.submit(
+                capture_globals, target, info, tools, final, stage_factory=stage_factory, log=log
+            )
+            if counter is not None:
+                beside["tables"] = background.submit(tables_in_snapshot, info, exported.snapshot)
+            background.submit(tools.version_string, "pg_dump")
+
         if counter is None:
             # pg_dump compressed its data: the rows cannot be seen in the stream, so they are
             # counted in the dump's snapshot beside it (a second scan of the source).
-            scan = SnapshotScan(target, info, snapshot)
-            scan.start()
+            scan = SnapshotScan(target, info, exported.snapshot)
             row_counts = scan.result
         else:
 
             def row_counts() -> dict[str, int]:
-                # The tables whose rows the dump holds, in the dump's own snapshot.
-                counted = reconcile_counts(counter.result(), tables_with_data(conn))
+                counted = reconcile_counts(counter.result(), beside["tables"].result())
                 if counted is not None:
                     return counted
                 log.warning(
                     "the row counts could not be read from the dump stream; counting the rows "
                     "in the dump's snapshot instead"
                 )
-                scan = SnapshotScan(target, info, snapshot)
+                scan = SnapshotScan(target, info, exported.snapshot)
                 scan.run()
                 return scan.result()
+
+        def started_pg_dump() -> None:
+            beside_pg_dump()
+            if counter is None:
+                scan.start()
 
         try:
             artifact = _dump_to_file(
@@ -250,19 +252,19 @@ def run_backup(
                 if counter is None or isinstance(counter, DirectoryRowCounter)
                 else counter.feed,
                 row_counts,
-                pending_globals,
+                started_pg_dump,
+                lambda: beside["globals"].result() if "globals" in beside else None,
                 counter if isinstance(counter, DirectoryRowCounter) else None,
             )
         except BaseException:
-            with contextlib.suppress(BaseException):  # a failed capture removed its own files
-                pending_globals.result().discard()
+            if "globals" in beside:
+                with contextlib.suppress(BaseException):  # a failed capture removed its files
+                    beside["globals"].result().discard()
             raise
         finally:
             background.shutdown(wait=True)
             if counter is None:
                 scan.join()
-            with contextlib.suppress(Exception):
-                conn.rollback()
     return artifact
 
 
@@ -278,7 +280,8 @@ def _dump_to_file(
     stage_factory: Any,
     observe: Callable[[bytes], None] | None,
     row_counts: Callable[[], dict[str, int]],
-    pending_globals: Future[CapturedGlobals] | None = None,
+    started_pg_dump: Callable[[], None],
+    captured_globals: Callable[[], CapturedGlobals | None],
     directory_counter: DirectoryRowCounter | None = None,
 ) -> BackupArtifact:
     settings = target.settings
@@ -297,6 +300,7 @@ def _dump_to_file(
                 env=source.info.child_env(),
                 stdout=subprocess.DEVNULL,
             )
+            started_pg_dump()
             returncode = wait_for_dump_folder(
                 proc, folder, progress, settings.dump_jobs, directory_counter
             )
@@ -312,6 +316,7 @@ def _dump_to_file(
             )
             assert proc.stdout is not None
             _grow_pipe(proc.stdout)
+            started_pg_dump()
         handle = open_private(tmp)
         with handle:
             sink = HashingSink(handle)
@@ -359,7 +364,7 @@ def _dump_to_file(
 
         counts = row_counts()
         writing = "the globals file"
-        globals_set = pending_globals.result() if pending_globals is not None else None
+        globals_set = captured_globals()
         writing = "the .meta file"
         finished = datetime.now(UTC)
         meta = BackupMeta(

@@ -1,16 +1,24 @@
 """Talking to pg_dump and the source database: the snapshot a dump runs in, pg_dump's
 arguments, what its failures mean (with the blocking session named when it waited for a lock),
-and exact row counts by ``count(*)`` in the dump's snapshot where the stream cannot give them."""
+and exact row counts by ``count(*)`` in the dump's snapshot where the stream cannot give them.
+
+Nothing here imports psycopg before pg_dump runs: the snapshot is exported by ``psql``, which
+is connected in 30 ms where importing psycopg alone takes a quarter of a second; our own
+connection joins the snapshot while pg_dump is already dumping.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING, Any
 
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
@@ -20,13 +28,104 @@ from backup_pipelines.engine.postgres import (
     connect,
     lock_blockers,
     table_row_counts,
+    tables_with_data,
 )
-from backup_pipelines.engine.processes import one_line
+from backup_pipelines.engine.processes import one_line, spawn, stop
+
+if TYPE_CHECKING:
+    pass
+
+
+_EXPORT_SQL = b"""\\set ON_ERROR_STOP on
+BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+SELECT json_build_object('snapshot', pg_export_snapshot(),
+  'version', current_setting('server_version'),
+  'version_num', current_setting('server_version_num')::int,
+  'encoding', pg_encoding_to_char(d.encoding), 'collate', d.datcollate, 'ctype', d.datctype)
+FROM pg_database d WHERE d.datname = current_database();
+"""
+
+
+@dataclass(frozen=True)
+class ExportedSnapshot:
+    """The snapshot a backup runs in and what the dump needs to know of the database."""
+
+    snapshot: str
+    server_version: str
+    server_version_num: int
+    encoding: str
+    collate: str
+    ctype: str
+
+
+@contextmanager
+def exported_snapshot(info: ConnectionInfo, psql: str | Path) -> Iterator[ExportedSnapshot]:
+    """Export a snapshot from a repeatable-read transaction that ``psql`` holds open until the
+    block ends: pg_dump, its parallel workers, the counting scan and our own connection
+    (:func:`join_snapshot`) import it while it lives.
+
+    If psql cannot connect, the error is the same one a connection of ours would give."""
+    proc, stderr = spawn(
+        [str(psql), "-X", "-q", "-A", "-t", "--no-password", info.dbname_option()],
+        env=info.child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        try:
+            proc.stdin.write(_EXPORT_SQL)
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # psql has ended: its reason is on stderr
+        line = proc.stdout.readline()
+        try:
+            row: dict[str, Any] = json.loads(line)
+            exported = ExportedSnapshot(
+                snapshot=str(row["snapshot"]),
+                server_version=str(row["version"]),
+                server_version_num=int(row["version_num"]),
+                encoding=str(row["encoding"]),
+                collate=str(row["collate"]),
+                ctype=str(row["ctype"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            proc.wait()
+            with connect(info):  # the actionable error when the database cannot be reached
+                pass
+            raise BackupFailedError(
+                f"psql could not export a snapshot of {info.describe()}: "
+                f"{one_line(info.redact(stderr.text())) or f'exit status {proc.returncode}'}",
+                hint="the backup role must be able to connect and run a repeatable-read "
+                "transaction (a standby needs hot_standby on)",
+            ) from None
+        yield exported
+    finally:
+        # End of input: psql disconnects and the transaction ends with it.
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+        proc.stdout.close()
+
+
+def tables_in_snapshot(info: ConnectionInfo, snapshot: str) -> list[tuple[str, str]]:
+    """The tables whose rows the dump holds (``tables_with_data``), read inside the dump's
+    snapshot on a connection of our own; run beside pg_dump."""
+    from psycopg import sql
+
+    with connect(info) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        return tables_with_data(conn)
 
 
 @dataclass(frozen=True)
 class DumpSource:
-    """A consistent view of one database: a connection holding an exported snapshot."""
+    """One database as the dump sees it: its snapshot (held open by :func:`exported_snapshot`),
+    the programs for its server version and its encoding."""
 
     info: ConnectionInfo
     tools: PgTools
@@ -138,7 +237,7 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
                 end_them = f"SELECT pg_terminate_backend({pids[0]})"
         else:
             culprit = "the session that held it had released it by the time we looked"
-    except (BackupPipelinesError, psycopg.Error) as exc:
+    except Exception as exc:  # BackupPipelinesError or psycopg.Error: the lookup is a courtesy
         reason = exc.message if isinstance(exc, BackupPipelinesError) else str(exc).strip()
         culprit = f"the blocking session could not be looked up ({info.redact(reason)})"
     return BackupFailedError(
@@ -172,6 +271,8 @@ class SnapshotScan:
             self._thread.join()
 
     def run(self) -> None:
+        from psycopg import sql
+
         try:
             with connect(self._info) as counting:
                 counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -190,6 +291,8 @@ class SnapshotScan:
             self._errors.append(exc)
 
     def result(self) -> dict[str, int]:
+        import psycopg
+
         self.join()
         if self._errors and isinstance(self._errors[0], psycopg.errors.LockNotAvailable):
             raise lock_wait_failure(self._target, self._info)

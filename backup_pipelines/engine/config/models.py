@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backup_pipelines.engine.config.cron import (
@@ -299,7 +298,7 @@ class Target(BaseModel):
         from backup_pipelines.engine.postgres import ConnectionInfo
 
         info = ConnectionInfo.parse(dsn, source=f"target '{self.name}' ({self.settings.dsn_env})")
-        return make_conninfo(**info.with_dbname(self.database).params)
+        return info.with_dbname(self.database).conninfo()
 
     def scratch_dsn(self) -> str:
         """Where restore tests create their scratch database."""
