@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
@@ -31,10 +31,6 @@ from backup_pipelines.engine.postgres import (
     tables_with_data,
 )
 from backup_pipelines.engine.processes import one_line, spawn, stop
-
-if TYPE_CHECKING:
-    pass
-
 
 _EXPORT_SQL = b"""\\set ON_ERROR_STOP on
 BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
@@ -62,7 +58,7 @@ class ExportedSnapshot:
 def exported_snapshot(info: ConnectionInfo, psql: str | Path) -> Iterator[ExportedSnapshot]:
     """Export a snapshot from a repeatable-read transaction that ``psql`` holds open until the
     block ends: pg_dump, its parallel workers, the counting scan and our own connection
-    (:func:`join_snapshot`) import it while it lives.
+    (:func:`tables_in_snapshot`) import it while it lives.
 
     If psql cannot connect, the error is the same one a connection of ours would give."""
     proc, stderr = spawn(
@@ -224,6 +220,8 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
     timeout = target.settings.lock_wait_timeout
     waited = f"{timeout.total_seconds():g}s" if timeout is not None else "too long"
     end_them = "SELECT pg_terminate_backend(PID)"
+    import psycopg
+
     try:
         with connect(info, autocommit=True) as conn:
             blockers = lock_blockers(conn)
@@ -237,7 +235,7 @@ def lock_wait_failure(target: Target, info: ConnectionInfo) -> BackupFailedError
                 end_them = f"SELECT pg_terminate_backend({pids[0]})"
         else:
             culprit = "the session that held it had released it by the time we looked"
-    except Exception as exc:  # BackupPipelinesError or psycopg.Error: the lookup is a courtesy
+    except (BackupPipelinesError, psycopg.Error) as exc:
         reason = exc.message if isinstance(exc, BackupPipelinesError) else str(exc).strip()
         culprit = f"the blocking session could not be looked up ({info.redact(reason)})"
     return BackupFailedError(
