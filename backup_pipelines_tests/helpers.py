@@ -10,7 +10,8 @@ from pathlib import Path
 import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
-from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint, find_tools
+from backup_pipelines.engine.conninfo import ConnectionInfo
+from backup_pipelines.engine.postgres import content_fingerprint, find_tools
 from backup_pipelines.engine.restore.database import create_database, drop_database
 from backup_pipelines.engine.restore.runner import restore_into
 

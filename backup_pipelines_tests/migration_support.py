@@ -16,12 +16,12 @@ from pathlib import Path
 import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.migrations.journal import (
     MigrationsFolder,
     TrackingTable,
     apply_migrations,
 )
-from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines_tests.helpers import full_dump
 
 FIXTURE_HISTORY = Path(__file__).parent / "fixtures" / "drizzle"

@@ -16,7 +16,7 @@ from backup_pipelines.engine.artifacts import (
     sha256_line,
     write_meta,
 )
-from backup_pipelines.engine.postgres import ConnectionInfo
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.reader import dump_chunks
 
 

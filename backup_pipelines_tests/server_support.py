@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, content_fingerprint
+from backup_pipelines.engine.conninfo import ConnectionInfo
+from backup_pipelines.engine.postgres import connect, content_fingerprint
 
 # A non-superuser backup role: superusers bypass CONNECT privileges, the tests need a role
 # that a REVOKE CONNECT really locks out.

@@ -63,7 +63,8 @@ def _clear_backups(root: Path) -> None:
 
 def _timed_restore(cluster: object, backup: Path, jobs: int, work: Path) -> float:
     from backup_pipelines.engine.artifacts import load_artifact
-    from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
+    from backup_pipelines.engine.conninfo import ConnectionInfo
+    from backup_pipelines.engine.postgres import find_tools
     from backup_pipelines.engine.restore.runner import restore_into
 
     cluster.psql("DROP DATABASE IF EXISTS bench_restored")  # type: ignore[attr-defined]

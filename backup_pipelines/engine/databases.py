@@ -14,9 +14,10 @@ from urllib.parse import unquote
 
 from backup_pipelines.engine.artifacts import META_SUFFIX
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import ConfigError, RefusedError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 
 # The prefix of the labels (COMMENT ON DATABASE) of the databases restores and drills create.
 OUR_MARKER_PREFIX = "backup_pipelines:"

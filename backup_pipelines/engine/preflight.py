@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.encryption import prepare_encryption
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.fsutil import folder_problem
-from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
+from backup_pipelines.engine.postgres import find_tools
 
 CLIENT_TOOLS = ("pg_dump", "psql", "pg_restore")
 

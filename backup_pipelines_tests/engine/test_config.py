@@ -181,7 +181,7 @@ def test_server_target_layout_keeps_single_targets_where_they_were(
     assert not app.is_server and app.backup_dir == root / "srv" / "app"
     assert app.storage_name == "srv/app" and app.label == "target 'srv', database 'app'"
     # The database replaces the URL's; everything else (user, password, TLS) stays.
-    from backup_pipelines.engine.postgres import ConnectionInfo
+    from backup_pipelines.engine.conninfo import ConnectionInfo
 
     info = ConnectionInfo.parse(app.dsn())
     assert (info.dbname, info.params["host"], info.params["port"]) == ("app", "db1", "5433")

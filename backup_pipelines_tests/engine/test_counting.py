@@ -17,8 +17,9 @@ from backup_pipelines.engine.backup.counting import (
     stream_counter,
 )
 from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.logical import restore_test
-from backup_pipelines.engine.postgres import ConnectionInfo, table_row_counts, tables_with_data
+from backup_pipelines.engine.postgres import table_row_counts, tables_with_data
 from backup_pipelines_tests.conftest import DB_PASSWORD
 
 log = logging.getLogger("test")

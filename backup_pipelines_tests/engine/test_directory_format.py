@@ -23,10 +23,11 @@ from backup_pipelines.engine.artifacts import (
 )
 from backup_pipelines.engine.backup.directory import TOC_NAME
 from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.encryption import EncryptionError
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, table_row_counts
+from backup_pipelines.engine.postgres import connect, table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.verify import check_readable, verify_artifact
 from backup_pipelines_tests.helpers import restore_and_compare

@@ -21,9 +21,10 @@ import pytest
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
 from backup_pipelines.engine.artifacts import list_artifacts, list_partials
 from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import BackupFailedError, DatabaseUnreachableError, ToolError
-from backup_pipelines.engine.postgres import ConnectionInfo, find_tools
+from backup_pipelines.engine.postgres import find_tools
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import assert_same_database, restore_and_compare
 

@@ -17,10 +17,10 @@ from backup_pipelines.devtools.local_postgres import LocalCluster, free_port
 from backup_pipelines.engine.backup.base import run_base_backup
 from backup_pipelines.engine.backup.base_reader import verify_base_backup
 from backup_pipelines.engine.backup.server_config import capture_server_config
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.pitr import pitr_drill
 from backup_pipelines.engine.pitr.recover import pitr_restore
 from backup_pipelines.engine.pitr.window import parse_target_time
-from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines_tests.pitr_support import PASSWORD, DebianPitrSetup, start_debian_pitr_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

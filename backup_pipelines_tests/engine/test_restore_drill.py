@@ -147,7 +147,7 @@ def test_amcheck_unavailable_is_reported_not_failed(pg: LocalCluster) -> None:
 def connect_to_as(cluster: LocalCluster, dbname: str, role: str):
     import psycopg
 
-    from backup_pipelines.engine.postgres import ConnectionInfo
+    from backup_pipelines.engine.conninfo import ConnectionInfo
 
     dsn = cluster.dsn(dbname, user=role, password=DB_PASSWORD)
     return psycopg.connect(ConnectionInfo.parse(dsn).conninfo(), autocommit=True)

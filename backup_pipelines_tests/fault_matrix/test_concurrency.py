@@ -16,7 +16,7 @@ import psycopg
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import list_artifacts, list_partials
-from backup_pipelines.engine.postgres import ConnectionInfo
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import VENV_BIN
 from backup_pipelines_tests.fault_matrix.support import EXIT_REFUSED, assert_clear_failure

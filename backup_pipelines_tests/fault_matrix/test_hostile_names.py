@@ -24,7 +24,8 @@ from psycopg import sql
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
 from backup_pipelines.engine.artifacts import list_artifacts
-from backup_pipelines.engine.postgres import ConnectionInfo, content_fingerprint
+from backup_pipelines.engine.conninfo import ConnectionInfo
+from backup_pipelines.engine.postgres import content_fingerprint
 from backup_pipelines_tests.fault_matrix.support import (
     EXIT_REFUSED,
     assert_clear_failure,

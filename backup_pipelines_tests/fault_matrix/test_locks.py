@@ -21,8 +21,8 @@ from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_clu
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import DEFAULT_LOCK_WAIT_TIMEOUT, TargetSettings
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.fault_matrix.test_awkward_data import database_with
 from backup_pipelines_tests.restore_helpers import backup_files

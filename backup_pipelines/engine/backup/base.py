@@ -44,10 +44,11 @@ from backup_pipelines.engine.backup.server_config import (
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import DEFAULT_COMPRESSION_LEVEL, Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.encryption import encryption_stage_factory
 from backup_pipelines.engine.errors import BackupFailedError, IntegrityError
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir, open_private, partial_path
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, find_tools, server_major
+from backup_pipelines.engine.postgres import connect, find_tools, server_major
 from backup_pipelines.engine.processes import one_line, spawn
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.version import TOOL_VERSION

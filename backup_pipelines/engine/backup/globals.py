@@ -44,10 +44,11 @@ from backup_pipelines.engine.compression import (
     read_chunks,
 )
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.encryption import decrypt_chunks
 from backup_pipelines.engine.errors import BackupFailedError, IntegrityError
 from backup_pipelines.engine.fsutil import open_private, partial_path, write_atomic
-from backup_pipelines.engine.postgres import ConnectionInfo, PgTools, connect
+from backup_pipelines.engine.postgres import PgTools, connect
 from backup_pipelines.engine.processes import one_line, spawn, stop
 
 if TYPE_CHECKING:

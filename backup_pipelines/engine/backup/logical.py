@@ -63,10 +63,11 @@ from backup_pipelines.engine.backup.pg_dump import (
 )
 from backup_pipelines.engine.compression import CHUNK_SIZE, compressor
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.encryption import encryption_stage_factory
 from backup_pipelines.engine.errors import RefusedError
 from backup_pipelines.engine.fsutil import fsync_dir, open_private, partial_path, write_atomic
-from backup_pipelines.engine.postgres import ConnectionInfo, find_tools, server_major
+from backup_pipelines.engine.postgres import find_tools, server_major
 from backup_pipelines.engine.processes import spawn
 from backup_pipelines.engine.progress import ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import outer_codec

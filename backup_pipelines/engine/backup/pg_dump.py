@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
 from backup_pipelines.engine.postgres import (
-    ConnectionInfo,
     PgTools,
     connect,
     lock_blockers,

@@ -29,8 +29,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 
 logger = logging.getLogger("backup_pipelines")
 

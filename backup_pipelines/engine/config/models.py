@@ -295,7 +295,7 @@ class Target(BaseModel):
         dsn = _read_env(self.name, "dsn_env", self.settings.dsn_env)
         if self.database is None:
             return dsn
-        from backup_pipelines.engine.postgres import ConnectionInfo
+        from backup_pipelines.engine.conninfo import ConnectionInfo
 
         info = ConnectionInfo.parse(dsn, source=f"target '{self.name}' ({self.settings.dsn_env})")
         return info.with_dbname(self.database).conninfo()

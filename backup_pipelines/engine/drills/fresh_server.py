@@ -23,6 +23,7 @@ from typing import Any
 
 from backup_pipelines.engine.backup.base_reader import chown_tree
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import RestoreFailedError
 from backup_pipelines.engine.pitr.server import (
     as_server_user,
@@ -30,7 +31,6 @@ from backup_pipelines.engine.pitr.server import (
     server_log_lines,
     stop_server,
 )
-from backup_pipelines.engine.postgres import ConnectionInfo
 from backup_pipelines.engine.processes import one_line
 
 FRESH_SERVER = "fresh_server"

@@ -30,6 +30,7 @@ from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.globals import apply_database_properties, read_globals_sql
 from backup_pipelines.engine.clock import age_seconds
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
 from backup_pipelines.engine.drills.fresh_server import (
@@ -39,7 +40,7 @@ from backup_pipelines.engine.drills.fresh_server import (
     throwaway_cluster,
 )
 from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major, table_row_counts
+from backup_pipelines.engine.postgres import connect, server_major, table_row_counts
 from backup_pipelines.engine.progress import (
     DEFAULT_PROGRESS_INTERVAL_SECONDS,
     ProgressReporter,

@@ -16,12 +16,13 @@ from typing import Any
 
 from backup_pipelines.engine.backup.base_reader import chown_tree
 from backup_pipelines.engine.config import ProjectConfig, Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupPipelinesError, RestoreFailedError
 from backup_pipelines.engine.fsutil import ensure_private_dir
 from backup_pipelines.engine.pitr.recover import DRILL_HBA_NAME, pitr_restore
 from backup_pipelines.engine.pitr.server import check_port_free, server_bin_dir, stop_server
 from backup_pipelines.engine.pitr.window import usable_base_backups
-from backup_pipelines.engine.postgres import ConnectionInfo, connect, server_major
+from backup_pipelines.engine.postgres import connect, server_major
 from backup_pipelines.engine.progress import ProgressReporter
 from backup_pipelines.engine.wal import WalArchive, pitr_settings, wal_archive_for
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import psycopg
 
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupPipelinesError, RefusedError
-from backup_pipelines.engine.postgres import ConnectionInfo
 
 
 class MigrationError(BackupPipelinesError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.migrations.errors import (
     MigrationError,
     RollbackRefusedError,
@@ -29,7 +30,7 @@ from backup_pipelines.engine.migrations.journal import (
     read_migration_text,
     split_statements,
 )
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 
 
 def _when_text(when: int | None) -> str:

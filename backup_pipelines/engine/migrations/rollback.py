@@ -19,6 +19,7 @@ from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.confirm import require_confirmation
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.migrations.errors import (
     RollbackFailedError,
     RollbackRefusedError,
@@ -31,7 +32,7 @@ from backup_pipelines.engine.migrations.plan import (
     RollbackStep,
     target_connection,
 )
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 
 logger = logging.getLogger("backup_pipelines")
 

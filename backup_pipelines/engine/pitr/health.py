@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupPipelinesError
 from backup_pipelines.engine.pitr.window import usable_base_backups
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.wal import (
     DEFAULT_SEGMENT_SIZE,
     WalArchive,

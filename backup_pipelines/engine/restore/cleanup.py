@@ -23,9 +23,10 @@ from psycopg import sql
 from backup_pipelines.engine.backup.directory import remove_stale_work_folders
 from backup_pipelines.engine.backup.files import ensure_target_dirs, target_lock
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import TargetBusyError
 from backup_pipelines.engine.fsutil import ensure_private_dir, exclusive_lock
-from backup_pipelines.engine.postgres import ConnectionInfo, connect
+from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.processes import pid_alive
 from backup_pipelines.engine.restore.database import (
     PREVIOUS_COPY_MARKER,

@@ -22,14 +22,9 @@ from backup_pipelines.engine.backup.globals import (
     read_database_properties,
 )
 from backup_pipelines.engine.config import Target
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import RestoreFailedError
-from backup_pipelines.engine.postgres import (
-    ConnectionInfo,
-    PgTools,
-    connect,
-    find_tools,
-    server_major,
-)
+from backup_pipelines.engine.postgres import PgTools, connect, find_tools, server_major
 
 PREVIOUS_COPY_MARKER = "backup_pipelines:pre_restore"
 SESSION_EXIT_TIMEOUT_SECONDS = 30.0

@@ -16,9 +16,10 @@ from typing import IO, Any
 from backup_pipelines.engine.artifacts import BackupArtifact
 from backup_pipelines.engine.backup.counting import python_encoding
 from backup_pipelines.engine.backup.directory import read_dump_directory
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import RestoreFailedError
 from backup_pipelines.engine.fsutil import ensure_private_dir, open_private
-from backup_pipelines.engine.postgres import ConnectionInfo, PgTools
+from backup_pipelines.engine.postgres import PgTools
 from backup_pipelines.engine.processes import one_line, spawn, stop
 from backup_pipelines.engine.progress import Progress, ProgressReporter, reporter_for
 from backup_pipelines.engine.reader import dump_chunks, outer_codec

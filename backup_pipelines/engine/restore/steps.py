@@ -25,9 +25,10 @@ from backup_pipelines.engine.backup.globals import apply_database_properties, re
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.config import ProjectConfig, Target
 from backup_pipelines.engine.confirm import require_confirmation
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, RestoreFailedError
-from backup_pipelines.engine.postgres import ConnectionInfo, PgTools, connect, table_row_counts
+from backup_pipelines.engine.postgres import PgTools, connect, table_row_counts
 from backup_pipelines.engine.progress import ProgressReporter
 from backup_pipelines.engine.restore.cleanup import (
     drop_expired_previous_copies,

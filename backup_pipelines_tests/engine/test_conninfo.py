@@ -9,8 +9,9 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from backup_pipelines.devtools.local_postgres import LocalCluster
+from backup_pipelines.engine.conninfo import ConnectionInfo, _libpq
 from backup_pipelines.engine.errors import ConfigError
-from backup_pipelines.engine.postgres import ConnectionInfo, _libpq, connect, find_tools
+from backup_pipelines.engine.postgres import connect, find_tools
 
 VALID = [
     "postgresql://u:p%40ss@h:5433/db?sslmode=require&application_name=x",
