@@ -191,14 +191,14 @@ def _libpq_parse(dsn: str) -> dict[str, str] | None:
         return None
     try:
         params: dict[str, str] = {}
-        for option in options:
-            if option.keyword is None:
-                return params
+        index = 0
+        while (option := options[index]).keyword is not None:  # a null keyword ends the array
             if option.val is not None:
                 params[option.keyword.decode()] = option.val.decode()
+            index += 1
+        return params
     finally:
         libpq.PQconninfoFree(options)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @functools.cache
