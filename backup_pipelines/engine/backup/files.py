@@ -39,7 +39,6 @@ class HashingSink:
         self.handle = handle
         self.digest = hashlib.sha256()
         self.size = 0
-        self._writeback_every = WRITEBACK_EVERY
         self._unsynced = 0
         self._syncer: threading.Thread | None = None
         self._sync_error: OSError | None = None
@@ -50,7 +49,7 @@ class HashingSink:
             self.handle.write(data)
             self.size += len(data)
             self._unsynced += len(data)
-            if self._unsynced >= self._writeback_every:
+            if self._unsynced >= WRITEBACK_EVERY:
                 self._start_writeback()
 
     def _start_writeback(self) -> None:

@@ -205,15 +205,6 @@ def run_backup(
         # is committed and are removed if anything fails.
         background = ThreadPoolExecutor(2, thread_name_prefix="beside-pg_dump")
         beside: dict[str, Future[Any]] = {}
-
-        def beside_pg_dump() -> None:
-            beside["globals"] = background.submit(
-                capture_globals, target, info, tools, final, stage_factory=stage_factory, log=log
-            )
-            if counter is not None:
-                beside["tables"] = background.submit(tables_in_snapshot, info, exported.snapshot)
-            background.submit(tools.version_string, "pg_dump")
-
         if counter is None:
             # pg_dump compressed its data: the rows cannot be seen in the stream, so they are
             # counted in the dump's snapshot beside it (a second scan of the source).
@@ -234,9 +225,14 @@ def run_backup(
                 return scan.result()
 
         def started_pg_dump() -> None:
-            beside_pg_dump()
+            beside["globals"] = background.submit(
+                capture_globals, target, info, tools, final, stage_factory=stage_factory, log=log
+            )
             if counter is None:
                 scan.start()
+            else:
+                beside["tables"] = background.submit(tables_in_snapshot, info, exported.snapshot)
+            background.submit(tools.version_string, "pg_dump")
 
         try:
             artifact = _dump_to_file(

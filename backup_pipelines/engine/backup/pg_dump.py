@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.conninfo import ConnectionInfo
@@ -31,6 +31,9 @@ from backup_pipelines.engine.postgres import (
     tables_with_data,
 )
 from backup_pipelines.engine.processes import one_line, spawn, stop
+
+if TYPE_CHECKING:
+    import psycopg
 
 _EXPORT_SQL = b"""\\set ON_ERROR_STOP on
 BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
@@ -107,14 +110,21 @@ def exported_snapshot(info: ConnectionInfo, psql: str | Path) -> Iterator[Export
         proc.stdout.close()
 
 
-def tables_in_snapshot(info: ConnectionInfo, snapshot: str) -> list[tuple[str, str]]:
-    """The tables whose rows the dump holds (``tables_with_data``), read inside the dump's
-    snapshot on a connection of our own; run beside pg_dump."""
+@contextmanager
+def connection_in_snapshot(info: ConnectionInfo, snapshot: str) -> Iterator[psycopg.Connection]:
+    """A connection of our own inside the dump's snapshot (repeatable read, read-only), made
+    beside pg_dump while :func:`exported_snapshot` holds the snapshot open."""
     from psycopg import sql
 
     with connect(info) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        yield conn
+
+
+def tables_in_snapshot(info: ConnectionInfo, snapshot: str) -> list[tuple[str, str]]:
+    """The tables whose rows the dump holds (``tables_with_data``), read in its snapshot."""
+    with connection_in_snapshot(info, snapshot) as conn:
         return tables_with_data(conn)
 
 
@@ -272,8 +282,7 @@ class SnapshotScan:
         from psycopg import sql
 
         try:
-            with connect(self._info) as counting:
-                counting.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            with connection_in_snapshot(self._info, self._snapshot) as counting:
                 # Counting runs beside pg_dump: parallel workers would only steal its CPU.
                 counting.execute("SET LOCAL max_parallel_workers_per_gather = 0")
                 lock_wait = lock_wait_ms(self._target)
@@ -281,9 +290,6 @@ class SnapshotScan:
                     counting.execute(
                         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_wait}ms"))
                     )
-                counting.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot))
-                )
                 self._counts.update(table_row_counts(counting, lock_first=True))
         except BaseException as exc:  # reported by result(), after pg_dump finishes
             self._errors.append(exc)
