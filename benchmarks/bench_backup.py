@@ -122,6 +122,15 @@ def build_pgbench(cluster: Any, scale: int, env: dict[str, str]) -> str:
     return name
 
 
+def publish_report(report: list[str], output: str | None) -> None:
+    """Print the result table, and write it to ``output`` (``--output``) when given."""
+    text = "\n".join(report)
+    print("\n" + text)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+
+
 def _ours(args: list[str], env: dict[str, str]) -> float:
     return timed_backup(args, env)[0]
 
@@ -232,11 +241,7 @@ def main() -> int:
                 f"{rss_small / 1024:.0f} MiB, scale {args.scale}: {rss_big / 1024:.0f} MiB "
                 f"(process tree incl. pg_dump: {tree_small / 1024:.0f} / {tree_big / 1024:.0f} MiB)"
             )
-            text = "\n".join(report)
-            print("\n" + text)
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(text + "\n")
+            publish_report(report, args.output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

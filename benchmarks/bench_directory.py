@@ -43,6 +43,7 @@ from backup_pipelines.engine.artifacts import list_artifacts  # noqa: E402
 from benchmarks.bench_backup import (  # noqa: E402
     build_pgbench,
     pgbench_env,
+    publish_report,
     timed_backup,
     timed_shell,
 )
@@ -209,11 +210,7 @@ def main() -> int:
             for name, seconds in restore.items():
                 label = "shell pg_restore -j of a -Z6 folder" if name == "shell" else name
                 report.append(f"  {label:<36} {seconds:8.2f}")
-            text = "\n".join(report)
-            print("\n" + text)
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(text + "\n")
+            publish_report(report, args.output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
