@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from backup_pipelines.devtools.local_postgres import LocalCluster, free_port, init_cluster
+from backup_pipelines.engine.wal import object_stem
 from backup_pipelines.engine.wal import spool as spool_protocol
 from backup_pipelines.engine.wal.worker import IDLE_SECONDS
 from backup_pipelines_tests.pitr_support import (
@@ -412,3 +414,59 @@ def test_async_mode_is_in_the_commands_wal_setup_prints(make_project, tmp_path: 
         make_project(
             {TARGET: {"dsn_env": "X", "pitr": {"archive_dir": "/a", "async_archive": True}}}
         )
+
+
+@pytest.mark.postgres
+def test_async_archiving_to_s3_stores_every_segment_and_prefetches_it_back(  # type: ignore[no-untyped-def]
+    real_segments: list[Path], tmp_path: Path, make_project, spools: list[Path], aws_env: str,
+    run_cli,
+) -> None:  # fmt: skip
+    """The worker sends to S3 (moto's server over HTTP) what the synchronous command would:
+    wal-push answers 0 only once the object is in the bucket, and recovery's fetches through
+    the prefetching worker return the exact bytes, or refuse a damaged object."""
+    client = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
+    bucket = f"async-wal-{os.getpid()}-{time.monotonic_ns()}"
+    client.create_bucket(Bucket=bucket)
+    spool = tmp_path / "spool"
+    spools.append(spool)
+    pitr = {
+        "archive_s3": f"s3://{bucket}/wal/{TARGET}",
+        "async_archive": True,
+        "spool_dir": str(spool),
+        "prefetch_segments": 2,
+    }
+    make_project({TARGET: {"dsn_env": "UNUSED_DSN", "pitr": pitr}})
+    segments = real_segments[:4]
+    wal = _pg_wal(tmp_path, segments)
+
+    for segment in segments:
+        pushed = _push(run_cli, spool, wal / segment.name)
+        assert pushed.returncode == 0, pushed.stderr
+        # Stored in the bucket by the time the command said so.
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+        stem = f"wal/{TARGET}/{object_stem(segment.name)}"
+        assert {f"{stem}.zst", f"{stem}.meta"} <= keys
+    for segment in segments:
+        out = tmp_path / f"direct-{segment.name}"
+        assert _fetch(run_cli, spool, segment.name, out, sync=True).returncode == 0
+        assert out.read_bytes() == segment.read_bytes()
+
+    recovering = tmp_path / "recovering"
+    recovering.mkdir()
+    for segment in segments[:3]:
+        got = _fetch(run_cli, spool, segment.name, recovering / "RECOVERYXLOG")
+        assert got.returncode == 0, got.stderr
+        assert (recovering / "RECOVERYXLOG").read_bytes() == segment.read_bytes()
+    absent = _fetch(run_cli, spool, "0000000A0000000000000001", recovering / "X")
+    assert absent.returncode == 1 and "not in the WAL archive" in absent.stderr
+
+    last = segments[3].name
+    key = f"wal/{TARGET}/{object_stem(last)}.zst"
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    stop_worker(spool)  # nothing prefetched before the damage may answer for it
+    shutil.rmtree(spool / "fetch", ignore_errors=True)
+    damaged = _fetch(run_cli, spool, last, recovering / "RECOVERYXLOG4")
+    assert damaged.returncode == 2, damaged.stderr
+    assert not (recovering / "RECOVERYXLOG4").exists()
