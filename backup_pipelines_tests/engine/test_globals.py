@@ -8,10 +8,12 @@ the database's own owner, privileges and settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ from backup_pipelines.engine.storage import default_s3_client, list_stored_backu
 from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import fingerprint, full_dump
+from backup_pipelines_tests.pitr_support import chown_to_server_user
 
 log = logging.getLogger("test")
 
@@ -410,6 +413,118 @@ def test_fresh_server_drill_without_the_servers_binaries(
     assert choose_drill_mode(auto.target(name), 99, None)[0] == "same_server"
     assert choose_drill_mode(auto.target(name), 15, None)[0] == "fresh_server"
     assert choose_drill_mode(auto.target(name), 15, False)[0] == "same_server"
+
+
+@contextlib.contextmanager
+def _tablespace(cluster: LocalCluster) -> Iterator[str]:
+    """A tablespace of ``cluster`` in an empty folder its OS user owns; dropped afterwards."""
+    holder = Path(tempfile.mkdtemp(prefix="bp-tablespace-"))
+    holder.chmod(0o755)
+    folder = holder / "ts"
+    folder.mkdir(mode=0o700)
+    chown_to_server_user(folder)
+    name = f"fast disk {secrets.token_hex(3)}"  # a space: quoted wherever it is named
+    cluster.psql(f"CREATE TABLESPACE \"{name}\" LOCATION '{folder}'")
+    try:
+        yield name
+    finally:
+        cluster.psql(f'DROP TABLESPACE IF EXISTS "{name}"')
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _in_tablespace(cluster: LocalCluster, db: str) -> str:
+    return cluster.psql(
+        "SELECT string_agg(c.relname || ':' || t.spcname, ',' ORDER BY c.relname) "
+        "FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace "
+        "WHERE c.relnamespace = 'public'::regnamespace",
+        db,
+    )
+
+
+@pytest.mark.parametrize("dump_format", ["plain", "custom"])
+def test_a_database_using_a_tablespace_drills_on_a_fresh_server_and_restores_on_a_new_one(
+    pg: LocalCluster, make_project, cli, dump_format: str
+) -> None:
+    """A fresh server has none of the source's tablespaces: the drill creates them in its
+    throwaway cluster (no false alarm); a restore onto a new server that lacks one leaves the
+    database untouched and says to create it, and restores once it exists."""
+    with _tablespace(pg) as space:
+        db = f"spaced_{secrets.token_hex(3)}"
+        pg.psql(f'CREATE DATABASE "{db}"')
+        pg.psql(
+            f"""
+            CREATE TABLE ledger (id int PRIMARY KEY USING INDEX TABLESPACE "{space}", note text)
+                TABLESPACE "{space}";
+            CREATE INDEX ledger_note ON ledger (note) TABLESPACE "{space}";
+            CREATE TABLE events (at date NOT NULL, kind text) PARTITION BY RANGE (at);
+            CREATE TABLE events_2026 PARTITION OF events
+                FOR VALUES FROM ('2026-01-01') TO ('2027-01-01') TABLESPACE "{space}";
+            CREATE INDEX ON events (kind);
+            CREATE TABLE plain_table AS SELECT g AS n FROM generate_series(1, 10) g;
+            INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 500) g;
+            INSERT INTO events SELECT DATE '2026-01-01' + g % 300, 'k' || g % 7
+                FROM generate_series(1, 300) g;
+            """,
+            db,
+        )
+        placed = _in_tablespace(pg, db)
+        assert "ledger:" in placed and "events_2026:" in placed
+        try:
+            name = f"spaced{secrets.token_hex(3)}"
+            config = make_project(
+                {
+                    name: {
+                        "dsn_env": "DB_PROD",
+                        "format": dump_format,
+                        "restore": {"drill": {"fresh_server": True}},
+                    },
+                    "newserver": {"dsn_env": "DB_NEW"},
+                },
+                env={"DB_PROD": pg.dsn(db), "DB_NEW": "postgresql://unused@localhost/x"},
+            )
+            backup = run_backup(config.target(name), log=log)
+            assert f'CREATE TABLESPACE "{space}"' in read_globals_sql(backup)
+
+            drill = run_drill(config, name, log=log)
+            assert drill.passed, drill.reason
+            assert drill.mode == "fresh_server" and drill.rows == 810
+            assert _fresh_drill_dirs(name) == []
+
+            with throwaway_cluster(password=DB_PASSWORD) as new_server:
+                new_server.psql(f'CREATE DATABASE "{db}"')
+                new_server.psql(
+                    "CREATE TABLE untouched (x int); INSERT INTO untouched VALUES (7)", db
+                )
+                config = make_project(
+                    {name: {"dsn_env": "DB_PROD"}, "newserver": {"dsn_env": "DB_NEW"}},
+                    env={"DB_PROD": pg.dsn(db), "DB_NEW": new_server.dsn(db)},
+                )
+                refused = cli(
+                    "restore", str(backup.path), "newserver", "--confirm", "newserver",
+                    "--allow-other-database",
+                )  # fmt: skip
+                assert refused.returncode == 1
+                assert f'CREATE TABLESPACE "{space}"' in refused.stderr, refused.stderr
+                assert new_server.psql("SELECT x FROM untouched", db) == "7"
+
+                with _tablespace(new_server) as other:
+                    new_server.psql(f'ALTER TABLESPACE "{other}" RENAME TO "{space}"')
+                    try:
+                        restored = cli(
+                            "restore", str(backup.path), "newserver", "--confirm", "newserver",
+                            "--allow-other-database",
+                        )  # fmt: skip
+                        assert restored.returncode == 0, restored.stderr
+                        assert _in_tablespace(new_server, db) == placed
+                        assert fingerprint(new_server, db) == fingerprint(pg, db)
+                    finally:
+                        new_server.psql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+                        for left in new_server.psql("SELECT datname FROM pg_database").split():
+                            if left.startswith(db):
+                                new_server.psql(f'DROP DATABASE "{left}" WITH (FORCE)')
+                        new_server.psql(f'ALTER TABLESPACE "{space}" RENAME TO "{other}"')
+        finally:
+            pg.psql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
 # --- offsite copies, retention and encryption of the globals -------------------------------------

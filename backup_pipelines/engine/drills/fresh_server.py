@@ -17,9 +17,12 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from psycopg import sql
 
 from backup_pipelines.engine.backup.base_reader import chown_tree
 from backup_pipelines.engine.config import Target
@@ -31,6 +34,7 @@ from backup_pipelines.engine.pitr.server import (
     server_log_lines,
     stop_server,
 )
+from backup_pipelines.engine.postgres import connect
 from backup_pipelines.engine.processes import one_line
 
 FRESH_SERVER = "fresh_server"
@@ -97,10 +101,47 @@ def _run(argv: list[str], user: str, what: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ThrowawayCluster:
+    """A started drill cluster: its superuser connection, its folder and its OS user."""
+
+    admin: ConnectionInfo
+    root: Path
+    os_user: str
+
+    def create_tablespaces(self, names: Iterable[str], *, log: Any) -> list[str]:
+        """Create the source server's tablespaces here, each in an empty folder of this
+        cluster. The backup's objects then go into tablespaces of the same names, as they would
+        on a rebuilt server where the operator has created them first. Without this, every
+        database that uses a tablespace would fail its drill. Returns the names created."""
+        created: list[str] = []
+        folders = self.root / "tablespaces"
+        with connect(self.admin, autocommit=True) as conn:
+            present = {row[0] for row in conn.execute("SELECT spcname FROM pg_tablespace")}
+            for name in names:
+                if name in present or name in created:
+                    continue
+                folder = folders / str(len(created))
+                folder.mkdir(mode=0o700, parents=True)
+                chown_tree(folders, self.os_user)
+                conn.execute(
+                    sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
+                        sql.Identifier(name), sql.Literal(str(folder))
+                    )
+                )
+                created.append(name)
+        if created:
+            log.info(
+                "Fresh-server drill: created the source server's tablespaces in the throwaway "
+                "cluster's folder: " + ", ".join(created)
+            )
+        return created
+
+
 @contextlib.contextmanager
-def throwaway_cluster(bin_dir: Path, target: Target, *, log: Any) -> Iterator[ConnectionInfo]:
-    """initdb + start a new cluster; yields a superuser connection to its ``postgres``
-    database. Stopped and deleted on the way out, whatever happened."""
+def throwaway_cluster(bin_dir: Path, target: Target, *, log: Any) -> Iterator[ThrowawayCluster]:
+    """initdb + start a new cluster; yields it, with a superuser connection to its
+    ``postgres`` database. Stopped and deleted on the way out, whatever happened."""
     user = target.settings.restore.drill.server_os_user
     root = Path(tempfile.mkdtemp(prefix=f"bp-drill-fresh-{target.name}-"))
     # The server's OS user must reach its data folder; nothing else is readable for others.
@@ -171,9 +212,10 @@ def throwaway_cluster(bin_dir: Path, target: Target, *, log: Any) -> Iterator[Co
             f"Fresh-server drill: started a new PostgreSQL cluster ({bin_dir}) on port {port} "
             f"in {root}"
         )
-        yield ConnectionInfo(
+        admin = ConnectionInfo(
             {"host": str(socket_dir), "port": str(port), "user": SUPERUSER, "dbname": "postgres"}
         )
+        yield ThrowawayCluster(admin, root, user)
     finally:
         with contextlib.suppress(Exception):
             stop_server(data_dir, bin_dir, user, "immediate")

@@ -36,6 +36,7 @@ from backup_pipelines.engine.drills.amcheck import AmcheckOutcome, run_amcheck
 from backup_pipelines.engine.drills.fresh_server import (
     FRESH_SERVER,
     SAME_SERVER,
+    ThrowawayCluster,
     choose_drill_mode,
     throwaway_cluster,
 )
@@ -62,7 +63,7 @@ from backup_pipelines.engine.restore.locate import (
     local_copy,
     locate_backup,
 )
-from backup_pipelines.engine.restore.roles import create_missing_roles
+from backup_pipelines.engine.restore.roles import create_missing_roles, tablespaces_defined
 from backup_pipelines.engine.restore.runner import compare_counts, describe_mismatches, restore_into
 from backup_pipelines.engine.storage import load_remote_artifact
 from backup_pipelines.engine.verify import verify_artifact
@@ -258,11 +259,12 @@ def _verify_restore_check(
     if admin is None:
         assert fresh_bin_dir is not None
         try:
-            admin = stack.enter_context(throwaway_cluster(fresh_bin_dir, target, log=log))
+            cluster = stack.enter_context(throwaway_cluster(fresh_bin_dir, target, log=log))
         except (BackupPipelinesError, psycopg.Error) as exc:
             return failed("fresh_server", _message(exc))
+        admin = cluster.admin
         try:
-            result.roles_created = _apply_globals(admin, artifact, log=log)
+            result.roles_created = _apply_globals(cluster, artifact, log=log)
         except (BackupPipelinesError, psycopg.Error) as exc:
             return failed("globals", _message(exc))
 
@@ -344,8 +346,9 @@ def _message(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _apply_globals(admin: ConnectionInfo, artifact: BackupArtifact, *, log: Any) -> int:
-    """The backup's roles, memberships and role settings onto the fresh cluster."""
+def _apply_globals(cluster: ThrowawayCluster, artifact: BackupArtifact, *, log: Any) -> int:
+    """The backup's tablespaces (as folders of the fresh cluster), roles, memberships and
+    role settings onto the fresh cluster."""
     entry = artifact.meta.globals
     if entry is None:
         log.warning(
@@ -354,7 +357,8 @@ def _apply_globals(admin: ConnectionInfo, artifact: BackupArtifact, *, log: Any)
         )
         return 0
     text = read_globals_sql(artifact)
-    with connect(admin, autocommit=True) as conn:
+    cluster.create_tablespaces(tablespaces_defined(text), log=log)
+    with connect(cluster.admin, autocommit=True) as conn:
         report = create_missing_roles(conn, text, log=log)
     if not entry.role_passwords:
         log.warning(

@@ -100,6 +100,17 @@ def parse_ident(token: str) -> str:
     return token
 
 
+def _tablespace_defined(statement: str) -> str | None:
+    match = _TABLESPACE.match(statement)
+    return None if match is None else parse_ident(match.group(1))
+
+
+def tablespaces_defined(globals_sql: str) -> list[str]:
+    """The names of the tablespaces (other than the built-in two) a globals file creates."""
+    names = (_tablespace_defined(statement) for statement in split_statements(globals_sql))
+    return [name for name in names if name is not None]
+
+
 @dataclass
 class RolesReport:
     """What the roles step did; names only, never a password."""
@@ -163,9 +174,9 @@ def create_missing_roles(conn: psycopg.Connection, globals_sql: str, *, log: Any
             else:
                 report.skipped_memberships.append(f"{granted} TO {member}")
             continue
-        tablespace = _TABLESPACE.match(statement)
+        tablespace = _tablespace_defined(statement)
         if tablespace is not None:
-            report.missing_tablespaces.append(parse_ident(tablespace.group(1)))
+            report.missing_tablespaces.append(tablespace)
             continue
         if re.search(r"\sON\s+PARAMETER\s", statement, re.IGNORECASE):
             report.parameter_privileges += 1

@@ -141,6 +141,7 @@ def _toc_entries(tools: PgTools, archive: Path) -> int | None:
 
 
 _MISSING_ROLE = re.compile(r'role "((?:[^"]|"")+)" does not exist')
+_MISSING_TABLESPACE = re.compile(r'[Tt]ablespace "((?:[^"]|"")+)" does not exist')
 
 
 def restore_error_hint(error_text: str) -> str | None:
@@ -152,6 +153,16 @@ def restore_error_hint(error_text: str) -> str | None:
             f"{missing.group(1)!r}): `backup-pipelines restore` creates them from the backup's "
             "globals; for a backup taken before globals were captured create them here first, "
             "e.g. `pg_dumpall --roles-only` on the source server piped into psql on this one"
+        )
+    tablespace = _MISSING_TABLESPACE.search(error_text)
+    if tablespace:
+        name = tablespace.group(1)
+        quoted = '"' + name.replace('"', '""') + '"'  # as SQL names it, whatever it holds
+        return (
+            f"the backup keeps objects in tablespace {name!r}, which this server does not "
+            "have (a tablespace is a folder of the source server): create it here first, "
+            f"`CREATE TABLESPACE {quoted} LOCATION '/an/empty/folder'` (a folder owned by the "
+            "server's OS user), then run the restore again"
         )
     return None
 
