@@ -35,6 +35,7 @@ from backup_pipelines.engine.drills.logical import restore_test, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
 from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
+from backup_pipelines.engine.restore import restore_database
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import restore_and_compare
 from backup_pipelines_tests.restore_helpers import (
@@ -133,6 +134,62 @@ def test_drill_passes_on_a_database_with_indexed_partitioned_tables(
         assert result.amcheck.indexes_checked == 6 and not result.amcheck.failures
         assert result.rows == backup.meta.total_rows == 3000
         assert result.scratch_dropped and databases(pg) == before
+
+
+# A subscriber database: its publisher (TEST-NET, never reachable) must never be contacted, and
+# its slot never dropped, by anything a restore or a drill does.
+SUBSCRIBER_SQL = """
+CREATE TABLE mirrored (id int PRIMARY KEY, note text);
+INSERT INTO mirrored SELECT g, 'row ' || g FROM generate_series(1, 40) g;
+CREATE SUBSCRIPTION mirror CONNECTION 'host=192.0.2.1 connect_timeout=2 dbname=prod'
+    PUBLICATION everything WITH (connect = false, slot_name = 'prod_mirror_slot');
+"""
+
+
+@pytest.mark.parametrize("dump_format", ["plain", "custom"])
+def test_a_subscriber_database_drills_and_restores_without_touching_its_publisher(
+    pg: LocalCluster, make_project, dump_format: str
+) -> None:
+    """PostgreSQL refuses to drop a database that has a subscription: each drill left its
+    scratch copy behind and every later drill failed on it. Dropping one the plain way would
+    also connect to the publisher and drop the production subscription's slot."""
+    with database_with(pg, SUBSCRIBER_SQL) as db:
+        try:
+            config = _project(
+                make_project,
+                pg,
+                db,
+                format=dump_format,
+                restore={"drop_previous_after_hours": 0, "drill": {"fresh_server": False}},
+            )
+            backup = run_backup(config.target("prod"), log=log)
+            before = databases(pg)
+
+            for _ in range(2):  # the second drill would fail on a copy the first left behind
+                drill = run_drill(config, "prod", log=log)
+                assert drill.passed, drill.reason
+                assert drill.rows == 40 and drill.scratch_dropped
+                assert databases(pg) == before
+
+            report = restore_database(config, "prod", str(backup.path), confirm="prod", log=log)
+            assert report.previous_dropped and report.rows == 40
+            assert databases(pg) == before
+            # The restored database keeps its subscription as pg_dump restores it: disabled,
+            # still naming the publisher's slot, ready for the operator to enable.
+            assert (
+                pg.psql(
+                    "SELECT s.subname, s.subenabled, s.subslotname FROM pg_subscription s "
+                    f"JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = '{db}'"
+                )
+                == "mirror|f|prod_mirror_slot"
+            )
+        finally:
+            pg.psql(
+                "ALTER SUBSCRIPTION mirror DISABLE; ALTER SUBSCRIPTION mirror SET (slot_name = NONE);"
+                " DROP SUBSCRIPTION IF EXISTS mirror",
+                db,
+                check=False,
+            )
 
 
 INHERITANCE_SQL = """

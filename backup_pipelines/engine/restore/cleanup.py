@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from backup_pipelines.engine.backup.directory import remove_stale_work_folders
 from backup_pipelines.engine.backup.files import ensure_target_dirs, target_lock
@@ -31,6 +30,7 @@ from backup_pipelines.engine.processes import pid_alive
 from backup_pipelines.engine.restore.database import (
     PREVIOUS_COPY_MARKER,
     RESTORING_MARKER,
+    drop_database,
     maintenance_connection,
 )
 from backup_pipelines.engine.restore.errors import RestoreRefusedError
@@ -120,7 +120,7 @@ def drop_leftover_databases(
                 continue
             if sessions or _process_alive(label.get("host"), label.get("pid")):
                 continue
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            drop_database(admin, name, force=False)
             log.warning(
                 f"Dropped {name}, left behind by an interrupted run (pid {label.get('pid')} "
                 f"on {label.get('host')}, started {label.get('created_at')})"
@@ -201,7 +201,7 @@ def drop_interrupted_restores(
                     f"{label.get('host')}) is still running"
                 )
             else:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                drop_database(admin, name, force=False)
                 log.warning(f"Dropped {name}, left behind by a restore killed before labelling it")
                 report.dropped.append(name)
     for name, reason in report.left_alone.items():
@@ -291,9 +291,7 @@ def drop_expired_previous_copies(
     with connect(admin, autocommit=True) as conn:
         for name, replaced_at in previous_copies(conn, target):
             if replaced_at <= cutoff:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+                drop_database(admin, name)
                 log.info(
                     f"Dropped {name}: replaced by a restore at {replaced_at.isoformat()}, "
                     f"older than the {grace:g} h grace period"

@@ -66,11 +66,34 @@ def create_database(
             del exc
 
 
-def drop_database(admin: ConnectionInfo, name: str) -> None:
+def drop_database(admin: ConnectionInfo, name: str, *, force: bool = True) -> None:
+    """DROP DATABASE (``force``: ending its sessions), after detaching its subscriptions.
+
+    PostgreSQL refuses to drop a database that has a logical-replication subscription, and a
+    restored copy has the source's (pg_dump restores them disabled, not connected). Each one
+    is disabled and unlinked from its replication slot (``slot_name = NONE``) before it is
+    dropped. Dropping a subscription that still names its slot would connect to the publisher
+    and drop that slot, which still belongs to the source database's subscription.
+    """
     with connect(admin, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        subscriptions = [
+            row[0]
+            for row in conn.execute(
+                "SELECT s.subname FROM pg_subscription s "
+                "JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s",
+                (name,),
+            ).fetchall()
+        ]
+    if subscriptions:
+        with connect(admin.with_dbname(name), autocommit=True) as conn:
+            for subscription in subscriptions:
+                ident = sql.Identifier(subscription)
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+    statement = "DROP DATABASE IF EXISTS {} WITH (FORCE)" if force else "DROP DATABASE IF EXISTS {}"
+    with connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL(statement).format(sql.Identifier(name)))
 
 
 def server_tools(admin: ConnectionInfo, target: Target) -> PgTools:
