@@ -30,12 +30,14 @@ from backup_pipelines.devtools.sample_data import (
 )
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.backup.logical import run_backup
+from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.amcheck import run_amcheck
 from backup_pipelines.engine.drills.logical import restore_test, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
 from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.restore import restore_database
+from backup_pipelines.engine.restore.database import drop_database
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import restore_and_compare
 from backup_pipelines_tests.restore_helpers import (
@@ -143,6 +145,7 @@ CREATE TABLE mirrored (id int PRIMARY KEY, note text);
 INSERT INTO mirrored SELECT g, 'row ' || g FROM generate_series(1, 40) g;
 CREATE SUBSCRIPTION mirror CONNECTION 'host=192.0.2.1 connect_timeout=2 dbname=prod'
     PUBLICATION everything WITH (connect = false, slot_name = 'prod_mirror_slot');
+ALTER SUBSCRIPTION mirror ENABLE;  -- its worker keeps trying to reach the publisher
 """
 
 
@@ -156,11 +159,7 @@ def test_a_subscriber_database_drills_and_restores_without_touching_its_publishe
     with database_with(pg, SUBSCRIBER_SQL) as db:
         try:
             config = _project(
-                make_project,
-                pg,
-                db,
-                format=dump_format,
-                restore={"drop_previous_after_hours": 0, "drill": {"fresh_server": False}},
+                make_project, pg, db, format=dump_format, restore={"drill": {"fresh_server": False}}
             )
             backup = run_backup(config.target("prod"), log=log)
             before = databases(pg)
@@ -172,17 +171,19 @@ def test_a_subscriber_database_drills_and_restores_without_touching_its_publishe
                 assert databases(pg) == before
 
             report = restore_database(config, "prod", str(backup.path), confirm="prod", log=log)
-            assert report.previous_dropped and report.rows == 40
-            assert databases(pg) == before
+            assert report.rows == 40 and report.previous_database is not None
+            previous = report.previous_database
             # The restored database keeps its subscription as pg_dump restores it: disabled,
-            # still naming the publisher's slot, ready for the operator to enable.
-            assert (
-                pg.psql(
-                    "SELECT s.subname, s.subenabled, s.subslotname FROM pg_subscription s "
-                    f"JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = '{db}'"
-                )
-                == "mirror|f|prod_mirror_slot"
+            # still naming the publisher's slot, ready for the operator to enable. The replaced
+            # one's is disabled: it must not go on consuming that slot.
+            subscriptions = pg.psql(
+                "SELECT d.datname, s.subname, s.subenabled, s.subslotname FROM pg_subscription s "
+                "JOIN pg_database d ON d.oid = s.subdbid ORDER BY 1"
             )
+            assert f"{db}|mirror|f|prod_mirror_slot" in subscriptions.splitlines()
+            assert f"{previous}|mirror|f|prod_mirror_slot" in subscriptions.splitlines()
+            drop_database(ConnectionInfo.parse(pg.dsn()), previous)
+            assert databases(pg) == before
         finally:
             pg.psql(
                 "ALTER SUBSCRIPTION mirror DISABLE; ALTER SUBSCRIPTION mirror SET (slot_name = NONE);"

@@ -66,6 +66,24 @@ def create_database(
             del exc
 
 
+def subscriptions_of(
+    conn: psycopg.Connection, database: str, *, enabled: bool = False
+) -> list[str]:
+    """The logical-replication subscriptions of ``database`` (``enabled``: only those enabled)."""
+    rows = conn.execute(
+        "SELECT s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+        "WHERE d.datname = %s AND (s.subenabled OR NOT %s) ORDER BY 1",
+        (database, enabled),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def disable_subscriptions(admin: ConnectionInfo, database: str, names: list[str]) -> None:
+    with connect(admin.with_dbname(database), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(name)))
+
+
 def drop_database(admin: ConnectionInfo, name: str, *, force: bool = True) -> None:
     """DROP DATABASE (``force``: ending its sessions), after detaching its subscriptions.
 
@@ -76,14 +94,7 @@ def drop_database(admin: ConnectionInfo, name: str, *, force: bool = True) -> No
     and drop that slot, which still belongs to the source database's subscription.
     """
     with connect(admin, autocommit=True) as conn:
-        subscriptions = [
-            row[0]
-            for row in conn.execute(
-                "SELECT s.subname FROM pg_subscription s "
-                "JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s",
-                (name,),
-            ).fetchall()
-        ]
+        subscriptions = subscriptions_of(conn, name)
     if subscriptions:
         with connect(admin.with_dbname(name), autocommit=True) as conn:
             for subscription in subscriptions:

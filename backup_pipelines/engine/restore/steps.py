@@ -29,6 +29,7 @@ from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.databases import require_database
 from backup_pipelines.engine.errors import BackupPipelinesError, IntegrityError, RestoreFailedError
 from backup_pipelines.engine.postgres import PgTools, connect, table_row_counts
+from backup_pipelines.engine.processes import one_line
 from backup_pipelines.engine.progress import ProgressReporter
 from backup_pipelines.engine.restore.cleanup import (
     drop_expired_previous_copies,
@@ -41,10 +42,12 @@ from backup_pipelines.engine.restore.database import (
     copy_database_properties,
     create_database,
     database_exists,
+    disable_subscriptions,
     drop_database,
     free_name,
     mark_database,
     server_tools,
+    subscriptions_of,
     swap_databases,
     utc_stamp,
 )
@@ -322,6 +325,7 @@ def swap_in(run: RestoreRun, exists: bool, local: BackupArtifact | None = None) 
     (none for backups taken before globals were captured)."""
     assert run.restoring is not None
     entry = local.meta.globals if local is not None else None
+    replaced_active: list[str] = []
     with connect(run.admin, autocommit=True) as conn:
         if not exists:
             with conn.transaction():
@@ -335,11 +339,42 @@ def swap_in(run: RestoreRun, exists: bool, local: BackupArtifact | None = None) 
                 conn.execute(
                     sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(run.database))
                 )
-            return
-        copy_database_properties(conn, run.database, run.restoring)
-        run.previous = free_name(conn, run.database, f"pre_restore_{utc_stamp(datetime.now(UTC))}")
-        run.terminated_sessions = swap_databases(
-            conn, run.database, run.restoring, run.previous, run.target, log=run.log
+        else:
+            copy_database_properties(conn, run.database, run.restoring)
+            run.previous = free_name(
+                conn, run.database, f"pre_restore_{utc_stamp(datetime.now(UTC))}"
+            )
+            run.terminated_sessions = swap_databases(
+                conn, run.database, run.restoring, run.previous, run.target, log=run.log
+            )
+            replaced_active = subscriptions_of(conn, run.previous, enabled=True)
+    if run.previous is not None and replaced_active:
+        # The replaced database is out of service: left running, its subscriptions would go on
+        # consuming the publisher's slots, and the restored copy would miss those changes.
+        try:
+            disable_subscriptions(run.admin, run.previous, replaced_active)
+            run.log.warning(
+                f"Disabled the subscription(s) of the replaced database {run.previous}: "
+                + ", ".join(replaced_active)
+            )
+        except Exception as exc:  # the restore has succeeded: say what is left to do
+            run.log.warning(
+                f"Could not disable the subscription(s) {', '.join(replaced_active)} of the "
+                f"replaced database {run.previous} ({one_line(run.admin.redact(str(exc)))}): "
+                "disable them by hand (ALTER SUBSCRIPTION ... DISABLE) before enabling the "
+                "restored ones"
+            )
+    _note_restored_subscriptions(run)
+
+
+def _note_restored_subscriptions(run: RestoreRun) -> None:
+    with connect(run.admin, autocommit=True) as conn:
+        restored = subscriptions_of(conn, run.database)
+    if restored:
+        run.log.warning(
+            f"The restored database has subscription(s) {', '.join(restored)}, disabled as "
+            "pg_dump restores them: enable each (ALTER SUBSCRIPTION ... ENABLE) once "
+            "replication from its publisher should resume"
         )
 
 
