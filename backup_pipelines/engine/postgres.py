@@ -54,6 +54,14 @@ def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psyco
             f"cannot connect to {info.describe()}: {detail}", hint=hint
         ) from None
     try:
+        if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+            # A SQL_ASCII database stores bytes without an encoding, and psycopg returns its
+            # text as bytes. LATIN1 (never converted from SQL_ASCII) maps each byte to one
+            # character and back, so names read here are str and match the dump stream's
+            # (read the same way, see python_encoding).
+            conn.execute("SET client_encoding TO 'LATIN1'")
+            if not autocommit:
+                conn.commit()
         yield conn
     finally:
         conn.close()

@@ -17,6 +17,7 @@ import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -34,7 +35,7 @@ from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.amcheck import run_amcheck
 from backup_pipelines.engine.drills.logical import restore_test, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.postgres import table_row_counts
+from backup_pipelines.engine.postgres import connect, table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
 from backup_pipelines.engine.restore import restore_database
 from backup_pipelines.engine.restore.database import drop_database
@@ -191,6 +192,55 @@ def test_a_subscriber_database_drills_and_restores_without_touching_its_publishe
                 db,
                 check=False,
             )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "dump_format"),
+    [("SQL_ASCII", "plain"), ("SQL_ASCII", "custom"), ("LATIN1", "plain")],
+)
+def test_databases_in_other_encodings_back_up_restore_and_drill(
+    pg: LocalCluster,
+    make_project,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    encoding: str,
+    dump_format: str,
+) -> None:
+    """A SQL_ASCII database (bytes without an encoding, still found on old servers) could not
+    be backed up at all: its names came back from psycopg as bytes. Names are read one
+    character per byte, the same way in the dump stream and in the catalogs."""
+    name = f"enc_{secrets.token_hex(4)}"
+    pg.psql(
+        f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0"
+    )
+    try:
+        # One name written as single LATIN1 bytes (not valid UTF-8), one as UTF-8 by psql.
+        with connect(ConnectionInfo.parse(pg.dsn(name)), autocommit=True) as conn:
+            conn.execute("SET client_encoding TO 'LATIN1'")
+            conn.execute('CREATE TABLE "tåb ü" (id int PRIMARY KEY, note text)')
+            conn.execute(
+                """INSERT INTO "tåb ü" SELECT g, 'wért ' || g FROM generate_series(1, 30) g"""
+            )
+        pg.psql(
+            'CREATE TABLE "données" (x int); INSERT INTO "données" SELECT generate_series(1, 12)',
+            name,
+        )
+        config = _project(
+            make_project, pg, name, format=dump_format, restore={"drill": {"fresh_server": True}}
+        )
+        with caplog.at_level(logging.WARNING):
+            backup = run_backup(config.target("prod"), log=log)
+        assert "could not be read from the dump stream" not in caplog.text
+        assert sorted(backup.meta.row_counts.values()) == [12, 30]
+        assert "public.tåb ü" in backup.meta.row_counts
+
+        restore_and_compare(pg, name, backup, tmp_path / "work", at_least=2)
+        drill = run_drill(config, "prod", log=log)
+        assert drill.passed, drill.reason
+        assert drill.mode == "fresh_server" and drill.rows == 42
+    finally:
+        pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 INHERITANCE_SQL = """

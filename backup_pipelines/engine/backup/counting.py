@@ -43,8 +43,12 @@ class StreamCounter(Protocol):
 def python_encoding(pg_encoding: str) -> str | None:
     """The Python codec for a PostgreSQL server encoding (the encoding pg_dump writes in)."""
     name = pg_encoding.upper()
-    if name in ("UTF8", "SQL_ASCII"):
+    if name == "UTF8":
         return "utf-8"
+    if name == "SQL_ASCII":
+        return (
+            "latin-1"  # bytes without an encoding: one character per byte, as connect() reads them
+        )
     aliases = {"WIN": "cp", "LATIN": "latin", "ISO_8859_": "iso8859-", "KOI8R": "koi8_r"}
     for prefix, python in aliases.items():
         if name.startswith(prefix):
