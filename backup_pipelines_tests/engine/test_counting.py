@@ -29,9 +29,17 @@ PLAIN = (
     b"COPY public.t (a, b) FROM stdin;\n1\tone\n2\t\\\\.\n3\t\\N\n\\.\n\n"
     b'COPY "Sch\xc3\xa9ma ""q""".empty  FROM stdin;\n\\.\n\n'
     b'COPY "Sch\xc3\xa9ma ""q"""."a.b c" ("x y") FROM stdin;\nline\\nwith escapes\n\\.\n\n'
+    # Newlines inside quoted names: the header goes on to its closing quote.
+    b'COPY public."new\nline" ("col\numn", "x""\n") FROM stdin;\n'
+    b"a\nb\\nc\nCOPY public.x (a) FROM stdin;\n\\\\.\n\\.\n\n"
     b"CREATE INDEX i ON public.t (a);\n"
 )
-PLAIN_COUNTS = {"public.t": 3, 'Schéma "q".empty': 0, 'Schéma "q".a.b c': 1}
+PLAIN_COUNTS = {
+    "public.t": 3,
+    'Schéma "q".empty': 0,
+    'Schéma "q".a.b c': 1,
+    "public.new\nline": 4,
+}
 
 
 def _fed(counter: PlainCopyCounter | CustomArchiveCounter, data: bytes, size: int) -> object:

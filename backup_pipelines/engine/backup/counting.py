@@ -64,7 +64,7 @@ def python_encoding(pg_encoding: str) -> str | None:
 
 _IDENT = r'(?:"(?:[^"]|"")*"|[^\s".]+)'
 # pg_dump writes "COPY %s %s FROM stdin;" with the column list, empty for a table without columns.
-_COPY_HEADER = re.compile(rf"COPY ({_IDENT})\.({_IDENT}) (?:\(.*\))? FROM stdin;")
+_COPY_HEADER = re.compile(rf"COPY ({_IDENT})\.({_IDENT}) (?:\(.*\))? FROM stdin;", re.DOTALL)
 
 
 def _unquote(identifier: str) -> str:
@@ -149,6 +149,8 @@ class PlainCopyCounter:
                 self._carry = buf[max(pos, len(buf) - (len(self._START) - 1)) :]
                 return
             line_end = buf.find(b"\n", start + 1)
+            while line_end >= 0 and buf.count(b'"', start, line_end) % 2:
+                line_end = buf.find(b"\n", line_end + 1)  # inside a quoted name: not the end
             if line_end < 0:
                 if len(buf) - start > self._MAX_HEADER:
                     self._broken = True
