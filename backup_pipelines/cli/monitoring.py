@@ -75,6 +75,7 @@ def cmd_cron_backup(args: argparse.Namespace) -> int:
 
 def cmd_check_freshness(args: argparse.Namespace) -> int:
     from backup_pipelines.engine.artifacts import list_artifacts
+    from backup_pipelines.engine.databases import watched_targets
     from backup_pipelines.engine.listing import future_dated, future_note, human_age, newest_backup
     from backup_pipelines.engine.notify import Alert, send_alert
 
@@ -84,55 +85,58 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
     stale = []
     ahead = []
     for name in names:
-        target = config.target(name)
-        artifacts = list_artifacts(target.backup_dir)
-        for artifact in future_dated(artifacts, now):
-            note = f"{artifact.path.name} is {future_note(artifact, now)}"
-            say(f"{name}: WARNING - {note}")
-            ahead.append((name, note))
-        newest = newest_backup(artifacts, now=now)
-        max_age = target.settings.max_age
-        if max_age is None:
+        if config.target(name).settings.max_age is None:
             say(f"{name}: not checked (max_age: off)")
             continue
-        if newest is None:
-            say(f"{name}: STALE - no backup at all (max_age {max_age})")
-            stale.append((name, "no backup at all"))
-            continue
-        finished = newest.meta.finished_at
-        age = human_age(finished, now)
-        if now - finished > max_age:
-            say(f"{name}: STALE - newest backup is {age} old (max_age {max_age})")
-            stale.append((name, f"newest backup finished {age} ago"))
-        else:
-            say(f"{name}: ok - newest backup is {age} old")
+        # A server target: each of its databases (one failing must not hide behind the others).
+        for target in watched_targets(config.target(name)):
+            shown = name if target.database is None else f"{name}/{target.database}"
+            artifacts = list_artifacts(target.backup_dir)
+            for artifact in future_dated(artifacts, now):
+                note = f"{artifact.path.name} is {future_note(artifact, now)}"
+                say(f"{shown}: WARNING - {note}")
+                ahead.append((name, shown, note))
+            newest = newest_backup(artifacts, now=now)
+            max_age = target.settings.max_age
+            assert max_age is not None
+            if newest is None:
+                say(f"{shown}: STALE - no backup at all (max_age {max_age})")
+                stale.append((name, shown, "no backup at all"))
+                continue
+            finished = newest.meta.finished_at
+            age = human_age(finished, now)
+            if now - finished > max_age:
+                say(f"{shown}: STALE - newest backup is {age} old (max_age {max_age})")
+                stale.append((name, shown, f"newest backup finished {age} ago"))
+            else:
+                say(f"{shown}: ok - newest backup is {age} old")
     if args.notify:
-        for name, reason in stale:
+        for name, shown, reason in stale:
             send_alert(
                 config,
                 Alert(
                     title="backup is stale",
-                    message=f"{name}: {reason}, more than its max_age of "
+                    message=f"{shown}: {reason}, more than its max_age of "
                     f"{config.targets[name].max_age}.",
                     target=name,
                     what="logical_backup",
                     reason=reason,
-                    incident=f"stale:{name}",
+                    incident=f"stale:{shown}",
                 ),
                 log=log,
             )
-        for name, note in ahead:
+        for name, shown, note in ahead:
             send_alert(
                 config,
                 Alert(
                     title="backup dated in the future",
-                    message=f"{name}: {note}. Check this host's clock (NTP); if it is right, "
+                    message=f"{shown}: {note}. Check this host's clock (NTP); if it is right, "
                     "move that backup out of the backup folder.",
                     severity="warning",
                     target=name,
                     what="logical_backup",
                     reason=note,
-                    incident=f"future:{name}",
+                    incident=f"future:{shown}",
                 ),
                 log=log,
             )

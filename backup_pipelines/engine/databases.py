@@ -15,7 +15,7 @@ from urllib.parse import unquote
 from backup_pipelines.engine.artifacts import META_SUFFIX
 from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.conninfo import ConnectionInfo
-from backup_pipelines.engine.errors import ConfigError, RefusedError
+from backup_pipelines.engine.errors import BackupPipelinesError, ConfigError, RefusedError
 from backup_pipelines.engine.fsutil import PARTIAL_SUFFIX
 from backup_pipelines.engine.postgres import connect
 
@@ -86,6 +86,19 @@ def database_targets(target: Target, database: str | None = None) -> list[Target
     if database is not None:
         return [target.for_database(database)]
     return [target.for_database(name) for name in server_databases(target)]
+
+
+def watched_targets(target: Target) -> list[Target]:
+    """What freshness checks and metrics read from disk for ``target``: the target itself, or
+    each database of a server target that is on the server now (when the server cannot be
+    reached: each database with backups, so their growing age still shows)."""
+    if not target.is_server:
+        return [target]
+    try:
+        names = server_databases(target)
+    except BackupPipelinesError:
+        names = databases_with_backups(target)
+    return [target.for_database(name) for name in names]
 
 
 def require_database(target: Target, database: str | None, command: str) -> Target:

@@ -17,7 +17,8 @@ Metric names (label ``target``; every one is a gauge):
 ``backup_pipelines_metrics_generated_timestamp_seconds``       when this file was written (no label)
 =============================================================  ===================================
 
-A metric is left out for a target when nothing is known yet (no drill ever ran, no offsite copy
+A server target (``databases: all``) has one series per metric, as fresh as its stalest
+database. A metric is left out for a target when nothing is known yet (no drill ever ran, no offsite copy
 configured), so alert rules never fire on "unknown". ``deploy/prometheus/alerts.yml`` holds the
 alert rules that use these names.
 """
@@ -193,20 +194,36 @@ def export(settings: MetricsSettings, metrics: list[TargetMetrics], log: Any = N
 
 def collect_from_disk(config: ProjectConfig) -> list[TargetMetrics]:
     """Backup metrics read from the ``.meta`` files in ``backup_root`` (the CLI / cron view:
-    no Dagster needed). Only what the files tell: drills and offsite copies are left out."""
+    no Dagster needed). Only what the files tell: drills and offsite copies are left out.
+
+    A server target (``databases: all``) is reported as a whole, like the Dagster view: its
+    last backup failed when any database's did, it is as fresh as its stalest database
+    (unknown while one has no backup yet), and its size and duration are its databases'
+    sums."""
+    from backup_pipelines.engine.databases import watched_targets
+
     results = []
     now = utc_now()
     for target in config.all_targets():
-        artifacts = list_artifacts(target.backup_dir)
-        newest = newest_backup(artifacts, now=now, usable_only=False)
-        best = newest_backup(artifacts, now=now)
+        newest_of, best_of = [], []
+        for watched in watched_targets(target):
+            artifacts = list_artifacts(watched.backup_dir)
+            newest_of.append(newest_backup(artifacts, now=now, usable_only=False))
+            best_of.append(newest_backup(artifacts, now=now))
+        attempted = [newest for newest in newest_of if newest is not None]
+        good = [best for best in best_of if best is not None]
+        complete = bool(good) and len(good) == len(best_of)
         results.append(
             TargetMetrics(
                 target=target.name,
-                backup_success=None if newest is None else newest.usable,
-                backup_last_success_timestamp=best.meta.finished_at.timestamp() if best else None,
-                backup_size_bytes=best.meta.size_bytes if best else None,
-                backup_duration_seconds=best.meta.duration_seconds if best else None,
+                backup_success=all(n.usable for n in attempted) if attempted else None,
+                backup_last_success_timestamp=min(b.meta.finished_at.timestamp() for b in good)
+                if complete
+                else None,
+                backup_size_bytes=sum(b.meta.size_bytes for b in good) if good else None,
+                backup_duration_seconds=sum(b.meta.duration_seconds for b in good)
+                if good
+                else None,
             )
         )
     return results + invalid_target_metrics(config)

@@ -138,3 +138,54 @@ def test_a_database_the_role_cannot_connect_to_fails_alone(
     # Nothing that looks like a backup of the database it could not read.
     assert not list_artifacts(root / "locked_out")
     assert not [p for p in (root / "locked_out").glob("*") if not p.name.startswith(".")]
+
+
+def test_freshness_and_metrics_watch_every_database_of_a_server_target(
+    server: LocalCluster, project, make_project, cli, tmp_path
+) -> None:
+    """From cron (no Dagster), a server target was always "STALE - no backup at all" and had no
+    metrics: its backups are in one folder per database."""
+    assert cli("backup", "fleet").returncode == 0
+    fresh = cli("check-freshness", "fleet")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    for database in ("app_a", "app_b", "app/c"):
+        assert f"fleet/{database}: ok - newest backup is" in fresh.stdout
+    assert "scratch_tmp" not in fresh.stdout and "fleet/postgres" not in fresh.stdout
+
+    textfile = tmp_path / "metrics.prom"
+    assert cli("metrics", "--textfile", str(textfile)).returncode == 0
+    lines = textfile.read_text().splitlines()
+    sizes = [
+        a.meta.size_bytes
+        for folder in (project.resolved_backup_root / "fleet").iterdir()
+        for a in list_artifacts(folder)
+    ]
+    assert 'backup_pipelines_backup_success{target="fleet"} 1.0' in lines
+    assert f'backup_pipelines_backup_size_bytes{{target="fleet"}} {float(sum(sizes))}' in lines
+    assert any(
+        line.startswith("backup_pipelines_backup_last_success_timestamp_seconds") for line in lines
+    )
+
+    # A database new on the server has no backup yet: the target is stale, and its freshness
+    # unknown to the metrics (no series rather than a wrong one).
+    create_database(server, "app_new")
+    try:
+        stale = cli("check-freshness", "fleet")
+        assert stale.returncode == 1
+        assert "fleet/app_new: STALE - no backup at all" in stale.stdout
+        assert "fleet/app_a: ok" in stale.stdout
+        assert cli("metrics", "--textfile", str(textfile)).returncode == 0
+        text = textfile.read_text()
+        assert 'backup_pipelines_backup_last_success_timestamp_seconds{target="fleet"}' not in text
+        assert 'backup_pipelines_backup_success{target="fleet"} 1.0' in text
+    finally:
+        server.psql('DROP DATABASE "app_new" WITH (FORCE)')
+
+    # With the server down, the databases that have backups are still watched.
+    make_project(
+        {"fleet": {"dsn_env": "DATABASE_URL_FLEET", "databases": "all", "exclude": ["scratch_*"]}},
+        env={"DATABASE_URL_FLEET": "postgresql://nobody@127.0.0.1:1/postgres"},
+    )
+    down = cli("check-freshness", "fleet")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "fleet/app_a: ok" in down.stdout and "fleet/app/c: ok" in down.stdout
