@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 # a second, and a backup starts pg_dump before it needs one (see engine/backup/pg_dump.py).
 
 
+# Our sessions run without a statement or idle-in-transaction timeout, as pg_dump's do: one the
+# database or role sets for applications would cut a row count, a catalog read or CREATE
+# DATABASE short, or end the transaction that holds a backup's snapshot open.
+SESSION_SETUP_SQL = (
+    "SELECT set_config('statement_timeout', '0', false), "
+    "set_config('idle_in_transaction_session_timeout', '0', false)"
+)
+
+
 @contextmanager
 def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
     """Open a connection, turning libpq failures into an actionable error."""
@@ -54,14 +63,15 @@ def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psyco
             f"cannot connect to {info.describe()}: {detail}", hint=hint
         ) from None
     try:
+        conn.execute(SESSION_SETUP_SQL)
         if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
             # A SQL_ASCII database stores bytes without an encoding, and psycopg returns its
             # text as bytes. LATIN1 (never converted from SQL_ASCII) maps each byte to one
             # character and back, so names read here are str and match the dump stream's
             # (read the same way, see python_encoding).
             conn.execute("SET client_encoding TO 'LATIN1'")
-            if not autocommit:
-                conn.commit()
+        if not autocommit:
+            conn.commit()
         yield conn
     finally:
         conn.close()

@@ -243,6 +243,42 @@ def test_databases_in_other_encodings_back_up_restore_and_drill(
         pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.mark.parametrize(("dump_format", "compression"), [("custom", "gzip"), ("plain", "zstd")])
+def test_timeouts_set_for_applications_do_not_cut_backups_and_drills_short(
+    pg: LocalCluster, make_project, dump_format: str, compression: str
+) -> None:
+    """Production databases often set statement_timeout for their applications. Counting the
+    rows (in the snapshot when pg_dump compresses), CREATE DATABASE for a drill and the
+    drill's own counts on the restored copy (which gets the database's settings) were cut
+    short by it: backups failed and drills raised false alarms. Our sessions ignore those
+    timeouts, as pg_dump's do."""
+    with database_with(
+        pg,
+        "CREATE TABLE big (id int PRIMARY KEY, note text); "
+        "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 500000) g;",
+    ) as db:
+        pg.psql(
+            f"ALTER DATABASE \"{db}\" SET statement_timeout = '20ms'; "
+            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '500ms'"
+        )
+        for fresh_server in (False, True):
+            config = _project(
+                make_project,
+                pg,
+                db,
+                format=dump_format,
+                compression=compression,
+                restore={"drill": {"fresh_server": fresh_server}},
+            )
+            backup = run_backup(config.target("prod"), log=log)
+            assert backup.meta.row_counts == {"public.big": 500000}
+            drill = run_drill(config, "prod", log=log)
+            assert drill.passed, drill.reason
+            assert drill.rows == 500000 and drill.mode == (
+                "fresh_server" if fresh_server else "same_server"
+            )
+
+
 INHERITANCE_SQL = """
 CREATE TABLE parent (a int);
 CREATE TABLE child () INHERITS (parent);

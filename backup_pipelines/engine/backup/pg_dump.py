@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import psycopg
 
 _EXPORT_SQL = b"""\\set ON_ERROR_STOP on
+SET statement_timeout = 0;
+SET idle_in_transaction_session_timeout = 0;
 BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SELECT json_build_object('snapshot', pg_export_snapshot(),
   'version', current_setting('server_version'),
