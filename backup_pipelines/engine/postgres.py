@@ -31,10 +31,14 @@ if TYPE_CHECKING:
 
 # Our sessions run without a statement or idle-in-transaction timeout, as pg_dump's do: one the
 # database or role sets for applications would cut a row count, a catalog read or CREATE
-# DATABASE short, or end the transaction that holds a backup's snapshot open.
+# DATABASE short, or end the transaction that holds a backup's snapshot open. Nor do they
+# inherit default_transaction_read_only (an archive database's protection against its
+# applications), which refused a drill's CREATE DATABASE and amcheck's CREATE EXTENSION;
+# transactions that must not write say READ ONLY themselves.
 SESSION_SETUP_SQL = (
     "SELECT set_config('statement_timeout', '0', false), "
-    "set_config('idle_in_transaction_session_timeout', '0', false)"
+    "set_config('idle_in_transaction_session_timeout', '0', false), "
+    "set_config('default_transaction_read_only', 'off', false)"
 )
 
 

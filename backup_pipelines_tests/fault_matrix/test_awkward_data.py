@@ -244,14 +244,15 @@ def test_databases_in_other_encodings_back_up_restore_and_drill(
 
 
 @pytest.mark.parametrize(("dump_format", "compression"), [("custom", "gzip"), ("plain", "zstd")])
-def test_timeouts_set_for_applications_do_not_cut_backups_and_drills_short(
+def test_settings_made_for_applications_do_not_break_backups_and_drills(
     pg: LocalCluster, make_project, dump_format: str, compression: str
 ) -> None:
     """Production databases often set statement_timeout for their applications. Counting the
     rows (in the snapshot when pg_dump compresses), CREATE DATABASE for a drill and the
     drill's own counts on the restored copy (which gets the database's settings) were cut
     short by it: backups failed and drills raised false alarms. Our sessions ignore those
-    timeouts, as pg_dump's do."""
+    timeouts, as pg_dump's do. An archive database's default_transaction_read_only refused
+    the drill's CREATE DATABASE, and with search_path = '' amcheck was quietly skipped."""
     with database_with(
         pg,
         "CREATE TABLE big (id int PRIMARY KEY, note text); "
@@ -259,7 +260,9 @@ def test_timeouts_set_for_applications_do_not_cut_backups_and_drills_short(
     ) as db:
         pg.psql(
             f"ALTER DATABASE \"{db}\" SET statement_timeout = '20ms'; "
-            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '500ms'"
+            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '500ms'; "
+            f'ALTER DATABASE "{db}" SET default_transaction_read_only = on; '
+            f"ALTER DATABASE \"{db}\" SET search_path = ''"
         )
         for fresh_server in (False, True):
             config = _project(
@@ -277,6 +280,7 @@ def test_timeouts_set_for_applications_do_not_cut_backups_and_drills_short(
             assert drill.rows == 500000 and drill.mode == (
                 "fresh_server" if fresh_server else "same_server"
             )
+            assert drill.amcheck is not None and drill.amcheck.indexes_checked == 1
 
 
 INHERITANCE_SQL = """

@@ -33,6 +33,9 @@ ORDER BY 2
 """
 
 
+_SCHEMA = "backup_pipelines_amcheck"
+
+
 @dataclass
 class AmcheckOutcome:
     available: bool
@@ -58,7 +61,17 @@ def run_amcheck(conn: psycopg.Connection) -> AmcheckOutcome:
     the restored database brought it along.
     """
     try:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        except psycopg.errors.InvalidSchemaName:
+            # The database's search_path names no schema to create in (search_path = '' as
+            # hardening): a schema of its own, in the scratch copy the drill drops afterwards.
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(_SCHEMA)))
+            conn.execute(
+                sql.SQL("CREATE EXTENSION IF NOT EXISTS amcheck SCHEMA {}").format(
+                    sql.Identifier(_SCHEMA)
+                )
+            )
         schema = _amcheck_schema(conn)
     except psycopg.Error as exc:
         reason = (exc.diag.message_primary or str(exc)).strip()
