@@ -98,7 +98,8 @@ class ConnectionInfo:
                 f"{source} has an invalid connect_timeout {str(timeout)!r}",
                 hint="use a number of seconds, e.g. ?connect_timeout=10",
             )
-        return cls({k: str(v) for k, v in params.items() if v is not None})
+        explicit = {k: str(v) for k, v in params.items() if v is not None}
+        return cls({**_service_params(explicit, source), **explicit})
 
     @property
     def dbname(self) -> str:
@@ -167,6 +168,50 @@ class ConnectionInfo:
 def _quoted(value: str) -> str:
     """A libpq keyword value, quoted as libpq reads it back: any name or password stays one."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Where libpq looks for pg_service.conf when PGSYSCONFDIR is not set: its build's sysconfdir
+# (Debian's and the PGDG RPMs' packages).
+_SYSTEM_SERVICE_DIRS = ("/etc/postgresql-common", "/etc/sysconfig/pgsql", "/etc")
+
+
+def _service_params(explicit: Mapping[str, str], source: str) -> dict[str, str]:
+    """The parameters a connection service (``service=NAME`` or ``$PGSERVICE``) holds, from the
+    files libpq reads: the user's (``$PGSERVICEFILE``, default ``~/.pg_service.conf``), then
+    the system's. libpq applies them only when connecting; the database, host and user must be
+    known before (file names, the snapshot's session, restores), so they are read here the
+    same way. Parameters given explicitly win, as in libpq."""
+    name = explicit.get("service") or os.environ.get("PGSERVICE")
+    if not name:
+        return {}
+    import configparser
+
+    user_file = os.environ.get("PGSERVICEFILE") or os.path.expanduser("~/.pg_service.conf")
+    system_dirs = [os.environ["PGSYSCONFDIR"]] if os.environ.get("PGSYSCONFDIR") else []
+    files = [user_file] + [
+        os.path.join(folder, "pg_service.conf") for folder in system_dirs or _SYSTEM_SERVICE_DIRS
+    ]
+    for path in files:
+        parser = configparser.RawConfigParser(
+            delimiters=("=",), comment_prefixes=("#",), strict=False, interpolation=None
+        )
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ConfigError(
+                f"{source} names service {name!r}, but {path} cannot be read: {type(exc).__name__}",
+                hint="fix the service file, or put the connection parameters in the URL",
+            ) from None
+        if parser.has_section(name):
+            return {key: value.strip() for key, value in parser.items(name)}
+    raise ConfigError(
+        f"{source} names service {name!r}, which none of {', '.join(files)} defines",
+        hint="define it there (or point PGSERVICEFILE at the file that does), or put the "
+        "connection parameters in the URL",
+    )
 
 
 def _libpq_parse(dsn: str) -> dict[str, str] | None:

@@ -82,3 +82,52 @@ def test_any_password_and_database_name_survive_quoting(pg: LocalCluster) -> Non
     finally:
         pg.psql(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         pg.psql(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_connection_service_names_the_database_before_anything_connects(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``service=NAME`` (pg_service.conf) was applied by libpq only: the snapshot's session went
+    to another database than pg_dump, and the backup failed."""
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        "# ours\n[other]\nhost=elsewhere\n\n[billing]\nhost = db.internal\nport=6432\n"
+        "dbname=billing_prod\nuser=backup\npassword=s3cret-from-file\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    info = ConnectionInfo.parse("service=billing")
+    assert info.dbname == "billing_prod"
+    assert info.describe() == "backup@db.internal:6432/billing_prod"
+    assert info.redact("x s3cret-from-file y") == "x ******** y"
+    assert "s3cret" not in str(info)
+    # Parameters given explicitly win over the service's, as in libpq.
+    assert ConnectionInfo.parse("service=billing dbname=other").dbname == "other"
+    monkeypatch.setenv("PGSERVICE", "billing")
+    assert ConnectionInfo.parse("postgresql:///").dbname == "billing_prod"
+    monkeypatch.delenv("PGSERVICE")
+    with pytest.raises(ConfigError, match="names service 'missing'"):
+        ConnectionInfo.parse("service=missing", source="target 'x'")
+
+
+def test_a_backup_through_a_connection_service(
+    pg: LocalCluster, tmp_path, make_project, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = ConnectionInfo.parse(pg.dsn("postgres"))
+    services = tmp_path / "services.conf"
+    services.write_text(
+        f"[main]\nhost={info.params['host']}\nport={info.params['port']}\n"
+        f"user={info.params['user']}\npassword={info.password}\ndbname=service_db\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    pg.psql("DROP DATABASE IF EXISTS service_db")
+    pg.psql("CREATE DATABASE service_db")
+    try:
+        pg.psql("CREATE TABLE t AS SELECT generate_series(1, 7) AS n", "service_db")
+        config = make_project({"svc": {"dsn_env": "SVC_DSN"}}, env={"SVC_DSN": "service=main"})
+        result = cli("backup", "svc")
+        assert result.returncode == 0, result.stderr
+        [meta] = (config.resolved_backup_root / "svc").glob("service_db_*.meta")
+        assert '"public.t": 7' in meta.read_text()
+    finally:
+        pg.psql("DROP DATABASE IF EXISTS service_db WITH (FORCE)")
