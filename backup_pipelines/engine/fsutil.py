@@ -249,9 +249,18 @@ def _whoami() -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Make a rename in ``path`` durable. As PostgreSQL does (fsync_fname), a filesystem that
+    cannot open or fsync a directory (EACCES; EINVAL or EBADF on some network shares and FUSE
+    filesystems) is accepted: there is nothing more to ask of it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

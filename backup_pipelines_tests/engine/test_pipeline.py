@@ -25,6 +25,7 @@ from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.logical import restore_test
 from backup_pipelines.engine.errors import BackupFailedError, DatabaseUnreachableError, ToolError
 from backup_pipelines.engine.postgres import find_tools
+from backup_pipelines.engine.verify import verify_artifact
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import assert_same_database, restore_and_compare
 
@@ -288,6 +289,30 @@ def test_a_disk_error_met_while_writing_back_early_fails_the_backup(
     assert "Input/output error" in str(info.value)
     backup_dir = config.target("prod").backup_dir
     assert [p.name for p in backup_dir.iterdir() if p.name != ".lock"] == []
+
+
+def test_a_share_that_cannot_fsync_folders_still_takes_backups(
+    pg: LocalCluster, sample_db: str, make_project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SMB/CIFS shares and some FUSE filesystems answer fsync on a folder with EINVAL (the
+    kernel's way of saying "not supported"). PostgreSQL accepts that; so do we: every backup
+    on such a share failed after the dump."""
+    from backup_pipelines.engine import fsutil
+
+    real_fsync = os.fsync
+    refused: list[int] = []
+
+    def share_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", share_fsync)
+    config = make_project({"prod": {"dsn_env": "DB_PROD"}}, env={"DB_PROD": pg.dsn(sample_db)})
+    artifact = run_backup(config.target("prod"), log=log)
+    assert refused, "the backup's renames asked for their folder to be synced"
+    assert all(outcome.passed for outcome in verify_artifact(artifact))
 
 
 def test_early_writeback_keeps_every_byte_and_the_hash(
