@@ -194,6 +194,37 @@ def test_a_subscriber_database_drills_and_restores_without_touching_its_publishe
             )
 
 
+@pytest.mark.postgres
+def test_a_restore_of_a_publisher_says_its_logical_slots_stay_behind(
+    make_project, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A logical slot belongs to the database it was made in: after an in-place restore its
+    subscribers would quietly receive nothing more. The restore says so, naming the slot."""
+    with throwaway_cluster(password=DB_PASSWORD, extra_conf={"wal_level": "logical"}) as server:
+        server.psql("CREATE DATABASE shop")
+        server.psql(
+            "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1), (2); "
+            "CREATE PUBLICATION shop_pub FOR TABLE orders",
+            "shop",
+        )
+        server.psql(
+            "SELECT pg_create_logical_replication_slot('shop_sub_slot', 'pgoutput')", "shop"
+        )
+        config = make_project({"shop": {"dsn_env": "DB_SHOP"}}, env={"DB_SHOP": server.dsn("shop")})
+        backup = run_backup(config.target("shop"), log=log)
+        with caplog.at_level(logging.WARNING):
+            report = restore_database(config, "shop", str(backup.path), confirm="shop", log=log)
+        assert report.previous_database is not None
+        assert "shop_sub_slot stay with the replaced database" in caplog.text
+        assert (
+            server.psql(
+                "SELECT database FROM pg_replication_slots WHERE slot_name = 'shop_sub_slot'"
+            )
+            == report.previous_database
+        )
+        server.psql("SELECT pg_drop_replication_slot('shop_sub_slot')")
+
+
 @pytest.mark.parametrize(
     ("encoding", "dump_format"),
     [("SQL_ASCII", "plain"), ("SQL_ASCII", "custom"), ("LATIN1", "plain")],

@@ -348,6 +348,22 @@ def swap_in(run: RestoreRun, exists: bool, local: BackupArtifact | None = None) 
                 conn, run.database, run.restoring, run.previous, run.target, log=run.log
             )
             replaced_active = subscriptions_of(conn, run.previous, enabled=True)
+            slots = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE database = %s ORDER BY 1",
+                    (run.previous,),
+                ).fetchall()
+            ]
+            if slots:
+                # A logical slot belongs to the database it was made in: after the swap its
+                # subscribers would go on receiving the replaced database's changes (none).
+                run.log.warning(
+                    f"Logical replication slot(s) {', '.join(slots)} stay with the replaced "
+                    f"database {run.previous}: their subscribers receive nothing from the "
+                    "restored one. Recreate the publication's slots for it (and resynchronise "
+                    "the subscribers), then drop these"
+                )
     if run.previous is not None and replaced_active:
         # The replaced database is out of service: left running, its subscriptions would go on
         # consuming the publisher's slots, and the restored copy would miss those changes.
