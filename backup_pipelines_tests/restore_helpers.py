@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -78,3 +80,20 @@ def inject_before_first(marker: bytes, statement: bytes) -> Callable[[bytes], by
         return dump[:start] + statement + dump[start:]
 
     return transform
+
+
+@contextlib.contextmanager
+def database_with(pg: LocalCluster, statements: str) -> Iterator[str]:
+    """A fresh database holding ``statements`` (run as the superuser), dropped afterwards."""
+    name = f"awkward_{secrets.token_hex(4)}"
+    pg.psql(f'CREATE DATABASE "{name}"')
+    try:
+        pg.psql(statements, name)
+        yield name
+    finally:
+        pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def project_for(make_project, pg: LocalCluster, db: str, **settings: object):  # type: ignore[no-untyped-def]
+    """A project whose one target ``prod`` backs up ``db`` of ``pg``, with ``settings``."""
+    return make_project({"prod": {"dsn_env": "DB_PROD", **settings}}, env={"DB_PROD": pg.dsn(db)})

@@ -9,15 +9,12 @@ backup holds every row, restores to an equal database, and the drill tells the t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -31,37 +28,24 @@ from backup_pipelines.devtools.sample_data import (
 )
 from backup_pipelines.engine.artifacts import BackupArtifact, list_artifacts, load_artifact
 from backup_pipelines.engine.backup.logical import run_backup
-from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.amcheck import run_amcheck
 from backup_pipelines.engine.drills.logical import restore_test, run_drill
 from backup_pipelines.engine.errors import BackupFailedError
-from backup_pipelines.engine.postgres import connect, table_row_counts
+from backup_pipelines.engine.postgres import table_row_counts
 from backup_pipelines.engine.reader import dump_chunks
-from backup_pipelines.engine.restore import restore_database
-from backup_pipelines.engine.restore.database import drop_database
 from backup_pipelines_tests.conftest import DB_PASSWORD
 from backup_pipelines_tests.helpers import restore_and_compare
 from backup_pipelines_tests.restore_helpers import (
     backup_files,
     connect_to,
+    database_with,
     databases,
     forge_plain_backup,
     inject_before_first,
+    project_for,
 )
 
 log = logging.getLogger("test")
-
-
-@contextlib.contextmanager
-def database_with(pg: LocalCluster, statements: str) -> Iterator[str]:
-    """A fresh database holding ``statements`` (run as the superuser), dropped afterwards."""
-    name = f"awkward_{secrets.token_hex(4)}"
-    pg.psql(f'CREATE DATABASE "{name}"')
-    try:
-        pg.psql(statements, name)
-        yield name
-    finally:
-        pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 _IDENT = r'(?:"(?:[^"]|"")*"|[^".\s(]+)'
@@ -96,10 +80,6 @@ def rows_in_dump(artifact: BackupArtifact) -> dict[str, int]:
     return dict(counts)
 
 
-def _project(make_project, pg: LocalCluster, db: str, **settings: object):
-    return make_project({"prod": {"dsn_env": "DB_PROD", **settings}}, env={"DB_PROD": pg.dsn(db)})
-
-
 PARTITIONED_SQL = """
 CREATE TABLE clock_event (
     id bigserial, occurred_at timestamptz NOT NULL, kind text NOT NULL,
@@ -125,7 +105,7 @@ def test_drill_passes_on_a_database_with_indexed_partitioned_tables(
     """The weekly drill raised a false "backup not restorable" for every database whose
     partitioned table had a primary key: amcheck was handed the partitioned parent indexes."""
     with database_with(pg, PARTITIONED_SQL) as db:
-        config = _project(make_project, pg, db)
+        config = project_for(make_project, pg, db)
         backup = run_backup(config.target("prod"), log=log)
         before = databases(pg)
 
@@ -137,181 +117,6 @@ def test_drill_passes_on_a_database_with_indexed_partitioned_tables(
         assert result.amcheck.indexes_checked == 6 and not result.amcheck.failures
         assert result.rows == backup.meta.total_rows == 3000
         assert result.scratch_dropped and databases(pg) == before
-
-
-# A subscriber database: its publisher (TEST-NET, never reachable) must never be contacted, and
-# its slot never dropped, by anything a restore or a drill does.
-SUBSCRIBER_SQL = """
-CREATE TABLE mirrored (id int PRIMARY KEY, note text);
-INSERT INTO mirrored SELECT g, 'row ' || g FROM generate_series(1, 40) g;
-CREATE SUBSCRIPTION mirror CONNECTION 'host=192.0.2.1 connect_timeout=2 dbname=prod'
-    PUBLICATION everything WITH (connect = false, slot_name = 'prod_mirror_slot');
-ALTER SUBSCRIPTION mirror ENABLE;  -- its worker keeps trying to reach the publisher
-"""
-
-
-@pytest.mark.parametrize("dump_format", ["plain", "custom"])
-def test_a_subscriber_database_drills_and_restores_without_touching_its_publisher(
-    pg: LocalCluster, make_project, dump_format: str
-) -> None:
-    """PostgreSQL refuses to drop a database that has a subscription: each drill left its
-    scratch copy behind and every later drill failed on it. Dropping one the plain way would
-    also connect to the publisher and drop the production subscription's slot."""
-    with database_with(pg, SUBSCRIBER_SQL) as db:
-        try:
-            config = _project(
-                make_project, pg, db, format=dump_format, restore={"drill": {"fresh_server": False}}
-            )
-            backup = run_backup(config.target("prod"), log=log)
-            before = databases(pg)
-
-            for _ in range(2):  # the second drill would fail on a copy the first left behind
-                drill = run_drill(config, "prod", log=log)
-                assert drill.passed, drill.reason
-                assert drill.rows == 40 and drill.scratch_dropped
-                assert databases(pg) == before
-
-            report = restore_database(config, "prod", str(backup.path), confirm="prod", log=log)
-            assert report.rows == 40 and report.previous_database is not None
-            previous = report.previous_database
-            # The restored database keeps its subscription as pg_dump restores it: disabled,
-            # still naming the publisher's slot, ready for the operator to enable. The replaced
-            # one's is disabled: it must not go on consuming that slot.
-            subscriptions = pg.psql(
-                "SELECT d.datname, s.subname, s.subenabled, s.subslotname FROM pg_subscription s "
-                "JOIN pg_database d ON d.oid = s.subdbid ORDER BY 1"
-            )
-            assert f"{db}|mirror|f|prod_mirror_slot" in subscriptions.splitlines()
-            assert f"{previous}|mirror|f|prod_mirror_slot" in subscriptions.splitlines()
-            drop_database(ConnectionInfo.parse(pg.dsn()), previous)
-            assert databases(pg) == before
-        finally:
-            pg.psql(
-                "ALTER SUBSCRIPTION mirror DISABLE; ALTER SUBSCRIPTION mirror SET (slot_name = NONE);"
-                " DROP SUBSCRIPTION IF EXISTS mirror",
-                db,
-                check=False,
-            )
-
-
-@pytest.mark.postgres
-def test_a_restore_of_a_publisher_says_its_logical_slots_stay_behind(
-    make_project, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A logical slot belongs to the database it was made in: after an in-place restore its
-    subscribers would quietly receive nothing more. The restore says so, naming the slot."""
-    with throwaway_cluster(password=DB_PASSWORD, extra_conf={"wal_level": "logical"}) as server:
-        server.psql("CREATE DATABASE shop")
-        server.psql(
-            "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1), (2); "
-            "CREATE PUBLICATION shop_pub FOR TABLE orders",
-            "shop",
-        )
-        server.psql(
-            "SELECT pg_create_logical_replication_slot('shop_sub_slot', 'pgoutput')", "shop"
-        )
-        config = make_project({"shop": {"dsn_env": "DB_SHOP"}}, env={"DB_SHOP": server.dsn("shop")})
-        backup = run_backup(config.target("shop"), log=log)
-        with caplog.at_level(logging.WARNING):
-            report = restore_database(config, "shop", str(backup.path), confirm="shop", log=log)
-        assert report.previous_database is not None
-        assert "shop_sub_slot stay with the replaced database" in caplog.text
-        assert (
-            server.psql(
-                "SELECT database FROM pg_replication_slots WHERE slot_name = 'shop_sub_slot'"
-            )
-            == report.previous_database
-        )
-        server.psql("SELECT pg_drop_replication_slot('shop_sub_slot')")
-
-
-@pytest.mark.parametrize(
-    ("encoding", "dump_format"),
-    [("SQL_ASCII", "plain"), ("SQL_ASCII", "custom"), ("LATIN1", "plain")],
-)
-def test_databases_in_other_encodings_back_up_restore_and_drill(
-    pg: LocalCluster,
-    make_project,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    encoding: str,
-    dump_format: str,
-) -> None:
-    """A SQL_ASCII database (bytes without an encoding, still found on old servers) could not
-    be backed up at all: its names came back from psycopg as bytes. Names are read one
-    character per byte, the same way in the dump stream and in the catalogs."""
-    name = f"enc_{secrets.token_hex(4)}"
-    pg.psql(
-        f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
-        "TEMPLATE template0"
-    )
-    try:
-        # One name written as single LATIN1 bytes (not valid UTF-8), one as UTF-8 by psql.
-        with connect(ConnectionInfo.parse(pg.dsn(name)), autocommit=True) as conn:
-            conn.execute("SET client_encoding TO 'LATIN1'")
-            conn.execute('CREATE TABLE "tåb ü" (id int PRIMARY KEY, note text)')
-            conn.execute(
-                """INSERT INTO "tåb ü" SELECT g, 'wért ' || g FROM generate_series(1, 30) g"""
-            )
-        pg.psql(
-            'CREATE TABLE "données" (x int); INSERT INTO "données" SELECT generate_series(1, 12)',
-            name,
-        )
-        config = _project(
-            make_project, pg, name, format=dump_format, restore={"drill": {"fresh_server": True}}
-        )
-        with caplog.at_level(logging.WARNING):
-            backup = run_backup(config.target("prod"), log=log)
-        assert "could not be read from the dump stream" not in caplog.text
-        assert sorted(backup.meta.row_counts.values()) == [12, 30]
-        assert "public.tåb ü" in backup.meta.row_counts
-
-        restore_and_compare(pg, name, backup, tmp_path / "work", at_least=2)
-        drill = run_drill(config, "prod", log=log)
-        assert drill.passed, drill.reason
-        assert drill.mode == "fresh_server" and drill.rows == 42
-    finally:
-        pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.mark.parametrize(("dump_format", "compression"), [("custom", "gzip"), ("plain", "zstd")])
-def test_settings_made_for_applications_do_not_break_backups_and_drills(
-    pg: LocalCluster, make_project, dump_format: str, compression: str
-) -> None:
-    """Production databases often set statement_timeout for their applications. Counting the
-    rows (in the snapshot when pg_dump compresses), CREATE DATABASE for a drill and the
-    drill's own counts on the restored copy (which gets the database's settings) were cut
-    short by it: backups failed and drills raised false alarms. Our sessions ignore those
-    timeouts, as pg_dump's do. An archive database's default_transaction_read_only refused
-    the drill's CREATE DATABASE, and with search_path = '' amcheck was quietly skipped."""
-    with database_with(
-        pg,
-        "CREATE TABLE big (id int PRIMARY KEY, note text); "
-        "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 500000) g;",
-    ) as db:
-        pg.psql(
-            f"ALTER DATABASE \"{db}\" SET statement_timeout = '20ms'; "
-            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '500ms'; "
-            f'ALTER DATABASE "{db}" SET default_transaction_read_only = on; '
-            f"ALTER DATABASE \"{db}\" SET search_path = ''"
-        )
-        for fresh_server in (False, True):
-            config = _project(
-                make_project,
-                pg,
-                db,
-                format=dump_format,
-                compression=compression,
-                restore={"drill": {"fresh_server": fresh_server}},
-            )
-            backup = run_backup(config.target("prod"), log=log)
-            assert backup.meta.row_counts == {"public.big": 500000}
-            drill = run_drill(config, "prod", log=log)
-            assert drill.passed, drill.reason
-            assert drill.rows == 500000 and drill.mode == (
-                "fresh_server" if fresh_server else "same_server"
-            )
-            assert drill.amcheck is not None and drill.amcheck.indexes_checked == 1
 
 
 INHERITANCE_SQL = """
@@ -330,7 +135,7 @@ def test_row_counts_count_each_table_s_own_rows_as_the_dump_holds_them(
 ) -> None:
     """``count(*)`` of an inheritance parent includes its children: the .meta said 9 rows for 6."""
     with database_with(pg, INHERITANCE_SQL + PARTITIONED_SQL) as db:
-        config = _project(make_project, pg, db, format=dump_format)
+        config = project_for(make_project, pg, db, format=dump_format)
         backup = run_backup(config.target("prod"), log=log)
 
         counts = backup.meta.row_counts
@@ -360,7 +165,7 @@ def test_backups_taken_before_own_row_counts_still_restore_and_drill(
     """A .meta written before ``row_counts_scope`` holds counts with inheritance children; its
     restore check counts the same way instead of reporting a false mismatch."""
     with database_with(pg, INHERITANCE_SQL) as db:
-        config = _project(make_project, pg, db)
+        config = project_for(make_project, pg, db)
         backup = run_backup(config.target("prod"), log=log)
         assert backup.meta.row_counts_scope == "own"
         with connect_to(pg, db) as conn:
@@ -473,7 +278,7 @@ def test_an_index_that_does_not_match_its_table_still_fails_the_drill(
     CREATE INDEX t_f ON t (f(a));
     """
     with database_with(pg, statements) as db:
-        config = _project(make_project, pg, db)
+        config = project_for(make_project, pg, db)
         backup = run_backup(config.target("prod"), log=log)
         # After the restore built t_f, the "immutable" function changes its answers.
         forged = forge_plain_backup(
@@ -594,7 +399,7 @@ def test_the_sample_database_holds_every_awkward_object(pg: LocalCluster, sample
 def test_the_awkward_sample_database_round_trips_and_drills(
     pg: LocalCluster, sample_db: str, make_project, tmp_path, dump_format: str, compression: str
 ) -> None:
-    config = _project(make_project, pg, sample_db, format=dump_format, compression=compression)
+    config = project_for(make_project, pg, sample_db, format=dump_format, compression=compression)
     backup = run_backup(config.target("prod"), log=log)
 
     counts = backup.meta.row_counts
