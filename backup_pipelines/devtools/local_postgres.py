@@ -207,6 +207,53 @@ def throwaway_cluster(**kwargs: Any) -> Iterator[LocalCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def standby_of(primary: LocalCluster) -> Iterator[LocalCluster]:
+    """A hot standby streaming from ``primary`` (``pg_basebackup -R``), read-only, on its own
+    port; stopped and deleted afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="bp-standby-"))
+    standby = LocalCluster(
+        root=root, port=free_port(), password=primary.password, bin_dir=primary.bin_dir
+    )
+    standby.socket_dir.mkdir()
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for path in (root, standby.socket_dir):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+    try:
+        subprocess.run(
+            _as_server_user(
+                [
+                    str(primary.bin_dir / "pg_basebackup"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(primary.port),
+                    "-U",
+                    primary.superuser,
+                    "-D",
+                    str(standby.data_dir),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--checkpoint=fast",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PGPASSWORD": primary.password or ""},
+        )
+        with (standby.data_dir / "postgresql.auto.conf").open("a") as handle:
+            handle.write(f"port = {standby.port}\n")
+            handle.write(f"unix_socket_directories = '{standby.socket_dir}'\n")
+        standby.start()
+        wait_ready(standby)
+        yield standby
+    finally:
+        standby.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def wait_ready(cluster: LocalCluster, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

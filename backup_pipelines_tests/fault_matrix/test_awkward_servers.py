@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from pathlib import Path
 
 import pytest
 
-from backup_pipelines.devtools.local_postgres import LocalCluster, throwaway_cluster
+from backup_pipelines.devtools.local_postgres import LocalCluster, standby_of, throwaway_cluster
 from backup_pipelines.engine.backup.logical import run_backup
 from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.drills.logical import run_drill
@@ -203,3 +204,36 @@ def test_settings_made_for_applications_do_not_break_backups_and_drills(
                 "fresh_server" if fresh_server else "same_server"
             )
             assert drill.amcheck is not None and drill.amcheck.indexes_checked == 1
+
+
+@pytest.mark.postgres
+def test_backups_from_a_hot_standby_hold_every_row_and_drill(make_project) -> None:
+    """Teams back up from a replica to spare the primary. Every format is taken there (the
+    snapshot is exported on the standby); a drill cannot make its scratch database on a
+    read-only standby and says what to use instead, and the fresh-server drill passes."""
+    with throwaway_cluster(password=DB_PASSWORD) as primary:
+        primary.psql("CREATE DATABASE app")
+        primary.psql(
+            "CREATE TABLE item (id int PRIMARY KEY, note text); "
+            "INSERT INTO item SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
+            "app",
+        )
+        with standby_of(primary) as standby:
+            deadline = time.monotonic() + 60
+            while standby.psql("SELECT count(*) FROM item", "app", check=False) != "5000":
+                assert time.monotonic() < deadline, "the standby did not catch up"
+                time.sleep(0.2)
+            assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+            for dump_format in ("plain", "custom", "directory"):
+                config = make_project(
+                    {"replica": {"dsn_env": "DB_REPLICA", "format": dump_format}},
+                    env={"DB_REPLICA": standby.dsn("app")},
+                )
+                backup = run_backup(config.target("replica"), log=log)
+                assert backup.meta.row_counts == {"public.item": 5000}, dump_format
+            same = run_drill(config, "replica", log=log, fresh_server=False)
+            assert not same.passed and same.failed_step == "create_scratch_database"
+            assert "read-only standby" in (same.reason or "")
+            fresh = run_drill(config, "replica", log=log, fresh_server=True)
+            assert fresh.passed, fresh.reason
+            assert fresh.rows == 5000

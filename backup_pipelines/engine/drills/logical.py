@@ -277,6 +277,13 @@ def _verify_restore_check(
         mark_database(admin, name, SCRATCH_MARKER, target)
     except (BackupPipelinesError, psycopg.Error) as exc:
         message = exc.message if isinstance(exc, BackupPipelinesError) else admin.redact(str(exc))
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            # Backups from a standby are fine; a scratch database cannot be made on one.
+            message += (
+                "; the drill server is a read-only standby: give the target a writable drill "
+                "server (scratch_dsn_env) or use the fresh-server drill "
+                "(restore.drill.fresh_server)"
+            )
         return failed("create_scratch_database", message)
     try:
         restore_clock = time.monotonic()
