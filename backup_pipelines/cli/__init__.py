@@ -142,7 +142,7 @@ def _start_as_program() -> None:
 
     gc.set_threshold(50_000, 20, 100)
     # pydantic looks for plugins in every installed distribution's entry points (a scan of
-    # the environment's metadata, ~40 ms with Dagster installed) before its first model is
+    # the environment's metadata, ~20 ms with Dagster installed) before its first model is
     # built; the CLI uses none. A value the operator set is kept.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 

@@ -85,7 +85,8 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
     stale = []
     ahead = []
     for name in names:
-        if config.target(name).settings.max_age is None:
+        max_age = config.target(name).settings.max_age
+        if max_age is None:
             say(f"{name}: not checked (max_age: off)")
             continue
         # A server target: each of its databases (one failing must not hide behind the others).
@@ -97,8 +98,6 @@ def cmd_check_freshness(args: argparse.Namespace) -> int:
                 say(f"{shown}: WARNING - {note}")
                 ahead.append((name, shown, note))
             newest = newest_backup(artifacts, now=now)
-            max_age = target.settings.max_age
-            assert max_age is not None
             if newest is None:
                 say(f"{shown}: STALE - no backup at all (max_age {max_age})")
                 stale.append((name, shown, "no backup at all"))

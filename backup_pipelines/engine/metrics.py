@@ -18,9 +18,9 @@ Metric names (label ``target``; every one is a gauge):
 =============================================================  ===================================
 
 A server target (``databases: all``) has one series per metric, as fresh as its stalest
-database. A metric is left out for a target when nothing is known yet (no drill ever ran, no offsite copy
-configured), so alert rules never fire on "unknown". ``deploy/prometheus/alerts.yml`` holds the
-alert rules that use these names.
+database. A metric is left out for a target when nothing is known yet (no drill ever ran, no
+offsite copy configured), so alert rules never fire on "unknown".
+``deploy/prometheus/alerts.yml`` holds the alert rules that use these names.
 """
 
 from __future__ import annotations

@@ -46,9 +46,8 @@ def python_encoding(pg_encoding: str) -> str | None:
     if name == "UTF8":
         return "utf-8"
     if name == "SQL_ASCII":
-        return (
-            "latin-1"  # bytes without an encoding: one character per byte, as connect() reads them
-        )
+        # Bytes without an encoding: one character per byte, as connect() reads them.
+        return "latin-1"
     aliases = {"WIN": "cp", "LATIN": "latin", "ISO_8859_": "iso8859-", "KOI8R": "koi8_r"}
     for prefix, python in aliases.items():
         if name.startswith(prefix):

@@ -78,30 +78,33 @@ def subscriptions_of(
     return [row[0] for row in rows]
 
 
-def disable_subscriptions(admin: ConnectionInfo, database: str, names: list[str]) -> None:
+def disable_subscriptions(
+    admin: ConnectionInfo, database: str, names: list[str], *, drop: bool = False
+) -> None:
+    """Disable the subscriptions ``names`` of ``database``; ``drop``: also unlink each from its
+    replication slot (``slot_name = NONE``) and drop it. A subscription dropped while it still
+    names its slot would connect to the publisher and drop that slot, which belongs to the
+    source database's subscription: the publisher is never contacted this way."""
     with connect(admin.with_dbname(database), autocommit=True) as conn:
         for name in names:
-            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(name)))
+            ident = sql.Identifier(name)
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+            if drop:
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
 
 
 def drop_database(admin: ConnectionInfo, name: str, *, force: bool = True) -> None:
-    """DROP DATABASE (``force``: ending its sessions), after detaching its subscriptions.
+    """DROP DATABASE (``force``: ending its sessions), after dropping its subscriptions.
 
     PostgreSQL refuses to drop a database that has a logical-replication subscription, and a
-    restored copy has the source's (pg_dump restores them disabled, not connected). Each one
-    is disabled and unlinked from its replication slot (``slot_name = NONE``) before it is
-    dropped. Dropping a subscription that still names its slot would connect to the publisher
-    and drop that slot, which still belongs to the source database's subscription.
+    restored copy has the source's (pg_dump restores them disabled, not connected); they are
+    dropped without touching the publisher (see :func:`disable_subscriptions`).
     """
     with connect(admin, autocommit=True) as conn:
         subscriptions = subscriptions_of(conn, name)
     if subscriptions:
-        with connect(admin.with_dbname(name), autocommit=True) as conn:
-            for subscription in subscriptions:
-                ident = sql.Identifier(subscription)
-                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
-                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+        disable_subscriptions(admin, name, subscriptions, drop=True)
     statement = "DROP DATABASE IF EXISTS {} WITH (FORCE)" if force else "DROP DATABASE IF EXISTS {}"
     with connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL(statement).format(sql.Identifier(name)))
