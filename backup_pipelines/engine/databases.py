@@ -92,13 +92,10 @@ def watched_targets(target: Target) -> list[Target]:
     """What freshness checks and metrics read from disk for ``target``: the target itself, or
     each database of a server target that is on the server now (when the server cannot be
     reached: each database with backups, so their growing age still shows)."""
-    if not target.is_server:
-        return [target]
     try:
-        names = server_databases(target)
+        return database_targets(target)
     except BackupPipelinesError:
-        names = databases_with_backups(target)
-    return [target.for_database(name) for name in names]
+        return [target.for_database(name) for name in databases_with_backups(target)]
 
 
 def require_database(target: Target, database: str | None, command: str) -> Target:

@@ -35,10 +35,13 @@ if TYPE_CHECKING:
 # inherit default_transaction_read_only (an archive database's protection against its
 # applications), which refused a drill's CREATE DATABASE and amcheck's CREATE EXTENSION;
 # transactions that must not write say READ ONLY themselves.
-SESSION_SETUP_SQL = (
-    "SELECT set_config('statement_timeout', '0', false), "
-    "set_config('idle_in_transaction_session_timeout', '0', false), "
-    "set_config('default_transaction_read_only', 'off', false)"
+SESSION_SETTINGS = (
+    ("statement_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+)
+_SESSION_SETUP_SQL = "SELECT " + ", ".join(
+    f"set_config('{name}', '{value}', false)" for name, value in SESSION_SETTINGS
 )
 
 
@@ -67,7 +70,7 @@ def connect(info: ConnectionInfo, *, autocommit: bool = False) -> Iterator[psyco
             f"cannot connect to {info.describe()}: {detail}", hint=hint
         ) from None
     try:
-        conn.execute(SESSION_SETUP_SQL)
+        conn.execute(_SESSION_SETUP_SQL)
         if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
             # A SQL_ASCII database stores bytes without an encoding, and psycopg returns its
             # text as bytes. LATIN1 (never converted from SQL_ASCII) maps each byte to one

@@ -24,6 +24,7 @@ from backup_pipelines.engine.config import Target
 from backup_pipelines.engine.conninfo import ConnectionInfo
 from backup_pipelines.engine.errors import BackupFailedError, BackupPipelinesError
 from backup_pipelines.engine.postgres import (
+    SESSION_SETTINGS,
     PgTools,
     connect,
     lock_blockers,
@@ -35,16 +36,21 @@ from backup_pipelines.engine.processes import one_line, spawn, stop
 if TYPE_CHECKING:
     import psycopg
 
-_EXPORT_SQL = b"""\\set ON_ERROR_STOP on
-SET statement_timeout = 0;
-SET idle_in_transaction_session_timeout = 0;
-BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+# The psql session holding the snapshot is set up as our own sessions are (SESSION_SETTINGS):
+# an idle-in-transaction timeout would end it, and the snapshot with it.
+_EXPORT_SQL = (
+    (
+        "\\set ON_ERROR_STOP on\n"
+        + "".join(f"SET {name} = {value};\n" for name, value in SESSION_SETTINGS)
+    ).encode()
+    + b"""BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SELECT json_build_object('snapshot', pg_export_snapshot(),
   'version', current_setting('server_version'),
   'version_num', current_setting('server_version_num')::int,
   'encoding', pg_encoding_to_char(d.encoding), 'collate', d.datcollate, 'ctype', d.datctype)
 FROM pg_database d WHERE d.datname = current_database();
 """
+)
 
 
 @dataclass(frozen=True)
