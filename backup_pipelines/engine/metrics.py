@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to
 from backup_pipelines.engine.artifacts import list_artifacts
 from backup_pipelines.engine.clock import utc_now
 from backup_pipelines.engine.config import TARGET_NAME_PATTERN, MetricsSettings, ProjectConfig
+from backup_pipelines.engine.databases import watched_targets
 from backup_pipelines.engine.fsutil import ensure_private_dir, fsync_dir
 from backup_pipelines.engine.listing import newest_backup
 
@@ -200,8 +201,6 @@ def collect_from_disk(config: ProjectConfig) -> list[TargetMetrics]:
     last backup failed when any database's did, it is as fresh as its stalest database
     (unknown while one has no backup yet), and its size and duration are its databases'
     sums."""
-    from backup_pipelines.engine.databases import watched_targets
-
     results = []
     now = utc_now()
     for target in config.all_targets():
