@@ -78,6 +78,14 @@ def subscriptions_of(
     return [row[0] for row in rows]
 
 
+def replication_slots_of(conn: psycopg.Connection, database: str) -> list[str]:
+    """The replication slots made in ``database`` (logical slots belong to one database)."""
+    rows = conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = %s ORDER BY 1", (database,)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
 def disable_subscriptions(
     admin: ConnectionInfo, database: str, names: list[str], *, drop: bool = False
 ) -> None:

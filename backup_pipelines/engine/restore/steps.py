@@ -46,6 +46,7 @@ from backup_pipelines.engine.restore.database import (
     drop_database,
     free_name,
     mark_database,
+    replication_slots_of,
     server_tools,
     subscriptions_of,
     swap_databases,
@@ -348,13 +349,7 @@ def swap_in(run: RestoreRun, exists: bool, local: BackupArtifact | None = None) 
                 conn, run.database, run.restoring, run.previous, run.target, log=run.log
             )
             replaced_active = subscriptions_of(conn, run.previous, enabled=True)
-            slots = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT slot_name FROM pg_replication_slots WHERE database = %s ORDER BY 1",
-                    (run.previous,),
-                ).fetchall()
-            ]
+            slots = replication_slots_of(conn, run.previous)
             if slots:
                 # A logical slot belongs to the database it was made in: after the swap its
                 # subscribers would go on receiving the replaced database's changes (none).
